@@ -1,0 +1,39 @@
+# Two entry points, each doing all of its own setup on a fresh machine:
+#   make quickstart   venv + packages + Fashion-MNIST, then the main job
+#   make test         venv + packages + Fashion-MNIST, then the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+DATA   ?= data
+BIN     = $(VENV)/bin
+# the stamp changes with pyproject.toml, so a changed dependency list reinstalls
+STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+FMNIST  = $(DATA)/FashionMNIST/raw/t10k-labels-idx1-ubyte
+
+.PHONY: setup data quickstart test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,simulation]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+data: $(FMNIST)
+
+$(FMNIST): | $(STAMP)
+	$(BIN)/noprop-data fetch fashion-mnist --root $(DATA)
+
+quickstart: setup data
+	$(BIN)/noprop-train --dataset fashion-mnist --data-root $(DATA) --epochs 1 --out runs/quickstart
+
+test: setup data
+	NOPROP_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup data
+	$(BIN)/python bench/accuracy.py --data-root $(DATA)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

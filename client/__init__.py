@@ -1,0 +1,1 @@
+"""noprop.client: see DESIGN.md."""

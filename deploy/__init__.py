@@ -1,0 +1,1 @@
+"""noprop.deploy: see DESIGN.md."""

@@ -1,0 +1,1 @@
+"""noprop.proto: see DESIGN.md."""

@@ -1,0 +1,1 @@
+"""noprop.server: see DESIGN.md."""

@@ -1,0 +1,93 @@
+"""Checkpoints: the model, the config that rebuilds it, the data's normalisation and class names, metrics.
+
+One format for centralized and federated runs, so that export and the edge tooling accept either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from noprop.baseline import BackpropChain
+from noprop.io import atomic_write
+from noprop.model import NoPropConfig, NoPropDT
+
+FORMAT = "noprop-fl/checkpoint"
+FORMAT_VERSION = 1
+METHODS = ("dt", "backprop")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def build_model(method: str, cfg: NoPropConfig, embedding_init: torch.Tensor | None = None):
+    if method == "dt":
+        return NoPropDT(cfg, embedding_init)
+    if method == "backprop":
+        return BackpropChain(cfg, embedding_init)
+    raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+
+
+@dataclass
+class Checkpoint:
+    method: str
+    config: NoPropConfig
+    state_dict: dict[str, torch.Tensor]
+    data: dict = field(default_factory=dict)  # name, classes, mean, std, input_shape
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. round, ownership history
+
+    def model(self, device: str | torch.device = "cpu"):
+        model = build_model(self.method, self.config)
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
+    """Atomic write, with a SHA-256 of the payload so that a torn or altered file is detected on load."""
+    payload = {
+        "method": ckpt.method,
+        "config": ckpt.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
+        "data": ckpt.data,
+        "metrics": ckpt.metrics,
+        "extra": ckpt.extra,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    envelope = {"format": FORMAT, "version": FORMAT_VERSION, "sha256": hashlib.sha256(body).hexdigest(),
+                "payload": body}
+    out = io.BytesIO()
+    torch.save(envelope, out)
+    return atomic_write(path, lambda f: f.write(out.getvalue()))
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the .pt file a training run wrote")
+    try:
+        envelope = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for torn or foreign files
+        raise CheckpointError(f"{path} is not a readable noprop-fl checkpoint ({type(exc).__name__}): "
+                              "re-run training or use an earlier checkpoint") from None
+    if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a noprop-fl checkpoint: pass a file written by noprop-train "
+                              "or noprop-server")
+    if envelope.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {envelope.get('version')}, this noprop-fl reads "
+                              f"{FORMAT_VERSION}: use a matching noprop-fl")
+    body = envelope["payload"]
+    if hashlib.sha256(body).hexdigest() != envelope.get("sha256"):
+        raise CheckpointError(f"{path} fails its checksum (corrupt or altered): use an earlier checkpoint")
+    payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    return Checkpoint(method=payload["method"], config=NoPropConfig.from_dict(payload["config"]),
+                      state_dict=payload["state_dict"], data=payload["data"], metrics=payload["metrics"],
+                      extra=payload["extra"])

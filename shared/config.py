@@ -1,0 +1,131 @@
+"""Run configuration: one dataclass, filled from defaults, then a TOML file, then command-line flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from noprop.model import HEAD_KINDS, NoPropConfig, parse_embedding
+
+METHODS = ("dt", "backprop")
+EVAL_MODES = ("deterministic", "stochastic", "both")
+
+
+class ConfigError(Exception):
+    """A bad setting; the message names it and says what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dt"
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    download: bool = False
+    subset: int | None = None
+    eval_limit: int | None = None
+    epochs: int = 5
+    T: int = 10
+    embedding: str = "one-hot"
+    head: str = "softmax"
+    radial_sigma: float = 0.5
+    eta: float = 0.1
+    clip: float = 1e-4
+    max_delta_snr: float | None = None
+    channels: tuple[int, int, int] = (32, 64, 128)
+    hidden: int = 256
+    dropout: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    batch_size: int = 128
+    eval_mode: str = "both"
+    device: str = "auto"
+    seed: int = 0
+    threads: int | None = None
+    out: str | None = None
+
+    def validate(self) -> TrainConfig:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if self.method not in METHODS:
+            raise bad("method", f"use one of {', '.join(METHODS)}")
+        for name in ("epochs", "T", "batch_size", "hidden"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        for name in ("lr", "eta", "radial_sigma"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "must be positive")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be zero or positive")
+        if not 0 < self.clip < 0.5:
+            raise bad("clip", "must lie in (0, 0.5); 1e-4 is the spec's value")
+        if self.max_delta_snr is not None and self.max_delta_snr <= 0:
+            raise bad("max_delta_snr", "must be positive (or unset)")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", "must lie in [0, 1)")
+        if self.subset is not None and self.subset < 1:
+            raise bad("subset", "must be a positive number of training examples")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise bad("eval_limit", "must be a positive number of test examples")
+        if self.head not in HEAD_KINDS:
+            raise bad("head", f"use one of {', '.join(HEAD_KINDS)}")
+        if self.eval_mode not in EVAL_MODES:
+            raise bad("eval_mode", f"use one of {', '.join(EVAL_MODES)}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise bad("device", "use auto, cpu, cuda, cuda:N or mps")
+        if len(self.channels) != 3 or min(self.channels) < 1:
+            raise bad("channels", "give three positive conv widths, e.g. 32,64,128")
+        try:
+            parse_embedding(self.embedding)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return self
+
+    def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> NoPropConfig:
+        try:
+            return NoPropConfig(input_shape=input_shape, num_classes=num_classes, T=self.T,
+                                embedding=self.embedding, head=self.head, radial_sigma=self.radial_sigma,
+                                eta=self.eta, clip=self.clip, max_delta_snr=self.max_delta_snr,
+                                channels=self.channels, hidden=self.hidden, dropout=self.dropout)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def field_names() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def load_toml(path: str | Path) -> dict:
+    """Read a TOML file of TrainConfig keys (dashes or underscores); unknown keys are an error."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    raw = raw.get("train", raw)  # allow a [train] table or top-level keys
+    known = field_names()
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        values[name] = tuple(value) if name == "channels" else value
+    return values
+
+
+def build_config(toml_path: str | Path | None, overrides: dict) -> TrainConfig:
+    """Defaults < TOML file < flags (overrides whose value is not None)."""
+    values = load_toml(toml_path) if toml_path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg.validate()

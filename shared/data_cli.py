@@ -1,0 +1,84 @@
+"""``noprop-data``: fetch the built-in datasets and describe any dataset.
+
+    noprop-data fetch fashion-mnist [--root DIR]     system copy, Debian package, then torchvision
+    noprop-data fetch mnist|cifar10|cifar100 [--root DIR]   torchvision's downloader (needs internet)
+    noprop-data info NAME [--root DIR] [--download]  sizes, input shape, classes, per-class counts
+
+Errors are one line on stderr (``error: ...``) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from noprop.data import (
+    DATASETS,
+    DatasetError,
+    LabelledData,
+    default_data_root,
+    fetch_dataset,
+    load_train_test,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="noprop-data", description="Fetch and inspect noprop-fl datasets.")
+    sub = p.add_subparsers(dest="command", required=True)
+    root_help = "data folder (default: $NOPROP_DATA, else ./data)"
+
+    f = sub.add_parser("fetch", help="put a built-in dataset under --root")
+    f.add_argument("name", choices=DATASETS, help="which dataset")
+    f.add_argument("--root", type=Path, default=None, help=root_help)
+
+    i = sub.add_parser("info", help="sizes, input shape, classes and per-class counts of a dataset")
+    i.add_argument("name", help=f"one of {', '.join(DATASETS)}, imagefolder:PATH, npz:PATH")
+    i.add_argument("--root", type=Path, default=None, help=root_help)
+    i.add_argument("--download", action="store_true", help="download a missing built-in dataset first")
+    return p
+
+
+def _counts(data: LabelledData) -> list[int]:
+    return data.y.bincount(minlength=data.num_classes).tolist()
+
+
+def _info(args: argparse.Namespace) -> None:
+    train, test = load_train_test(args.name, root=args.root, download=args.download)
+    print(f"dataset      {train.name}")
+    print(f"train/test   {len(train)} / {len(test)} examples")
+    print(f"input shape  {list(train.input_shape)}")
+    print(f"classes      {train.num_classes}")
+    print(f"mean         {[round(m, 4) for m in train.mean]}")
+    print(f"std          {[round(s, 4) for s in train.std]}")
+    width = max(len("class"), *(len(c) for c in train.classes))
+    print(f"{'class':<{width}}  {'train':>7}  {'test':>7}")
+    for name, n_train, n_test in zip(train.classes, _counts(train), _counts(test), strict=True):
+        print(f"{name:<{width}}  {n_train:>7}  {n_test:>7}")
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    root = args.root if args.root is not None else default_data_root()
+    start = time.perf_counter()
+    folder = fetch_dataset(args.name, root, log=print)
+    print(f"{args.name} ready in {folder} ({time.perf_counter() - start:.1f} s); use --root {root}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "fetch":
+            _fetch(args)
+        else:
+            _info(args)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""NoProp-DT: T independently trained denoising blocks, a class embedding and an output head.
+
+Each block t learns to guess the label embedding u_y from the image x and a noised embedding z_{t-1}
+drawn in closed form from q(z_{t-1} | y). Nothing flows between blocks during training, so any subset of
+blocks can be trained anywhere (that is what the federation relies on). At inference the blocks run as a
+chain from noise: z_t = a_t u_hat_t + b_t z_{t-1} + sqrt(c_t) eps, and the head reads z_T.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noprop.schedule import CosineSchedule
+
+EMBEDDING_KINDS = ("one-hot", "learned", "prototype")
+HEAD_KINDS = ("softmax", "radial")
+
+
+def parse_embedding(spec: str) -> tuple[str, int | None]:
+    """'one-hot' | 'learned:D' | 'prototype' -> (kind, D or None)."""
+    kind, _, dim = spec.partition(":")
+    if kind not in EMBEDDING_KINDS:
+        raise ValueError(f"unknown embedding {spec!r}: use one-hot, learned:D (e.g. learned:20) or prototype")
+    if kind == "learned":
+        if not dim.isdigit() or int(dim) < 1:
+            raise ValueError(f"learned embedding needs a positive dimension, e.g. learned:20, got {spec!r}")
+        return kind, int(dim)
+    if dim:
+        raise ValueError(f"embedding {kind!r} takes no dimension, got {spec!r}")
+    return kind, None
+
+
+@dataclass
+class NoPropConfig:
+    """Everything needed to rebuild a model; stored in every checkpoint."""
+
+    input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for feature vectors
+    num_classes: int
+    T: int = 10
+    embedding: str = "one-hot"  # one-hot | learned:D | prototype
+    head: str = "softmax"  # softmax | radial
+    radial_sigma: float = 0.5  # sigma of the radial head; 1.0 let learned W shrink and collapse (measured)
+    eta: float = 0.1
+    clip: float = 1e-4  # alpha_bar clip, sets SNR(T)
+    max_delta_snr: float | None = None  # optional cap on SNR(t) - SNR(t-1)
+    channels: tuple[int, int, int] = (32, 64, 128)
+    hidden: int = 256
+    dropout: float = 0.2
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input_shape = tuple(int(s) for s in self.input_shape)
+        self.channels = tuple(int(c) for c in self.channels)
+        if len(self.input_shape) not in (1, 3):
+            raise ValueError(f"input_shape must be (C, H, W) or (F,), got {self.input_shape}")
+        if self.num_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {self.num_classes}")
+        if self.T < 1:
+            raise ValueError(f"T must be at least 1, got {self.T}")
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"unknown head {self.head!r}: use softmax or radial")
+        kind, _ = parse_embedding(self.embedding)
+        if kind == "prototype" and not self.is_image:
+            raise ValueError("prototype embeddings need image inputs (C, H, W)")
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def embedding_dim(self) -> int:
+        kind, dim = parse_embedding(self.embedding)
+        if kind == "one-hot":
+            return self.num_classes
+        if kind == "learned":
+            return dim
+        return math.prod(self.input_shape)
+
+    def schedule(self) -> CosineSchedule:
+        return CosineSchedule(T=self.T, clip=self.clip, max_delta_snr=self.max_delta_snr)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NoPropConfig:
+        return cls(**d)
+
+
+# -- class embeddings ----------------------------------------------------------------------------------
+
+
+class ClassEmbedding(nn.Module):
+    """The matrix W (classes x d). One-hot is fixed; learned and prototype rows are trained."""
+
+    def __init__(self, kind: str, num_classes: int, dim: int, init: torch.Tensor | None = None):
+        super().__init__()
+        self.kind = kind
+        if kind == "one-hot":
+            weight = torch.eye(num_classes)
+        elif init is not None:
+            weight = init.detach().reshape(num_classes, dim).float().clone()
+        elif kind == "learned":
+            weight = torch.empty(num_classes, dim)
+            if dim >= num_classes:
+                nn.init.orthogonal_(weight)  # orthonormal rows: classes start equally far apart
+            else:
+                nn.init.normal_(weight, std=1.0 / math.sqrt(dim))
+        else:  # prototype without data: callers restoring a checkpoint load the real rows afterwards
+            weight = torch.zeros(num_classes, dim)
+        self.weight = nn.Parameter(weight, requires_grad=kind != "one-hot")
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.weight[y]
+
+
+def prototype_rows(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_per_class: int = 1000,
+                   seed: int = 0) -> torch.Tensor:
+    """Per class, the training image with the smallest median distance to the other images of its class.
+
+    Distances are computed on at most max_per_class images per class (seeded) to keep this O(k^2).
+    """
+    g = torch.Generator().manual_seed(seed)
+    flat = x.reshape(len(x), -1).float()
+    rows = []
+    for c in range(num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) == 0:
+            raise ValueError(f"class {c} has no training examples: cannot build its prototype")
+        if len(idx) > max_per_class:
+            idx = idx[torch.randperm(len(idx), generator=g)[:max_per_class]]
+        xc = flat[idx]
+        dist = torch.cdist(xc, xc)
+        if len(idx) > 1:
+            # exclude each image's zero distance to itself
+            dist = dist[~torch.eye(len(idx), dtype=torch.bool)].reshape(len(idx), len(idx) - 1)
+        rows.append(xc[dist.median(dim=1).values.argmin()])
+    return torch.stack(rows)
+
+
+# -- the block of Figure 6 (left) ----------------------------------------------------------------------
+
+
+def conv_path(in_channels: int, height: int, width: int, channels: tuple[int, int, int], hidden: int,
+              dropout: float) -> nn.Sequential:
+    """conv-ReLU-pool-drop, conv-ReLU-drop, conv-ReLU-pool-drop, flatten, FC, BN (padding 1)."""
+    c1, c2, c3 = channels
+    flat = c3 * (height // 4) * (width // 4)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.Dropout(dropout),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+        nn.Flatten(), nn.Linear(flat, hidden), nn.BatchNorm1d(hidden),
+    )
+
+
+def mlp_path(features: int, hidden: int, dropout: float) -> nn.Sequential:
+    """The x path for flat feature vectors: two layers ending like the conv path (FC, BN)."""
+    return nn.Sequential(
+        nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden),
+    )
+
+
+class ResidualZPath(nn.Module):
+    """FC-BN-ReLU (= h), FC-BN-ReLU, FC-BN, plus h."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.inp = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.inp(z)
+        return self.body(h) + h
+
+
+class DenoisingBlock(nn.Module):
+    """One NoProp-DT block: logits over classes from (x, z_{t-1}); u_hat = softmax(logits) @ W."""
+
+    def __init__(self, cfg: NoPropConfig):
+        super().__init__()
+        hidden = cfg.hidden
+        if cfg.is_image:
+            c, h, w = cfg.input_shape
+            self.x_path = conv_path(c, h, w, cfg.channels, hidden, cfg.dropout)
+        else:
+            self.x_path = mlp_path(cfg.input_shape[0], hidden, cfg.dropout)
+        self.z_image_shape: tuple[int, ...] | None = None
+        if parse_embedding(cfg.embedding)[0] == "prototype":
+            # z lives in image space: give it a conv path of the same shape as x's
+            self.z_image_shape = cfg.input_shape
+            c, h, w = cfg.input_shape
+            self.z_path = conv_path(c, h, w, cfg.channels, hidden, cfg.dropout)
+        else:
+            self.z_path = ResidualZPath(cfg.embedding_dim, hidden)
+        self.fuse = nn.Sequential(
+            nn.Linear(2 * hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, 128), nn.BatchNorm1d(128), nn.ReLU(),
+            nn.Linear(128, cfg.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.z_image_shape is not None:
+            z = z.reshape(z.shape[0], *self.z_image_shape)
+        return self.fuse(torch.cat([self.x_path(x), self.z_path(z)], dim=1))
+
+    def denoise(self, x: torch.Tensor, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self(x, z), dim=1) @ embedding
+
+
+# -- output head ---------------------------------------------------------------------------------------
+
+
+class OutputHead(nn.Module):
+    """p(y | z_T): softmax(Linear(z)), or the radial variant exp(-||softmax(Linear(z)) W - u_y||^2 / 2 s^2)."""
+
+    def __init__(self, dim: int, num_classes: int, kind: str = "softmax", sigma: float = 0.5):
+        super().__init__()
+        self.kind = kind
+        self.sigma = sigma
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Logits over classes."""
+        logits = self.linear(z)
+        if self.kind == "softmax":
+            return logits
+        y_tilde = F.softmax(logits, dim=1) @ embedding
+        return -torch.cdist(y_tilde, embedding).pow(2) / (2 * self.sigma**2)
+
+
+# -- the chain -----------------------------------------------------------------------------------------
+
+
+class NoPropDT(nn.Module):
+    """T denoising blocks, the class embedding W and the output head, with the schedule's coefficients."""
+
+    def __init__(self, cfg: NoPropConfig, embedding_init: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.schedule = cfg.schedule()
+        kind, _ = parse_embedding(cfg.embedding)
+        d = cfg.embedding_dim
+        self.embedding = ClassEmbedding(kind, cfg.num_classes, d, embedding_init)
+        self.blocks = nn.ModuleList(DenoisingBlock(cfg) for _ in range(cfg.T))
+        self.head = OutputHead(d, cfg.num_classes, cfg.head, cfg.radial_sigma)
+        # buffers so that the coefficients travel with the module (device moves, export)
+        self.register_buffer("step_coefficients", self.schedule.step_coefficients, persistent=False)
+
+    @property
+    def T(self) -> int:
+        return self.cfg.T
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters every block's loss updates: the head and (when learned) the embedding."""
+        params = list(self.head.parameters())
+        if self.embedding.weight.requires_grad:
+            params.append(self.embedding.weight)
+        return params
+
+    def block_loss(self, t: int, x: torch.Tensor, y: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_t of Eq. 8 averaged over the batch; touches only block t, the head and W.
+
+        CE + KL + (T / 2) eta (SNR(t) - SNR(t-1)) ||u_hat_t(z_{t-1}, x) - u_y||^2 with z_{t-1} and the CE's
+        z_T both drawn from q( . | y): the CE never sees x, so it trains only the head and W.
+        """
+        W = self.embedding.weight
+        u = W[y]
+        z_prev = self.schedule.sample_marginal(u, t - 1, generator=generator)
+        u_hat = self.blocks[t - 1].denoise(x, z_prev, W)
+        l2 = (u_hat - u).pow(2).sum(dim=1)
+        z_T = self.schedule.sample_marginal(u, self.T, generator=generator)
+        ce = F.cross_entropy(self.head(z_T, W), y, reduction="none")
+        kl = self.schedule.kl_prior(u)
+        weight = 0.5 * self.T * self.cfg.eta * self.schedule.delta_snr_at(t)
+        loss = (ce + kl + weight * l2).mean()
+        parts = {"loss": loss.item(), "l2": l2.mean().item(), "ce": ce.mean().item()}
+        return loss, parts
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Class probabilities by the inference chain. noise [T + 1, N, d] or None (deterministic: z_0 = 0, eps = 0).
+
+        Takes no labels: accuracy measured through here cannot leak y.
+        """
+        W = self.embedding.weight
+        z = torch.zeros(x.shape[0], W.shape[1], device=x.device, dtype=x.dtype) if noise is None else noise[0]
+        coef = self.step_coefficients
+        for t in range(1, self.T + 1):
+            u_hat = self.blocks[t - 1].denoise(x, z, W)
+            a, b, c = coef[t - 1, 0], coef[t - 1, 1], coef[t - 1, 2]
+            z = a * u_hat + b * z
+            if noise is not None:
+                z = z + c.sqrt() * noise[t]
+        return F.softmax(self.head(z, W), dim=1)
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, mode: str = "deterministic",
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Eval-mode probabilities; mode 'stochastic' draws z_0 and every eps, 'deterministic' uses none."""
+        if mode not in ("deterministic", "stochastic"):
+            raise ValueError(f"mode must be deterministic or stochastic, got {mode!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            noise = None
+            if mode == "stochastic":
+                d = self.embedding.weight.shape[1]
+                noise = torch.randn(self.T + 1, x.shape[0], d, generator=generator).to(x.device, x.dtype)
+            return self(x, noise)
+        finally:
+            self.train(was_training)
+
+    def predict(self, x: torch.Tensor, mode: str = "deterministic",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.predict_proba(x, mode, generator).argmax(dim=1)

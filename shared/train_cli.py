@@ -1,0 +1,167 @@
+"""noprop-train: train NoProp-DT or the backprop baseline on one machine.
+
+Writes into the run folder: metrics.jsonl (a line per epoch), checkpoint.pt (atomic, after every epoch),
+curves.png, and config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from noprop.checkpoint import Checkpoint, build_model, save_checkpoint
+from noprop.config import EVAL_MODES, METHODS, ConfigError, TrainConfig, build_config
+from noprop.data import DatasetError, LabelledData, load_train_test
+from noprop.device import resolve_device
+from noprop.io import append_jsonl, atomic_write_text
+from noprop.model import parse_embedding, prototype_rows
+from noprop.plots import plot_training_curves
+from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_backprop_epoch
+
+
+def parse_channels(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"channels must be three integers like 32,64,128, got {text!r}") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"channels must be three integers like 32,64,128, got {text!r}")
+    return parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="noprop-train", description=__doc__.splitlines()[0],
+                                argument_default=None)
+    p.add_argument("--config", help="TOML file with any of the settings below (flags override it)")
+    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, cifar100, imagefolder:DIR, npz:FILE")
+    p.add_argument("--data-root", help="folder holding the datasets (default: $NOPROP_DATA or ./data)")
+    p.add_argument("--download", action="store_const", const=True, help="let torchvision download MNIST/CIFAR")
+    p.add_argument("--subset", type=int, help="train on a class-stratified subset of M examples")
+    p.add_argument("--eval-limit", type=int, help="evaluate on the first M test examples only")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--T", "-T", type=int, dest="T", help="number of blocks (default 10)")
+    p.add_argument("--embedding", help="one-hot (default), learned:D, prototype")
+    p.add_argument("--head", choices=("softmax", "radial"))
+    p.add_argument("--radial-sigma", type=float)
+    p.add_argument("--eta", type=float)
+    p.add_argument("--clip", type=float, help="alpha_bar clip (sets SNR(T)); default 1e-4")
+    p.add_argument("--max-delta-snr", type=float, help="cap on SNR(t) - SNR(t-1) in the loss weight")
+    p.add_argument("--channels", type=parse_channels, help="conv widths of a block, default 32,64,128")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-mode", choices=EVAL_MODES)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<time>)")
+    return p
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train as cfg says; returns the last epoch's metrics record."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    root = Path(cfg.data_root) if cfg.data_root else None
+    train, test = load_train_test(cfg.dataset, root=root, download=cfg.download, subset=cfg.subset, seed=cfg.seed)
+    if cfg.eval_limit:
+        test = test.subset(range(min(cfg.eval_limit, len(test))))
+    out = Path(cfg.out or f"runs/{cfg.method}-{cfg.dataset.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+
+    model_cfg = cfg.model_config(train.input_shape, train.num_classes)
+    init = None
+    if parse_embedding(cfg.embedding)[0] == "prototype":
+        init = prototype_rows(train.x, train.y, train.num_classes, seed=cfg.seed)
+    model = build_model(cfg.method, model_cfg, init).to(device)
+    optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
+    print(f"noprop-train: {cfg.method} on {train.name} ({len(train)} train / {len(test)} test, "
+          f"{train.num_classes} classes, input {tuple(train.input_shape)}), T={cfg.T}, embedding {cfg.embedding}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}; "
+          f"writing to {out}")
+
+    trainer = BlockTrainer(model, optim) if cfg.method == "dt" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) \
+        if cfg.method == "backprop" else None
+    modes = ("deterministic", "stochastic") if cfg.eval_mode == "both" else (cfg.eval_mode,)
+    records = []
+    batches = -(-len(train) // cfg.batch_size)
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        record: dict = {"epoch": epoch, "method": cfg.method}
+        if trainer is not None:
+            l2, ce = {}, {}
+            for t in range(1, cfg.T + 1):
+                with tqdm(total=batches, desc=f"epoch {epoch}/{cfg.epochs} block {t}/{cfg.T}", leave=False,
+                          unit="batch", dynamic_ncols=True) as bar:
+                    def on_batch(parts: dict, bar=bar) -> None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{parts['loss']:.3f}", l2=f"{parts['l2']:.3f}")
+                    parts = trainer.train_block_epoch(t, train, on_batch=on_batch)
+                l2[str(t)], ce[str(t)] = parts["l2"], parts["ce"]
+            record.update(block_l2=l2, head_ce=ce[str(cfg.T)], train_loss=sum(l2.values()) / len(l2))
+            block_passes = cfg.T
+        else:
+            with tqdm(total=batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
+                      dynamic_ncols=True) as bar:
+                def on_batch(parts: dict, bar=bar) -> None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{parts['loss']:.3f}")
+                record["train_loss"] = train_backprop_epoch(model, optimizer, train, cfg.batch_size,
+                                                            on_batch=on_batch)
+            block_passes = cfg.T  # one forward and backward through every block per example
+        train_time = time.perf_counter() - start
+        record["train_time_s"] = round(train_time, 2)
+        record["samples_per_s_per_block"] = round(len(train) * block_passes / train_time, 1)
+        for mode in modes:
+            record[f"test_acc_{mode}"] = evaluate_accuracy(model, test, mode, seed=cfg.seed)
+        record["epoch_time_s"] = round(time.perf_counter() - start, 2)
+        records.append(record)
+        append_jsonl(metrics_path, record)
+        accs = "  ".join(f"{m[:3]} {100 * record[f'test_acc_{m}']:.2f}%" for m in modes)
+        print(f"epoch {epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  test acc {accs}  "
+              f"({record['epoch_time_s']:.0f}s)", flush=True)
+        save_checkpoint(out / "checkpoint.pt", Checkpoint(
+            method=cfg.method, config=model_cfg, state_dict=model.state_dict(), data=data_info(train),
+            metrics=record, extra={"epoch": epoch, "train_config": cfg.to_dict()}))
+        plot_training_curves(records, out / "curves.png", title=f"{cfg.method} on {train.name}")
+    print(f"done: checkpoint {out / 'checkpoint.pt'}, metrics {metrics_path}, curves {out / 'curves.png'}")
+    return records[-1]
+
+
+def data_info(data: LabelledData) -> dict:
+    return {"name": data.name, "classes": list(data.classes), "mean": list(data.mean), "std": list(data.std),
+            "input_shape": list(data.input_shape)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    toml_path = args.pop("config")
+    try:
+        cfg = build_config(toml_path, args)
+        run(cfg)
+    except (ConfigError, DatasetError, ValueError) as exc:
+        print(f"noprop-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("noprop-train: interrupted; the last completed epoch's checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
