@@ -9,6 +9,7 @@ chain from noise: z_t = a_t u_hat_t + b_t z_{t-1} + sqrt(c_t) eps, and the head 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -242,16 +243,24 @@ class OutputHead(nn.Module):
 
 
 class NoPropDT(nn.Module):
-    """T denoising blocks, the class embedding W and the output head, with the schedule's coefficients."""
+    """T denoising blocks, the class embedding W and the output head, with the schedule's coefficients.
 
-    def __init__(self, cfg: NoPropConfig, embedding_init: torch.Tensor | None = None):
+    Blocks live in a ModuleDict keyed "1".."T" (state_dict keys "blocks.<t>.*"), so a federated client can
+    build only the blocks it owns (owned_blocks) and exchange them under the same keys as the full model.
+    """
+
+    def __init__(self, cfg: NoPropConfig, embedding_init: torch.Tensor | None = None,
+                 owned_blocks: Iterable[int] | None = None):
         super().__init__()
         self.cfg = cfg
         self.schedule = cfg.schedule()
         kind, _ = parse_embedding(cfg.embedding)
         d = cfg.embedding_dim
         self.embedding = ClassEmbedding(kind, cfg.num_classes, d, embedding_init)
-        self.blocks = nn.ModuleList(DenoisingBlock(cfg) for _ in range(cfg.T))
+        owned = sorted(set(range(1, cfg.T + 1) if owned_blocks is None else owned_blocks))
+        if not owned or owned[0] < 1 or owned[-1] > cfg.T:
+            raise ValueError(f"owned blocks must be a non-empty subset of 1..{cfg.T}, got {owned}")
+        self.blocks = nn.ModuleDict({str(t): DenoisingBlock(cfg) for t in owned})
         self.head = OutputHead(d, cfg.num_classes, cfg.head, cfg.radial_sigma)
         # buffers so that the coefficients travel with the module (device moves, export)
         self.register_buffer("step_coefficients", self.schedule.step_coefficients, persistent=False)
@@ -259,6 +268,14 @@ class NoPropDT(nn.Module):
     @property
     def T(self) -> int:
         return self.cfg.T
+
+    def block(self, t: int) -> DenoisingBlock:
+        """Block t (1-based), as the paper numbers them."""
+        return self.blocks[str(t)]
+
+    @property
+    def owned_blocks(self) -> list[int]:
+        return sorted(int(k) for k in self.blocks)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters every block's loss updates: the head and (when learned) the embedding."""
@@ -277,7 +294,7 @@ class NoPropDT(nn.Module):
         W = self.embedding.weight
         u = W[y]
         z_prev = self.schedule.sample_marginal(u, t - 1, generator=generator)
-        u_hat = self.blocks[t - 1].denoise(x, z_prev, W)
+        u_hat = self.block(t).denoise(x, z_prev, W)
         l2 = (u_hat - u).pow(2).sum(dim=1)
         z_T = self.schedule.sample_marginal(u, self.T, generator=generator)
         ce = F.cross_entropy(self.head(z_T, W), y, reduction="none")
@@ -292,11 +309,13 @@ class NoPropDT(nn.Module):
 
         Takes no labels: accuracy measured through here cannot leak y.
         """
+        if len(self.blocks) != self.T:
+            raise RuntimeError(f"inference needs all {self.T} blocks; this model holds {self.owned_blocks}")
         W = self.embedding.weight
         z = torch.zeros(x.shape[0], W.shape[1], device=x.device, dtype=x.dtype) if noise is None else noise[0]
         coef = self.step_coefficients
         for t in range(1, self.T + 1):
-            u_hat = self.blocks[t - 1].denoise(x, z, W)
+            u_hat = self.block(t).denoise(x, z, W)
             a, b, c = coef[t - 1, 0], coef[t - 1, 1], coef[t - 1, 2]
             z = a * u_hat + b * z
             if noise is not None:

@@ -39,15 +39,15 @@ class BlockTrainer:
     def __init__(self, model, optim: OptimConfig, blocks: Iterable[int] | None = None):
         self.model = model
         self.optim = optim
-        owned = range(1, model.T + 1) if blocks is None else blocks
-        self.block_optimizers = {t: adamw(model.blocks[t - 1].parameters(), optim) for t in owned}
+        owned = model.owned_blocks if blocks is None else blocks
+        self.block_optimizers = {t: adamw(model.block(t).parameters(), optim) for t in owned}
         self.shared_optimizer = adamw(model.shared_parameters(), optim)
 
     def step(self, t: int, x: torch.Tensor, y: torch.Tensor,
              generator: torch.Generator | None = None) -> dict[str, float]:
         """One gradient step of block t (plus head and W) on one minibatch."""
         block_opt = self.block_optimizers[t]
-        self.model.blocks[t - 1].train()
+        self.model.block(t).train()
         self.model.head.train()
         loss, parts = self.model.block_loss(t, x, y, generator)
         block_opt.zero_grad(set_to_none=True)

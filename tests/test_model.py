@@ -32,7 +32,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_full_size_block_matches_figure_6():
     cfg = NoPropConfig(input_shape=(1, 28, 28), num_classes=10)
     model = NoPropDT(cfg)
-    block = model.blocks[0]
+    block = model.block(1)
     fc = [m for m in block.x_path if isinstance(m, torch.nn.Linear)][0]
     assert fc.in_features == 128 * 7 * 7 == 6272
     n = sum(p.numel() for p in block.parameters())
@@ -49,9 +49,9 @@ def test_after_a_step_on_block_t_every_other_block_is_bit_identical(embedding):
     # give every optimizer some state first, so stale Adam moments would show if they leaked
     for t in range(1, cfg.T + 1):
         trainer.step(t, data.x[:32], data.y[:32])
-    before = [snapshot(b) for b in model.blocks]
+    before = [snapshot(b) for b in model.blocks.values()]
     trainer.step(2, data.x[32:], data.y[32:])
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(model.blocks.values()):
         after = snapshot(block)
         changed = any(not torch.equal(before[i][k], after[k]) for k in after)
         assert changed == (i == 1), f"block {i + 1} changed={changed}"
@@ -63,7 +63,7 @@ def test_no_autograd_graph_links_two_blocks():
     model = NoPropDT(cfg)
     loss, _ = model.block_loss(3, data.x, data.y)
     loss.backward()
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(model.blocks.values()):
         grads = [p.grad for p in block.parameters()]
         if i == 2:
             assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -79,7 +79,7 @@ def test_no_autograd_graph_links_two_blocks():
         if hasattr(fn, "variable"):
             reachable.add(id(fn.variable))
         stack.extend(f for f, _ in fn.next_functions)
-    other = {id(p) for i, b in enumerate(model.blocks) if i != 2 for p in b.parameters()}
+    other = {id(p) for i, b in enumerate(model.blocks.values()) if i != 2 for p in b.parameters()}
     assert not reachable & other
 
 
@@ -97,7 +97,7 @@ def test_ce_reads_z_T_from_the_posterior_not_from_the_last_block():
     z_T = model.schedule.sample_marginal(u, cfg.T)
     ce = torch.nn.functional.cross_entropy(model.head(z_T, W), data.y)
     ce.backward()
-    assert all(p.grad is None for b in model.blocks for p in b.parameters())
+    assert all(p.grad is None for b in model.blocks.values() for p in b.parameters())
     assert model.head.linear.weight.grad is not None and W.grad is not None
     assert ce_only > 0
 
@@ -212,3 +212,20 @@ def test_prototype_is_the_image_with_smallest_median_distance():
     model = NoPropDT(cfg, embedding_init=init)
     assert model.embedding.weight.shape == (4, 144) and model.embedding.weight.requires_grad
     assert torch.equal(model.embedding.weight.detach(), init.reshape(4, 144))
+
+
+def test_a_partial_model_holds_only_its_blocks_under_the_full_models_keys():
+    cfg = small_config(T=5)
+    full = NoPropDT(cfg)
+    part = NoPropDT(cfg, owned_blocks=[2, 4])
+    assert part.owned_blocks == [2, 4]
+    keys = set(part.state_dict())
+    assert keys <= set(full.state_dict())
+    assert {k.split(".")[1] for k in keys if k.startswith("blocks.")} == {"2", "4"}
+    trainer = BlockTrainer(part, OptimConfig(batch_size=16))
+    data = synthetic_data(32)
+    trainer.step(4, data.x, data.y)
+    with pytest.raises(RuntimeError, match="all 5 blocks"):
+        part.predict(data.x)
+    with pytest.raises(ValueError):
+        NoPropDT(cfg, owned_blocks=[6])

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from synthetic import synthetic_arrays
 
 from noprop.checkpoint import CheckpointError, load_checkpoint
 from noprop.config import ConfigError, build_config
 from noprop.data import load_train_test
 from noprop.io import read_jsonl
 from noprop.train_cli import main
-from synthetic import synthetic_arrays
 
 FAST = ["--T", "3", "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3", "--dropout", "0",
         "--threads", "1"]

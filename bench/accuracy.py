@@ -1,0 +1,117 @@
+"""NoProp-DT (one-hot, learned:20) against the backprop baseline with the same blocks, on real data.
+
+Each variant runs in its own process (so peak memory is its own) through noprop-train's run(), with the
+same data, epochs and seed. Prints a markdown table, writes bench/results/accuracy.json and a PNG of test
+accuracy per epoch.
+
+    .venv/bin/python bench/accuracy.py --epochs 3 --subset 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "dt-one-hot": {"method": "dt", "embedding": "one-hot"},
+    "dt-learned20": {"method": "dt", "embedding": "learned:20"},
+    "backprop-one-hot": {"method": "backprop", "embedding": "one-hot"},
+}
+
+
+def memory_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_one(variant: str, args: argparse.Namespace) -> dict:
+    """Runs inside the child process: train one variant, measure, return a record."""
+    import torch
+
+    from noprop import train_cli
+    from noprop.config import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, epochs=args.epochs, subset=args.subset,
+                      eval_limit=args.eval_limit, seed=args.seed, threads=args.threads, eval_mode="both",
+                      out=str(Path(args.out) / variant), **VARIANTS[variant]).validate()
+    start = time.perf_counter()
+    train_cli.run(cfg)
+    from noprop.io import read_jsonl
+
+    records = read_jsonl(Path(cfg.out) / "metrics.jsonl")
+    return {"variant": variant, **VARIANTS[variant], "epochs": records, "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": round(memory_kb("VmHWM") / 1024, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--subset", type=int, default=None)
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", default="bench/results/accuracy")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
+        return 0
+
+    results = []
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--one", variant] + [a for a in sys.argv[1:] if not a.startswith("--variants")]
+        print(f"== {variant}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
+        if proc.returncode != 0 or not lines:
+            print(f"{variant} failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "accuracy.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    print(table(results, args))
+    plot(results, Path(args.out) / "accuracy.png")
+    return 0
+
+
+def table(results: list[dict], args: argparse.Namespace) -> str:
+    head = ("| variant | " + " | ".join(f"ep {r['epoch']} det / sto" for r in results[0]["epochs"])
+            + " | train s/epoch | samples/s/block | peak RSS MB |")
+    rows = [head, "|" + "---|" * (len(results[0]["epochs"]) + 4)]
+    for res in results:
+        accs = " | ".join(f"{100 * e['test_acc_deterministic']:.2f} / {100 * e['test_acc_stochastic']:.2f}"
+                          for e in res["epochs"])
+        train_s = sum(e["train_time_s"] for e in res["epochs"]) / len(res["epochs"])
+        sps = sum(e["samples_per_s_per_block"] for e in res["epochs"]) / len(res["epochs"])
+        rows.append(f"| {res['variant']} | {accs} | {train_s:.0f} | {sps:.0f} | {res['peak_rss_mb']:.0f} |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    from noprop.plots import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for res in results:
+        ep = [e["epoch"] for e in res["epochs"]]
+        ax.plot(ep, [100 * e["test_acc_deterministic"] for e in res["epochs"]], marker="o", label=res["variant"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
