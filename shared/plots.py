@@ -47,3 +47,44 @@ def plot_training_curves(records: list[dict], path: str | Path, title: str = "")
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def plot_federated_run(records: list[dict], accuracy_path: str | Path, ownership_path: str | Path) -> None:
+    """Accuracy and mean denoising loss per round; and which node owned each block in each round."""
+    import numpy as np
+
+    rounds = [r["round"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [100 * r["accuracy"] for r in records], marker="o", color="tab:blue")
+    ax.set_xlabel("round")
+    ax.set_ylabel("server test accuracy (%)", color="tab:blue")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(rounds, [r.get("mean_l2", float("nan")) for r in records], marker="s", color="tab:orange")
+    ax2.set_ylabel("mean denoising loss", color="tab:orange")
+    ax2.set_yscale("log")
+    save_figure(fig, accuracy_path)
+
+    nodes = sorted({int(n) for r in records for owners in r["plan"].values() for n in owners})
+    index = {n: i for i, n in enumerate(nodes)}
+    T = max((int(t) for r in records for t in r["plan"]), default=0)
+    if not records or not T:
+        return
+    grid = np.full((T, len(records)), np.nan)
+    labels = [["" for _ in records] for _ in range(T)]
+    for j, r in enumerate(records):
+        for t, owners in r["plan"].items():
+            grid[int(t) - 1, j] = index[int(owners[0])]
+            labels[int(t) - 1][j] = ",".join(str(index[int(n)]) for n in owners)
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(records) + 2), max(3, 0.4 * T + 1)))
+    ax.imshow(grid, aspect="auto", cmap="tab20", vmin=0, vmax=max(19, len(nodes)), origin="lower",
+              extent=(rounds[0] - 0.5, rounds[-1] + 0.5, 0.5, T + 0.5))
+    if len(records) * T <= 400:
+        for t in range(T):
+            for j, rnd in enumerate(rounds):
+                ax.text(rnd, t + 1, labels[t][j], ha="center", va="center", fontsize=7)
+    ax.set_xlabel("round")
+    ax.set_ylabel("block")
+    ax.set_title("owner of each block (node index; " + ", ".join(f"{i}={n}" for n, i in list(index.items())[:6])
+                 + (" ..." if len(nodes) > 6 else "") + ")", fontsize=8)
+    save_figure(fig, ownership_path)

@@ -1,0 +1,258 @@
+"""A federated NoProp run, round by round: discover, plan, train, check, aggregate, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from noprop.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from noprop.data import load_dataset
+from noprop.federation import FederationConfig
+from noprop.io import append_jsonl, atomic_write_text, read_jsonl
+from noprop.model import NoPropDT, parse_embedding
+from noprop.plots import plot_federated_run
+from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
+from noprop.server.aggregate import Reply, aggregate, keys_for_blocks, validate_reply
+from noprop.server.planner import NodeCapacity, OwnershipPlan, PlanError, plan_ownership
+from noprop.trainer import evaluate_accuracy
+
+
+class FederationError(Exception):
+    """The run cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class RunState:
+    round: int = 0  # last completed round
+    records: list[dict] = field(default_factory=list)
+    capacities: dict[int, NodeCapacity] = field(default_factory=dict)
+
+
+class NoPropFederation:
+    def __init__(self, grid: Grid, cfg: FederationConfig, log=print):
+        self.grid = grid
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.metrics_path = self.out / "metrics.jsonl"
+        if parse_embedding(cfg.embedding)[0] == "prototype":
+            raise FederationError("prototype embeddings need training images on the server; federated runs "
+                                  "support one-hot and learned:D (set embedding accordingly)")
+        self.eval_data = load_dataset(cfg.dataset, split="test", root=cfg.data_root or None)
+        self.model_cfg = cfg.model_config(self.eval_data.input_shape, self.eval_data.num_classes)
+        self.state = RunState()
+        torch.manual_seed(cfg.seed)
+        model = NoPropDT(self.model_cfg)
+        if cfg.resume and self.ckpt_path.exists():
+            ckpt = load_checkpoint(self.ckpt_path)
+            if ckpt.config != self.model_cfg:
+                raise FederationError(f"{self.ckpt_path} was trained with another model config: use a new --out "
+                                      "or the original settings")
+            model.load_state_dict(ckpt.state_dict)
+            self.state.round = int(ckpt.extra["round"])
+            self.state.records = [r for r in read_jsonl(self.metrics_path) if r["round"] <= self.state.round] \
+                if self.metrics_path.exists() else []
+            self.log(f"resuming after round {self.state.round} from {self.ckpt_path}")
+        else:
+            self.metrics_path.unlink(missing_ok=True)
+        self.model = model
+        self.global_state = to_numpy_state(model.state_dict())
+        self.model_cfg_json = json.dumps(self.model_cfg.to_dict())
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.log(f"noprop federation: {cfg.num_rounds} rounds, T={cfg.T}, policy {cfg.policy}, "
+                 f"embedding {cfg.embedding}, evaluating on {self.eval_data.name} test "
+                 f"({cfg.eval_limit or len(self.eval_data)} examples per round); output in {self.out}")
+        for rnd in range(self.state.round + 1, cfg.num_rounds + 1):
+            self.run_round(rnd)
+        final = self.finish()
+        return final
+
+    def run_round(self, rnd: int) -> dict:
+        start = time.perf_counter()
+        nodes = self.wait_for_nodes(first=rnd == self.state.round + 1)
+        self.discover(nodes, rnd)
+        live = [self.state.capacities[n] for n in nodes if n in self.state.capacities]
+        if not live:
+            raise FederationError("no node answered discovery: check the clients' logs")
+        try:
+            plan = plan_ownership(live, self.cfg.T, rnd - 1, self.cfg.seed, self.cfg.policy, self.cfg.replicas)
+        except PlanError as exc:
+            raise FederationError(str(exc)) from None
+        replies, record = self.train(plan, rnd)  # only replies that passed validation
+        self.global_state = aggregate(self.global_state, plan, replies)
+        self.model.load_state_dict(to_torch_state(self.global_state))
+        record["accuracy"] = self.evaluate(self.cfg.eval_limit)
+        if self.cfg.client_eval:
+            record["client_accuracy"] = self.client_evaluate(rnd)
+        record["round_time_s"] = round(time.perf_counter() - start, 2)
+        self.state.round = rnd
+        self.state.records.append(record)
+        append_jsonl(self.metrics_path, record)
+        self.save(record)
+        trained = sum(1 for t in plan.owners if any(n in plan.owners[t] for n in record["trained_by"]))
+        self.log(f"round {rnd}/{self.cfg.num_rounds}  accuracy {100 * record['accuracy']:.2f}%  "
+                 f"nodes {len(record['trained_by'])}/{len(plan.assignments)}  blocks trained {trained}/{self.cfg.T}  "
+                 f"mean denoising loss {record['mean_l2']:.4f}  {record['round_time_s']:.1f}s")
+        return record
+
+    def wait_for_nodes(self, first: bool) -> list[int]:
+        """Wait for min_nodes (the whole join timeout before the first round, briefly after)."""
+        deadline = time.monotonic() + (self.cfg.join_timeout if first else min(30.0, self.cfg.join_timeout))
+        announced = False
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_nodes:
+                return nodes
+            if time.monotonic() > deadline:
+                if nodes and not first:
+                    self.log(f"only {len(nodes)} of {self.cfg.min_nodes} nodes online; going on with them")
+                    return nodes
+                raise FederationError(f"{len(nodes)} of the {self.cfg.min_nodes} required nodes connected within "
+                                      f"{self.cfg.join_timeout:.0f}s: start more noprop-client processes or lower "
+                                      "min-nodes")
+            if not announced:
+                self.log(f"waiting for nodes: {len(nodes)}/{self.cfg.min_nodes} connected")
+                announced = True
+            time.sleep(1.0)
+
+    def discover(self, nodes: list[int], rnd: int) -> None:
+        """Query nodes not yet known; forget nodes that are gone."""
+        known = self.state.capacities
+        for n in list(known):
+            if n not in nodes:
+                del known[n]
+        new = [n for n in nodes if n not in known]
+        if not new:
+            return
+        content = ConfigRecord({"model-config": self.model_cfg_json, "batch-size": self.cfg.batch_size})
+        msgs = [Message(RecordDict({"config": content}), n, MessageType.QUERY, group_id=f"query-{rnd}")
+                for n in new]
+        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.log(f"node {node}: discovery failed: {msg.error.reason}")
+                continue
+            c = msg.content["capacity"]
+            known[node] = NodeCapacity(node_id=node, max_blocks=int(c["max-blocks"]), throughput=float(c["throughput"]),
+                                       num_examples=int(c["num-examples"]), device=str(c["device"]),
+                                       memory_mb=float(c["memory-mb"]))
+            self.log(f"node {node}: {c['device']}, {int(c['num-examples'])} examples of {c['data']}, "
+                     f"{float(c['throughput']):.0f} samples/s per block, holds up to {int(c['max-blocks'])} blocks")
+
+    def train(self, plan: OwnershipPlan, rnd: int) -> tuple[list[Reply], dict]:
+        """Send each node its blocks; return the replies that passed validation and the round's record."""
+        cfg = self.cfg
+        sent: dict[str, tuple[int, list[str]]] = {}  # message id -> (node, keys)
+        msgs, bytes_to = [], {}
+        for node, blocks in sorted(plan.assignments.items()):
+            keys = keys_for_blocks(self.global_state, blocks)
+            arrays = arrays_to_record(self.global_state, keys)
+            config = ConfigRecord({
+                "round": rnd, "blocks": list(blocks), "local-epochs": cfg.local_epochs, "lr": cfg.lr,
+                "weight-decay": cfg.weight_decay, "batch-size": cfg.batch_size, "seed": cfg.seed * 100_003 + rnd,
+                "model-config": self.model_cfg_json,
+            })
+            msg = Message(RecordDict({"arrays": arrays, "config": config}), node, MessageType.TRAIN,
+                          group_id=f"train-{rnd}")
+            msgs.append((msg, node, keys))
+            bytes_to[str(node)] = arrays.count_bytes()
+        out = self.grid.send_and_receive([m for m, _, _ in msgs], timeout=cfg.round_timeout)
+        for m, node, keys in msgs:
+            sent[m.metadata.message_id] = (node, keys)
+        replies, rejected, bytes_from, failed = [], {}, {}, []
+        losses: dict[int, list[float]] = {}
+        answered = set()
+        for msg in out:
+            node, keys = sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
+            answered.add(node)
+            if msg.has_error():
+                failed.append(node)
+                self.log(f"node {node}: training failed: {msg.error.reason}")
+                continue
+            record = msg.content["arrays"]
+            metrics = msg.content["metrics"]
+            reply = Reply(node_id=node, arrays=record_to_arrays(record), num_examples=int(metrics["num-examples"]),
+                          metrics=dict(metrics))
+            bytes_from[str(node)] = record.count_bytes()
+            cap = self.state.capacities.get(node)
+            problem = validate_reply(reply, keys or [], self.global_state,
+                                     max_examples=cap.num_examples if cap else None)
+            if problem:
+                rejected[node] = problem
+                self.log(f"node {node}: reply rejected: {problem}")
+                continue
+            replies.append(reply)
+            for t in plan.blocks_of(node):
+                losses.setdefault(t, []).append(float(metrics[f"l2-block-{t}"]))
+        for _, node, _ in msgs:
+            if node not in answered:
+                failed.append(node)
+                self.log(f"node {node}: no reply within {cfg.round_timeout:.0f}s; its blocks go to others next round")
+        for node in failed:  # re-discover next round if it is still there
+            self.state.capacities.pop(node, None)
+        block_l2 = {str(t): sum(v) / len(v) for t, v in sorted(losses.items())}
+        record = {
+            "round": rnd, "plan": plan.to_json()["owners"], "trained_by": sorted(r.node_id for r in replies),
+            "rejected": {str(k): v for k, v in rejected.items()}, "failed": sorted(failed),
+            "block_l2": block_l2, "mean_l2": sum(block_l2.values()) / max(len(block_l2), 1),
+            "bytes_to": bytes_to, "bytes_from": bytes_from,
+            "num_examples": {str(r.node_id): r.num_examples for r in replies},
+            "client_train_time_s": {str(r.node_id): round(float(r.metrics["train-time-s"]), 2) for r in replies},
+        }
+        return replies, record
+
+    def evaluate(self, limit: int) -> float:
+        data = self.eval_data if not limit else self.eval_data.subset(range(min(limit, len(self.eval_data))))
+        return evaluate_accuracy(self.model, data, self.cfg.eval_mode, seed=self.cfg.seed)
+
+    def client_evaluate(self, rnd: int) -> float | None:
+        nodes = [n for n, c in self.state.capacities.items() if c.max_blocks >= self.cfg.T]
+        if not nodes:
+            return None
+        config = ConfigRecord({"model-config": self.model_cfg_json, "eval-mode": self.cfg.eval_mode})
+        msgs = [Message(RecordDict({"arrays": arrays_to_record(self.global_state), "config": config}), n,
+                        MessageType.EVALUATE, group_id=f"evaluate-{rnd}") for n in nodes]
+        total, correct = 0, 0.0
+        for msg in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+            if msg.has_error():
+                continue
+            m = msg.content["metrics"]
+            total += int(m["num-examples"])
+            correct += float(m["accuracy"]) * int(m["num-examples"])
+        return correct / total if total else None
+
+    def save(self, record: dict) -> None:
+        info = {"name": self.eval_data.name, "classes": list(self.eval_data.classes), "mean": list(self.eval_data.mean),
+                "std": list(self.eval_data.std), "input_shape": list(self.eval_data.input_shape)}
+        save_checkpoint(self.ckpt_path, Checkpoint(
+            method="dt", config=self.model_cfg, state_dict=self.model.state_dict(), data=info,
+            metrics={"accuracy": record["accuracy"], "round": record["round"]},
+            extra={"round": record["round"], "federation": self.cfg.to_run_config(),
+                   "ownership": [r["plan"] for r in self.state.records]}))
+
+    def finish(self) -> dict:
+        final_acc = self.evaluate(self.cfg.final_eval_limit)
+        n = self.cfg.final_eval_limit or len(self.eval_data)
+        plot_federated_run(self.state.records, self.out / "accuracy.png", self.out / "ownership.png")
+        done = {"rounds": self.state.round, "accuracy": final_acc, "eval_examples": n,
+                "eval_mode": self.cfg.eval_mode, "checkpoint": str(self.ckpt_path)}
+        atomic_write_text(self.out / "DONE.json", json.dumps(done, indent=2))
+        self.log(f"done: final accuracy {100 * final_acc:.2f}% on {n} test examples ({self.cfg.eval_mode}); "
+                 f"checkpoint {self.ckpt_path}, plots {self.out / 'accuracy.png'}, {self.out / 'ownership.png'}")
+        return done
+
+
+def main_loop(grid: Grid, cfg: FederationConfig, log=print) -> dict:
+    return NoPropFederation(grid, cfg, log).run()

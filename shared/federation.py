@@ -1,0 +1,119 @@
+"""The settings of a federated run, and how they travel as Flower run config (kebab-case keys).
+
+One dataclass is the single source of the keys and defaults: the server launcher writes them into the
+Flower app's [tool.flwr.app.config], --run-config overrides them, and the ServerApp and ClientApp read
+them back with from_run_config. Flower config values cannot be None, so "" and 0 mean "unset".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from noprop.model import NoPropConfig, parse_embedding
+
+POLICIES = ("rotate", "replicate")
+
+
+@dataclass
+class FederationConfig:
+    num_rounds: int = 5
+    T: int = 10
+    policy: str = "rotate"
+    replicas: int = 2  # owners per block under the replicate policy
+    min_nodes: int = 2
+    local_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    embedding: str = "one-hot"
+    head: str = "softmax"
+    eta: float = 0.1
+    clip: float = 1e-4
+    channels: str = "32,64,128"
+    hidden: int = 256
+    dropout: float = 0.2
+    dataset: str = "fashion-mnist"  # the server evaluates on its test split; clients default to it
+    data_root: str = ""  # "" = $NOPROP_DATA or ./data
+    client_data: str = ""  # dataset of clients whose node config names none ("" = dataset)
+    partition_type: str = "iid"  # iid | dirichlet:ALPHA, for clients without their own
+    eval_limit: int = 2000  # test examples evaluated each round (0 = all)
+    final_eval_limit: int = 0  # test examples evaluated after the last round (0 = all)
+    eval_mode: str = "deterministic"
+    client_eval: bool = False  # also ask clients to evaluate the assembled chain on their data
+    out: str = "runs/federated"
+    resume: bool = False
+    seed: int = 0
+    round_timeout: float = 900.0  # seconds a round waits for replies
+    join_timeout: float = 300.0  # seconds the first round waits for min_nodes
+    client_threads: int = 0  # torch threads per client process (0 = torch's default)
+
+    def validate(self) -> FederationConfig:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
+
+        for name in ("num_rounds", "T", "min_nodes", "local_epochs", "batch_size", "hidden", "replicas"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        if self.policy not in POLICIES:
+            raise bad("policy", f"use one of {', '.join(POLICIES)}")
+        for name in ("lr", "eta", "round_timeout", "join_timeout"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "must be positive")
+        if self.eval_limit < 0 or self.final_eval_limit < 0:
+            raise bad("eval_limit", "must be 0 (all) or a positive number")
+        if self.eval_mode not in ("deterministic", "stochastic"):
+            raise bad("eval_mode", "use deterministic or stochastic")
+        parse_embedding(self.embedding)
+        self.channel_tuple()
+        return self
+
+    def channel_tuple(self) -> tuple[int, int, int]:
+        parts = tuple(int(p) for p in str(self.channels).split(","))
+        if len(parts) != 3 or min(parts) < 1:
+            raise ValueError(f"channels={self.channels!r}: give three positive conv widths, e.g. 32,64,128")
+        return parts
+
+    def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> NoPropConfig:
+        return NoPropConfig(input_shape=input_shape, num_classes=num_classes, T=self.T, embedding=self.embedding,
+                            head=self.head, eta=self.eta, clip=self.clip, channels=self.channel_tuple(),
+                            hidden=self.hidden, dropout=self.dropout)
+
+    def to_run_config(self) -> dict[str, int | float | str | bool]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> FederationConfig:
+        """Keys this class does not know are ignored (Flower adds none, but apps may carry extras)."""
+        known = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for key, value in dict(run_config).items():
+            name = key.replace("-", "_")
+            if name in known:
+                values[name] = value
+        cfg = cls(**values)
+        # Flower may hand back ints for float fields and vice versa; coerce to the declared types
+        for f in fields(cls):
+            default = getattr(cls, f.name, None)
+            if isinstance(default, bool):
+                setattr(cfg, f.name, bool(getattr(cfg, f.name)))
+            elif isinstance(default, int):
+                setattr(cfg, f.name, int(getattr(cfg, f.name)))
+            elif isinstance(default, float):
+                setattr(cfg, f.name, float(getattr(cfg, f.name)))
+            elif isinstance(default, str):
+                setattr(cfg, f.name, str(getattr(cfg, f.name)))
+        return cfg.validate()
+
+
+# Keys a client reads from its Flower node config (noprop-client sets them; simulation sets the partition).
+NODE_CONFIG_KEYS = {
+    "data": "dataset spec of this node's data (default: the run's client-data or dataset)",
+    "data-root": "folder holding the datasets",
+    "partition-id": "which partition of the data this node holds (0-based)",
+    "num-partitions": "how many partitions the data is split into",
+    "partition-type": "iid | dirichlet:ALPHA (default: the run's partition-type)",
+    "device": "auto | cpu | cuda | cuda:N | mps",
+    "max-blocks": "most blocks this node will hold at once (0 = as many as memory allows)",
+    "memory-mb": "memory budget in MB for training (0 = measured)",
+    "threads": "torch threads (0 = the run's client-threads)",
+}

@@ -1,0 +1,96 @@
+"""The ClientApp's handlers called directly with constructed Messages (no Flower processes)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from synthetic import synthetic_arrays
+
+from noprop.client.app import make_client_app
+from noprop.model import NoPropConfig, NoPropDT
+from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state
+from noprop.server.aggregate import keys_for_blocks
+
+MODEL = NoPropConfig(input_shape=(1, 12, 12), num_classes=4, T=4, channels=(8, 16, 16), hidden=32, dropout=0.0)
+
+
+@pytest.fixture
+def npz(tmp_path):
+    x, y = synthetic_arrays(600, seed=1)
+    xt, yt = synthetic_arrays(200, seed=2)
+    path = tmp_path / "task.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt)
+    return path
+
+
+def context(npz, partition_id=0, num_partitions=2):
+    node_config = {"data": f"npz:{npz}", "partition-id": partition_id, "num-partitions": num_partitions,
+                   "threads": 1}
+    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """What Flower's runtime sets in a process before it runs app code."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def instruction(content, message_type):
+    msg = Message(content, dst_node_id=5, message_type=message_type)
+    msg.metadata.__dict__["_message_id"] = msg.object_id  # the SuperLink sets this on delivery
+    return msg
+
+
+def train_message(state, blocks, epochs=1):
+    keys = keys_for_blocks(state, blocks)
+    config = ConfigRecord({"round": 1, "blocks": list(blocks), "local-epochs": epochs, "lr": 3e-3,
+                           "weight-decay": 1e-3, "batch-size": 32, "seed": 0,
+                           "model-config": json.dumps(MODEL.to_dict())})
+    return instruction(RecordDict({"arrays": arrays_to_record(state, keys), "config": config}), MessageType.TRAIN)
+
+
+def test_query_reports_capacity(npz):
+    app = make_client_app()
+    config = ConfigRecord({"model-config": json.dumps(MODEL.to_dict()), "batch-size": 32})
+    reply = app(instruction(RecordDict({"config": config}), MessageType.QUERY), context(npz))
+    cap = reply.content["capacity"]
+    assert cap["device"] == "cpu" and cap["num-examples"] == 300  # half of 600 (partition 0 of 2)
+    assert cap["throughput"] > 0 and cap["max-blocks"] >= 1
+
+
+def test_train_replies_with_exactly_the_owned_blocks_and_losses_fall(npz):
+    app = make_client_app()
+    torch.manual_seed(0)
+    state = to_numpy_state(NoPropDT(MODEL).state_dict())
+    ctx = context(npz)
+    reply = app(train_message(state, (2, 4)), ctx)
+    got = record_to_arrays(reply.content["arrays"])
+    assert set(got) == set(keys_for_blocks(state, (2, 4)))
+    assert not any(k.startswith(("blocks.1.", "blocks.3.")) for k in got)
+    assert all(got[k].shape == state[k].shape and got[k].dtype == state[k].dtype for k in got)
+    assert not np.array_equal(got["blocks.2.fuse.6.weight"], state["blocks.2.fuse.6.weight"])
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 300
+    first = metrics["l2-block-2"]
+    state.update(got)
+    for _ in range(3):
+        reply = app(train_message(state, (2, 4)), ctx)
+        state.update(record_to_arrays(reply.content["arrays"]))
+    assert reply.content["metrics"]["l2-block-2"] < first
+
+
+def test_train_on_data_of_the_wrong_shape_fails_with_a_clear_message(tmp_path):
+    x, y = synthetic_arrays(100, size=16)
+    path = tmp_path / "other.npz"
+    np.savez(path, x=x, y=y)
+    app = make_client_app()
+    state = to_numpy_state(NoPropDT(MODEL).state_dict())
+    # Flower's runtime turns the exception into an error reply carrying this message
+    with pytest.raises(ValueError, match=r"has input \(1, 16, 16\).*expects \(1, 12, 12\)"):
+        app(train_message(state, (1,)), context(path, 0, 1))
