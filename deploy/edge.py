@@ -1,0 +1,944 @@
+"""noprop-edge: run an exported NoProp model on a device with onnxruntime and numpy alone.
+
+This module imports numpy and onnxruntime, nothing else at import time: never torch, never the rest of
+noprop. Pillow is imported lazily to read image files, and grpcio, grpcio-health-checking and the generated
+modules of noprop.proto lazily for `serve` and `query`. So `predict`, `eval` and `info` also work from this
+one file copied alone onto a device (`python edge.py predict model.onnx img.png`).
+
+The model file (written by noprop-export) takes `image` float32 [N, C, H, W] (or [N, F]) in raw pixel scale,
+values in [0, 1] (uint8 / 255), and normalises inside the graph with the training set's mean and std; in
+stochastic mode it also takes `noise` float32 [T + 1, N, d]. It returns `probabilities` [N, classes] and
+`label` int64 [N]. Its metadata_props describe it (ModelInfo below; the same fields as the ModelManifest
+message of proto/noprop/v1/inference.proto).
+
+    noprop-edge info model.onnx
+    noprop-edge predict model.onnx a.png b.png [--resize] [--convert] [--json]
+    noprop-edge eval model.onnx --data test.npz|DIR [--limit N] [--batch-size B]
+    noprop-edge serve model.onnx [--host 127.0.0.1] [--port 50051] [--max-request-bytes B]
+    noprop-edge query HOST:PORT a.png [--info] [--health]
+
+Exit codes: 0 success; 2 bad input (missing, corrupt or truncated model, an image of the wrong size or channel
+count, unreadable data, bad usage), with a one-line message on stderr; 1 a failed remote call (query);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+FORMAT = "noprop-fl/onnx-model"
+FORMAT_VERSION = 1
+INPUT_SCALE = "[0, 1]"  # raw pixels: uint8 / 255
+MODES = ("deterministic", "stochastic")
+PRECISIONS = ("fp32", "int8")
+INPUT_NAME, NOISE_NAME = "image", "noise"
+OUTPUT_NAMES = ("probabilities", "label")
+SERVICE_NAME = "noprop.v1.Inference"
+DEFAULT_PORT = 50051
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+_MAX_MESSAGE = 200
+
+
+class EdgeError(Exception):
+    """A user-facing failure with a one-line message naming the file and the fix."""
+
+
+def _one_line(exc: object, limit: int = _MAX_MESSAGE) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_path_for(onnx_path: str | Path) -> Path:
+    """model.onnx -> model.manifest.json (beside it)."""
+    p = Path(onnx_path)
+    return p.with_name(p.name.removesuffix(".onnx") + ".manifest.json")
+
+
+# -- what an exported model is ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """The metadata of an exported model: metadata_props of the .onnx, the manifest file, ModelInfo RPC.
+
+    In metadata_props every field is one key holding a string: numbers as decimal text, lists and dicts as
+    JSON. The keys are the field names of the ModelManifest message.
+    """
+
+    class_names: list[str]
+    input_shape: tuple[int, ...]  # one example: (C, H, W) or (F,)
+    mean: list[float]
+    std: list[float]
+    T: int
+    method: str
+    embedding: str
+    embedding_dim: int
+    head: str
+    schedule: dict
+    mode: str = "deterministic"
+    precision: str = "fp32"
+    noprop_fl_version: str = ""
+    dataset: str = ""
+    training_metrics: dict = field(default_factory=dict)
+    exporter: str = ""
+    opset: int = 0
+    quantization: dict = field(default_factory=dict)
+    normalised_in_graph: bool = True
+    input_scale: str = INPUT_SCALE
+
+    @property
+    def input_layout(self) -> str:
+        return "NCHW" if len(self.input_shape) == 3 else "NF"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        """(T + 1, d): the noise input is [T + 1, N, d]."""
+        return self.T + 1, self.embedding_dim
+
+    def summary(self) -> str:
+        return (f"{self.method} T={self.T} {self.embedding} {self.precision} {self.mode}, "
+                f"input {list(self.input_shape)}, {self.num_classes} classes")
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "noprop_fl_version": self.noprop_fl_version,
+            "method": self.method,
+            "class_names": json.dumps(list(self.class_names)),
+            "input_shape": json.dumps(list(self.input_shape)),
+            "input_layout": self.input_layout,
+            "input_scale": self.input_scale,
+            "normalisation": json.dumps({"mean": list(self.mean), "std": list(self.std),
+                                         "in_graph": self.normalised_in_graph}),
+            "T": str(self.T),
+            "embedding": self.embedding,
+            "embedding_dim": str(self.embedding_dim),
+            "head": self.head,
+            "schedule": json.dumps(self.schedule),
+            "mode": self.mode,
+            "precision": self.precision,
+            "dataset": self.dataset,
+            "training_metrics": json.dumps(self.training_metrics, sort_keys=True),
+            "exporter": self.exporter,
+            "opset": str(self.opset),
+        }
+        if self.quantization:
+            meta["quantization"] = json.dumps(self.quantization, sort_keys=True)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], where: str | Path = "model") -> ModelInfo:
+        if meta.get("format") != FORMAT:
+            raise EdgeError(f"{where} is an ONNX model but not one exported by noprop-export (no '{FORMAT}' "
+                            "metadata): export the checkpoint with noprop-export")
+        try:
+            version = int(meta.get("format_version", "0"))
+        except ValueError:
+            version = -1
+        if version != FORMAT_VERSION:
+            raise EdgeError(f"{where} has model format version {meta.get('format_version')}, this runtime reads "
+                            f"{FORMAT_VERSION}: use a matching noprop-fl")
+        try:
+            norm = json.loads(meta["normalisation"])
+            info = cls(
+                class_names=[str(c) for c in json.loads(meta["class_names"])],
+                input_shape=tuple(int(s) for s in json.loads(meta["input_shape"])),
+                mean=[float(v) for v in norm["mean"]],
+                std=[float(v) for v in norm["std"]],
+                normalised_in_graph=bool(norm.get("in_graph", True)),
+                T=int(meta["T"]),
+                method=meta["method"],
+                embedding=meta["embedding"],
+                embedding_dim=int(meta["embedding_dim"]),
+                head=meta.get("head", ""),
+                schedule=json.loads(meta.get("schedule", "{}")),
+                mode=meta["mode"],
+                precision=meta.get("precision", "fp32"),
+                noprop_fl_version=meta.get("noprop_fl_version", ""),
+                dataset=meta.get("dataset", ""),
+                training_metrics=json.loads(meta.get("training_metrics", "{}")),
+                exporter=meta.get("exporter", ""),
+                opset=int(meta.get("opset", "0")),
+                quantization=json.loads(meta.get("quantization", "{}")),
+                input_scale=meta.get("input_scale", INPUT_SCALE),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise EdgeError(f"{where} has damaged noprop-fl metadata ({type(exc).__name__}: {_one_line(exc)}): "
+                            "export it again") from None
+        if info.mode not in MODES or len(info.input_shape) not in (1, 3) or info.num_classes < 2:
+            raise EdgeError(f"{where} has inconsistent noprop-fl metadata (mode {info.mode!r}, input "
+                            f"{list(info.input_shape)}, {info.num_classes} classes): export it again")
+        return info
+
+    def to_manifest(self, file_name: str = "", file_sha256: str = "", file_bytes: int = 0, fmt: str = FORMAT):
+        """The ModelManifest message (needs protobuf and noprop.proto)."""
+        pb = _proto_modules()[0]
+        m = pb.ModelManifest(
+            format=fmt, format_version=FORMAT_VERSION, noprop_fl_version=self.noprop_fl_version,
+            method=self.method, class_names=self.class_names, input_shape=list(self.input_shape),
+            input_layout=self.input_layout, input_scale=self.input_scale,
+            normalisation=pb.Normalisation(mean=self.mean, std=self.std, in_graph=self.normalised_in_graph),
+            T=self.T, embedding=self.embedding, embedding_dim=self.embedding_dim, head=self.head,
+            mode=self.mode, precision=self.precision, dataset=self.dataset, exporter=self.exporter,
+            opset=self.opset, file_name=file_name, file_sha256=file_sha256, file_bytes=file_bytes,
+        )
+        sched = self.schedule
+        m.schedule.kind = str(sched.get("kind", "cosine"))
+        m.schedule.T = int(sched.get("T", self.T))
+        m.schedule.s = float(sched.get("s", 0.0))
+        m.schedule.clip = float(sched.get("clip", 0.0))
+        if sched.get("max_delta_snr") is not None:
+            m.schedule.max_delta_snr = float(sched["max_delta_snr"])
+        m.training_metrics.update(_json_safe(self.training_metrics))
+        if self.quantization:
+            m.quantization.update(_json_safe(self.quantization))
+        return m
+
+
+def _json_safe(d: dict) -> dict:
+    """Round-trip through JSON: keys become strings, tuples lists (what a protobuf Struct accepts)."""
+    return json.loads(json.dumps(d))
+
+
+def manifest_json(info: ModelInfo, path: str | Path | None = None, fmt: str = FORMAT) -> str:
+    """The ModelManifest as JSON (proto3 JSON mapping, field names as in the .proto); with the SHA-256 and size of
+    the file at `path` when given."""
+    from google.protobuf import json_format
+
+    file_args = (Path(path).name, file_sha256(path), Path(path).stat().st_size) if path is not None else ()
+    message = info.to_manifest(*file_args, fmt=fmt)
+    return json_format.MessageToJson(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True, indent=2) + "\n"
+
+
+def _proto_modules():
+    try:
+        from noprop.proto import inference_pb2, inference_pb2_grpc
+    except ImportError as exc:
+        raise EdgeError(f"this needs noprop-fl's generated protocol modules and grpcio ({_one_line(exc)}): "
+                        "pip install noprop-fl (or grpcio grpcio-health-checking protobuf with noprop.proto)") from None
+    return inference_pb2, inference_pb2_grpc
+
+
+# -- the model ---------------------------------------------------------------------------------------------
+
+
+class EdgeModel:
+    """An exported model in an onnxruntime session, with its metadata and input checks."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, arena: bool = True):
+        self.path = Path(path)
+        if not self.path.is_file():
+            what = "is a folder" if self.path.is_dir() else "does not exist"
+            raise EdgeError(f"model file {self.path} {what}: pass the .onnx file noprop-export wrote")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only: the CLI reports its own
+        opts.enable_cpu_mem_arena = arena
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail, ... for damaged files
+            raise EdgeError(f"{self.path} cannot be loaded as an ONNX model: corrupt or truncated, or made for a "
+                            f"newer onnxruntime ({_one_line(exc, 120)}): copy or export it again") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info = ModelInfo.from_metadata(meta, self.path)
+        names = {i.name for i in self.session.get_inputs()}
+        expected = {INPUT_NAME, NOISE_NAME} if self.info.mode == "stochastic" else {INPUT_NAME}
+        if names != expected:
+            raise EdgeError(f"{self.path}: graph inputs {sorted(names)} do not match its {self.info.mode} metadata "
+                            f"({sorted(expected)}): export it again")
+        self.size = self.path.stat().st_size
+        self._sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    @property
+    def stochastic(self) -> bool:
+        return self.info.mode == "stochastic"
+
+    def check_images(self, images: np.ndarray, what: str = "input") -> np.ndarray:
+        """[N, *input_shape] float32 (a single example gains the batch axis); wrong shapes are an EdgeError."""
+        x = np.asarray(images)
+        shape = self.info.input_shape
+        if x.ndim == len(shape):
+            x = x[None]
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise EdgeError(f"{what} has shape {list(x.shape)} but the model takes [N, {', '.join(map(str, shape))}]"
+                            f" ({self.info.input_layout}, raw scale {self.info.input_scale})")
+        if x.shape[0] < 1:
+            raise EdgeError(f"{what} is an empty batch")
+        if x.dtype.kind not in "fiub":
+            raise EdgeError(f"{what} must be numeric, got dtype {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise EdgeError(f"{what} contains NaN or infinite values")
+        return x
+
+    def make_noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        t1, d = self.info.noise_shape
+        return rng.standard_normal((t1, n, d), dtype=np.float32)
+
+    def run(self, images: np.ndarray, noise: np.ndarray | None = None,
+            rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [N, classes], labels [N]). Stochastic models take noise [T + 1, N, d] or draw it."""
+        x = self.check_images(images)
+        feeds = {INPUT_NAME: x}
+        if self.stochastic:
+            if noise is None:
+                noise = self.make_noise(len(x), rng if rng is not None else np.random.default_rng(0))
+            noise = np.ascontiguousarray(noise, dtype=np.float32)
+            t1, d = self.info.noise_shape
+            if noise.shape != (t1, len(x), d):
+                raise EdgeError(f"noise has shape {list(noise.shape)}, the model needs [{t1}, {len(x)}, {d}] "
+                                "([T + 1, N, d])")
+            if not np.isfinite(noise).all():
+                raise EdgeError("noise contains NaN or infinite values")
+            feeds[NOISE_NAME] = noise
+        elif noise is not None:
+            raise EdgeError("this model is deterministic (exported with --mode deterministic): it takes no noise")
+        try:
+            probs, labels = self.session.run(list(OUTPUT_NAMES), feeds)
+        except Exception as exc:
+            raise EdgeError(f"onnxruntime failed on {self.path} ({_one_line(exc, 120)})") from None
+        return probs, labels
+
+    def run_batches(self, images: np.ndarray, batch_size: int = 256,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """run() over a large array in batches; stochastic noise comes from one seeded generator."""
+        rng = np.random.default_rng(seed)
+        probs, labels = [], []
+        for start in range(0, len(images), batch_size):
+            p, lab = self.run(images[start:start + batch_size], rng=rng)
+            probs.append(p)
+            labels.append(lab)
+        return np.concatenate(probs), np.concatenate(labels)
+
+
+# -- reading inputs ----------------------------------------------------------------------------------------
+
+
+def _pil():
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise EdgeError("reading image files needs Pillow: pip install pillow (or pass .npy arrays)") from None
+    return Image, UnidentifiedImageError
+
+
+def _to_model_layout(x: np.ndarray, shape: tuple[int, ...], batched: bool, where: str) -> np.ndarray:
+    """Arrays in [H, W], [H, W, C] or [C, H, W] (with a leading N when batched) -> [(N,) C, H, W]."""
+    lead = 1 if batched else 0
+    body = tuple(x.shape[lead:])
+    if body == shape:
+        return x
+    if len(shape) == 3:
+        c, h, w = shape
+        if c == 1 and body == (h, w):
+            return np.expand_dims(x, lead)
+        if body == (h, w, c):
+            return np.moveaxis(x, -1, lead)
+    expected = "[N, ...]" if batched else "one example"
+    raise EdgeError(f"{where} has shape {list(x.shape)} but the model takes {expected} of "
+                    f"{list(shape)} ({'C, H, W' if len(shape) == 3 else 'F'}; [H, W, C] and [H, W] are also read)")
+
+
+def _scale(x: np.ndarray, where: str) -> np.ndarray:
+    """uint8 / 255, uint16 / 65535, floats and bools as they are."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if x.dtype == np.uint16:
+        return x.astype(np.float32) / 65535.0
+    if x.dtype.kind in "fb":
+        return x.astype(np.float32)
+    if x.dtype.kind in "iu":
+        raise EdgeError(f"{where} holds {x.dtype} values: save images as uint8 (0..255) or float in [0, 1]")
+    raise EdgeError(f"{where} must be numeric, got dtype {x.dtype}")
+
+
+def load_image(path: str | Path, input_shape: tuple[int, ...], resize: bool = False,
+               convert: bool = False) -> np.ndarray:
+    """One input file -> float32 [C, H, W] (or [F]) in raw scale, checked against the model's input shape.
+
+    Image files (Pillow): the size and the channel count must match the model unless resize / convert allow
+    adapting them; an RGB image whose three channels are equal counts as grayscale; alpha is dropped. .npy
+    files hold one example ([H, W], [H, W, C], [C, H, W] or [F]; uint8 or float in [0, 1]).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeError(f"input file {path} does not exist")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise EdgeError(f"{path} is not a readable .npy array ({_one_line(exc, 100)})") from None
+        return _to_model_layout(_scale(arr, str(path)), tuple(input_shape), False, str(path))
+    if len(input_shape) != 3:
+        raise EdgeError(f"the model takes feature vectors {list(input_shape)}, not images: pass {path.stem}.npy")
+    image_mod, unidentified = _pil()
+    c, h, w = input_shape
+    names = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
+    try:
+        with image_mod.open(path) as im:
+            im.load()
+            if im.mode in _GRAY_MODES:
+                file_channels = 1
+                if im.mode in ("1", "LA"):
+                    im = im.convert("L")
+            else:
+                im = im.convert("RGB")
+                rgb = np.asarray(im)
+                file_channels = 1 if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all() else 3
+                if file_channels == 1:
+                    im = im.convert("L")  # exact: the weights of L sum to 1 and the channels are equal
+            if file_channels != c:
+                if not convert or c not in names:
+                    hint = ": pass --convert to convert it" if c in names else ""
+                    raise EdgeError(f"{path} is {names[file_channels]} but the model takes "
+                                    f"{names.get(c, f'{c}-channel')} images{hint}")
+                im = im.convert("L" if c == 1 else "RGB")
+            if im.size != (w, h):
+                if not resize:
+                    raise EdgeError(f"{path} is {im.size[0]}x{im.size[1]} but the model takes {w}x{h} images: "
+                                    "pass --resize to scale it")
+                im = im.resize((w, h), image_mod.BILINEAR)
+            arr = np.asarray(im)
+    except (OSError, unidentified, ValueError) as exc:
+        raise EdgeError(f"cannot read image {path} ({_one_line(exc, 100)})") from None
+    if arr.dtype == np.int32:  # Pillow mode "I": 16-bit PNGs
+        arr = arr.astype(np.uint16)
+    x = _scale(arr, str(path))
+    return x[None] if c == 1 else np.moveaxis(x, -1, 0)
+
+
+def load_images(paths: list[str | Path], input_shape: tuple[int, ...], resize: bool = False,
+                convert: bool = False) -> np.ndarray:
+    if not paths:
+        raise EdgeError("no input files given")
+    return np.stack([load_image(p, input_shape, resize, convert) for p in paths]).astype(np.float32)
+
+
+def load_eval_data(spec: str | Path, info: ModelInfo, limit: int | None = None, resize: bool = False,
+                   convert: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Raw inputs [N, ...] and labels [N] from an .npz (x_test, y_test or x, y), a folder of IDX test files
+    (t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, optionally .gz: MNIST / Fashion-MNIST, e.g.
+    data/FashionMNIST/raw), or a folder of class folders (DIR/test if it exists, else DIR; one subfolder per
+    class, named as the model's class names).
+    """
+    path = Path(spec)
+    idx = _find_idx(path) if path.is_dir() else None
+    if idx is not None:
+        x = _read_idx(idx[0], 3, where=str(idx[0]))
+        y = _read_idx(idx[1], 1, where=str(idx[1])).astype(np.int64)
+        if len(x) != len(y):
+            raise EdgeError(f"{path}: {len(x)} images but {len(y)} labels in its IDX files")
+        if len(y) and y.max() >= info.num_classes:
+            raise EdgeError(f"{path}: labels outside 0..{info.num_classes - 1}")
+        if limit:
+            x, y = x[:limit], y[:limit]
+        x = _to_model_layout(_scale(x, str(idx[0])), info.input_shape, True, str(idx[0]))
+        return np.ascontiguousarray(x, dtype=np.float32), y
+    if path.is_dir():
+        root = path / "test" if (path / "test").is_dir() else path
+        files, labels = [], []
+        index = {name: i for i, name in enumerate(info.class_names)}
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        unknown = [p.name for p in folders if p.name not in index]
+        if unknown:
+            raise EdgeError(f"{root}: folders {', '.join(unknown[:5])} are not classes of the model "
+                            f"({', '.join(info.class_names[:10])}{' ...' if info.num_classes > 10 else ''})")
+        for folder in folders:
+            for f in sorted(folder.iterdir()):
+                if f.suffix.lower() in (*IMAGE_SUFFIXES, ".npy"):
+                    files.append(f)
+                    labels.append(index[folder.name])
+        if not files:
+            raise EdgeError(f"{root} holds no images: expected one subfolder per class")
+        if limit:
+            files, labels = files[:limit], labels[:limit]
+        return load_images(files, info.input_shape, resize, convert), np.asarray(labels, dtype=np.int64)
+    if not path.is_file():
+        raise EdgeError(f"evaluation data {path} does not exist: pass an .npz file or a folder of class folders")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            xk, yk = ("x_test", "y_test") if {"x_test", "y_test"} <= keys else ("x", "y")
+            if not {xk, yk} <= keys:
+                raise EdgeError(f"{path}: needs arrays x_test, y_test (or x, y); found {sorted(keys) or 'none'}")
+            x, y = z[xk], z[yk]
+            classes = [str(c) for c in z["classes"].tolist()] if "classes" in keys else None
+    except EdgeError:
+        raise
+    except Exception as exc:
+        raise EdgeError(f"{path} is not a readable .npz archive ({_one_line(exc, 100)}): write it with np.savez") \
+            from None
+    if classes is not None and classes != info.class_names:
+        raise EdgeError(f"{path}: its classes {classes[:5]} differ from the model's {info.class_names[:5]}")
+    y = np.asarray(y).reshape(-1)
+    if y.dtype.kind not in "iu" or len(y) != len(x):
+        raise EdgeError(f"{path}: {yk} must hold one integer label per row of {xk}")
+    if len(y) and (y.min() < 0 or y.max() >= info.num_classes):
+        raise EdgeError(f"{path}: labels outside 0..{info.num_classes - 1}")
+    if limit:
+        x, y = x[:limit], y[:limit]
+    x = _to_model_layout(_scale(x, str(path)), info.input_shape, True, f"{path} [{xk}]")
+    if info.input_layout == "NCHW" and x.size and (x.min() < -0.01 or x.max() > 1.01):
+        raise EdgeError(f"{path}: {xk} holds values in [{x.min():.3g}, {x.max():.3g}] but the model takes raw "
+                        "pixels in [0, 1] (uint8 / 255), not normalised ones")
+    return np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64)
+
+
+_IDX_TEST = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _find_idx(folder: Path) -> tuple[Path, Path] | None:
+    for base in (folder, folder / "raw"):
+        found = []
+        for name in _IDX_TEST:
+            candidates = [base / name, base / f"{name}.gz"]
+            found.append(next((c for c in candidates if c.is_file()), None))
+        if all(found):
+            return found[0], found[1]
+    return None
+
+
+def _read_idx(path: Path, ndim: int, where: str) -> np.ndarray:
+    """An IDX file of unsigned bytes (the MNIST format): magic 0x0000 08 <ndim>, big-endian sizes, data."""
+    import gzip
+
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise EdgeError(f"cannot read {where} ({_one_line(exc, 100)})") from None
+    if len(data) < 4 + 4 * ndim or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise EdgeError(f"{where} is not an IDX file of {ndim}-dimensional unsigned bytes")
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != math.prod(dims):
+        raise EdgeError(f"{where} is truncated: {body.size} bytes for shape {dims}")
+    return body.reshape(dims)
+
+
+# -- gRPC service ------------------------------------------------------------------------------------------
+
+
+class _Malformed:
+    """A request body that did not parse; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _lenient(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError
+            return _Malformed(_one_line(exc, 100))
+    return parse
+
+
+class InferenceService:
+    """noprop.v1.Inference over an EdgeModel; every bad request gets a status code, the server goes on."""
+
+    def __init__(self, model: EdgeModel):
+        import grpc
+
+        self.grpc = grpc
+        self.pb = _proto_modules()[0]
+        self.model = model
+        self.manifest = model.info.to_manifest(model.path.name, model.sha256, model.size)
+        self.requests = 0
+
+    def _invalid(self, context, message: str):
+        context.abort(self.grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    def Predict(self, request, context):  # noqa: N802 - gRPC method name
+        self.requests += 1
+        if isinstance(request, _Malformed):
+            self._invalid(context, f"PredictRequest does not parse: {request.error}")
+        info = self.model.info
+        shape = tuple(int(s) for s in request.shape)
+        if len(shape) != len(info.input_shape) + 1 or shape[1:] != info.input_shape or shape[0] < 1:
+            self._invalid(context, f"shape {list(shape)} does not match the model's input "
+                                   f"[N, {', '.join(map(str, info.input_shape))}] with N >= 1")
+        n = shape[0]
+        if len(request.pixels) != math.prod(shape):
+            self._invalid(context, f"{len(request.pixels)} pixel values for shape {list(shape)} "
+                                   f"(needs {math.prod(shape)})")
+        x = np.fromiter(request.pixels, dtype=np.float32, count=len(request.pixels)).reshape(shape)
+        noise = None
+        if len(request.noise):
+            if not self.model.stochastic:
+                self._invalid(context, "this model is deterministic: send no noise")
+            t1, d = info.noise_shape
+            if len(request.noise) != t1 * n * d:
+                self._invalid(context, f"{len(request.noise)} noise values, the model needs [T + 1, N, d] = "
+                                       f"[{t1}, {n}, {d}] = {t1 * n * d}")
+            noise = np.fromiter(request.noise, dtype=np.float32, count=len(request.noise)).reshape(t1, n, d)
+        try:
+            probs, labels = self.model.run(x, noise, rng=np.random.default_rng(request.seed))
+        except EdgeError as exc:
+            self._invalid(context, str(exc))
+        response = self.pb.PredictResponse(model_sha256=self.model.sha256)
+        for p, label in zip(probs, labels, strict=True):
+            response.predictions.add(label=int(label), class_name=info.class_names[int(label)],
+                                     probabilities=p.tolist())
+        return response
+
+    def ModelInfo(self, request, context):  # noqa: N802 - gRPC method name
+        if isinstance(request, _Malformed):
+            self._invalid(context, f"ModelInfoRequest does not parse: {request.error}")
+        return self.manifest
+
+
+def build_server(model: EdgeModel, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, workers: int = 4,
+                 tls: tuple[bytes, bytes] | None = None):
+    """A started-ready grpc.Server with Inference and the standard health service; returns (server, health,
+    bound port). Requests over max_request_bytes are refused by gRPC itself with RESOURCE_EXHAUSTED."""
+    from concurrent import futures
+
+    try:
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except ImportError as exc:
+        raise EdgeError(f"serve needs grpcio and grpcio-health-checking ({_one_line(exc)}): "
+                        "pip install grpcio grpcio-health-checking") from None
+    pb = _proto_modules()[0]
+    service = InferenceService(model)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="noprop-edge"),
+        options=[("grpc.max_receive_message_length", max_request_bytes),
+                 ("grpc.max_send_message_length", -1),
+                 ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=workers * 4,
+    )
+    handlers = {
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            service.Predict, request_deserializer=_lenient(pb.PredictRequest),
+            response_serializer=pb.PredictResponse.SerializeToString),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.ModelInfo, request_deserializer=_lenient(pb.ModelInfoRequest),
+            response_serializer=pb.ModelManifest.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{host}:{port}"
+    try:
+        if tls is not None:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise EdgeError(f"cannot listen on {address} ({_one_line(exc, 100)}): is the port in use?") from None
+    if not bound:
+        raise EdgeError(f"cannot listen on {address}: is the port in use?")
+    return server, health_servicer, bound
+
+
+def serve(model: EdgeModel, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, workers: int = 4, grace: float = 5.0,
+          tls: tuple[bytes, bytes] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully: health turns NOT_SERVING, new calls are refused,
+    calls in flight get `grace` seconds to finish."""
+    server, health_servicer, bound = build_server(model, host, port, max_request_bytes, workers, tls)
+    stop = threading.Event()
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    try:
+        print(f"noprop-edge serve: listening on {host}:{bound} ({'TLS' if tls else 'insecure'}) with "
+              f"{model.path.name} ({model.info.summary()}); max request {max_request_bytes} bytes", flush=True)
+        while not stop.wait(0.25):
+            pass
+        print("noprop-edge serve: shutting down", file=sys.stderr, flush=True)
+        health_servicer.enter_graceful_shutdown()
+        server.stop(grace).wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("noprop-edge serve: stopped", file=sys.stderr, flush=True)
+
+
+class RemoteError(Exception):
+    """A failed RPC: exit 1."""
+
+
+def query(target: str, paths: list[str], show_info: bool = False, health_check: bool = False,
+          timeout: float = 10.0, resize: bool = False, convert: bool = False, seed: int = 0,
+          as_json: bool = False, tls_ca: bytes | None = None) -> int:
+    """Call a running `noprop-edge serve` (over TLS when tls_ca, the server's CA certificate, is given)."""
+    try:
+        import grpc
+    except ImportError:
+        raise EdgeError("query needs grpcio: pip install grpcio") from None
+    pb, pb_grpc = _proto_modules()
+    options = [("grpc.max_receive_message_length", -1)]
+    if tls_ca is not None:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca), options)
+    else:
+        channel = grpc.insecure_channel(target, options)
+    try:
+        if health_check:
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
+            print(f"{target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+            if not paths and not show_info:
+                return 0
+        stub = pb_grpc.InferenceStub(channel)
+        manifest = stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+        if show_info or not paths:
+            from google.protobuf import json_format
+
+            print(json_format.MessageToJson(manifest, preserving_proto_field_name=True, indent=2))
+            if not paths:
+                return 0
+        shape = tuple(manifest.input_shape)
+        x = load_images(paths, shape, resize, convert)
+        request = pb.PredictRequest(shape=list(x.shape), pixels=x.ravel().tolist(), seed=seed)
+        reply = stub.Predict(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        raise RemoteError(f"{target}: {exc.code().name}: {_one_line(exc.details())}") from None
+    finally:
+        channel.close()
+    results = [{"file": str(p), "label": r.label, "class": r.class_name,
+                "probability": float(r.probabilities[r.label])} for p, r in zip(paths, reply.predictions, strict=True)]
+    _print_predictions(results, as_json)
+    return 0
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+
+
+def _print_predictions(results: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        print(f"{r['file']}\t{r['label']}\t{r['class']}\t{r['probability']:.4f}")
+
+
+def _format_info(model: EdgeModel) -> str:
+    info = model.info
+    lines = [f"{model.path}  ({model.size / 1e6:.2f} MB, sha256 {model.sha256[:16]}...)"]
+    manifest = manifest_path_for(model.path)
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text()).get("file_sha256", "")
+            state = "matches" if recorded == model.sha256 else "DOES NOT MATCH this file"
+        except (OSError, ValueError):
+            state = "unreadable"
+        lines.append(f"  manifest      {manifest.name} ({state})")
+    sched = ", ".join(f"{k}={v}" for k, v in info.schedule.items() if v is not None)
+    metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in info.training_metrics.items() if not isinstance(v, dict))
+    shape = ", ".join(map(str, info.input_shape))
+    rows = [
+        ("format", f"{FORMAT} v{FORMAT_VERSION}, noprop-fl {info.noprop_fl_version}, {info.exporter}, "
+                   f"opset {info.opset}"),
+        ("method", f"{info.method}, T={info.T}, embedding {info.embedding} (d={info.embedding_dim}), head {info.head}"),
+        ("schedule", sched),
+        ("mode", info.mode + ("  (input noise float32 [T+1, N, d] = "
+                              f"[{info.T + 1}, N, {info.embedding_dim}])" if info.mode == "stochastic" else "")),
+        ("precision", info.precision + (f"  {json.dumps(info.quantization)}" if info.quantization else "")),
+        ("input", f"image float32 [N, {shape}] ({info.input_layout}), raw scale {info.input_scale}"),
+        ("normalisation", f"{'inside the graph' if info.normalised_in_graph else 'by the caller'}: "
+                          f"mean {[round(v, 4) for v in info.mean]}, std {[round(v, 4) for v in info.std]}"),
+        ("outputs", f"probabilities float32 [N, {info.num_classes}], label int64 [N]"),
+        ("classes", ", ".join(f"{i} {c}" for i, c in enumerate(info.class_names))),
+        ("dataset", info.dataset),
+        ("training", metrics),
+    ]
+    lines += [f"  {k:<13} {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="noprop-edge", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("model", help="the .onnx file noprop-export wrote")
+        sp.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: its own choice)")
+        sp.add_argument("--no-arena", action="store_true", help="disable onnxruntime's CPU memory arena")
+
+    def image_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--resize", action="store_true", help="scale images of another size to the model's")
+        sp.add_argument("--convert", action="store_true", help="convert grayscale <-> RGB to the model's channels")
+        sp.add_argument("--seed", type=int, default=0, help="seed of the noise of a stochastic model")
+
+    sp = sub.add_parser("info", help="show the model's metadata")
+    model_args(sp)
+    sp.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    sp = sub.add_parser("predict", help="label and class name per image")
+    model_args(sp)
+    sp.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...) or .npy arrays")
+    image_args(sp)
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("eval", help="accuracy and images per second on labelled data")
+    model_args(sp)
+    sp.add_argument("--data", required=True, help="FILE.npz (x_test, y_test or x, y), a DIR of class folders, "
+                                                  "or a DIR with MNIST-style IDX test files")
+    sp.add_argument("--limit", type=int, help="use the first N examples only")
+    sp.add_argument("--batch-size", type=int, default=256)
+    image_args(sp)
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("serve", help="gRPC inference service (noprop.v1.Inference + grpc.health.v1)")
+    model_args(sp)
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
+    sp.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                    help="larger requests get RESOURCE_EXHAUSTED (default 4 MiB)")
+    sp.add_argument("--workers", type=int, default=4, help="request threads")
+    sp.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get at shutdown")
+    sp.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS")
+    sp.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sp.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without TLS")
+
+    sp = sub.add_parser("query", help="call a running noprop-edge serve")
+    sp.add_argument("target", help="HOST:PORT")
+    sp.add_argument("images", nargs="*", help="image files or .npy arrays to classify")
+    sp.add_argument("--info", action="store_true", help="print the served model's manifest")
+    sp.add_argument("--health", action="store_true", help="check the standard health service")
+    sp.add_argument("--timeout", type=float, default=10.0)
+    sp.add_argument("--tls-ca", help="PEM CA certificate of a server started with --tls-cert: use TLS")
+    image_args(sp)
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "query":
+        try:
+            ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+        except OSError as exc:
+            raise EdgeError(f"cannot read --tls-ca ({_one_line(exc, 100)})") from None
+        return query(args.target, args.images, args.info, args.health, args.timeout, args.resize, args.convert,
+                     args.seed, args.json, ca)
+    if args.threads is not None and args.threads < 1:
+        raise EdgeError("--threads must be at least 1")
+    tls = None
+    if args.command == "serve":
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise EdgeError("give both --tls-cert and --tls-key, or neither")
+        if args.tls_cert:
+            try:
+                tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
+            except OSError as exc:
+                raise EdgeError(f"cannot read the TLS files ({_one_line(exc, 100)})") from None
+        elif not _is_loopback(args.host) and not args.insecure:
+            raise EdgeError(f"--host {args.host} opens the service to the network: give --tls-cert/--tls-key, "
+                            "or --insecure to serve without TLS")
+        if args.max_request_bytes < 1024:
+            raise EdgeError("--max-request-bytes must be at least 1024")
+        if not 0 <= args.port <= 65535:
+            raise EdgeError(f"--port {args.port} is not a port number")
+    model = EdgeModel(args.model, threads=args.threads, arena=not args.no_arena)
+    if args.command == "info":
+        if args.json:
+            print(manifest_json(model.info, model.path), end="")
+        else:
+            print(_format_info(model))
+        return 0
+    if args.command == "predict":
+        x = load_images(args.images, model.info.input_shape, args.resize, args.convert)
+        probs, labels = model.run(x, rng=np.random.default_rng(args.seed))
+        _print_predictions([{"file": f, "label": int(lab), "class": model.info.class_names[int(lab)],
+                             "probability": float(p[lab])} for f, p, lab in zip(args.images, probs, labels,
+                                                                               strict=True)], args.json)
+        return 0
+    if args.command == "eval":
+        if args.batch_size < 1:
+            raise EdgeError("--batch-size must be at least 1")
+        x, y = load_eval_data(args.data, model.info, args.limit, args.resize, args.convert)
+        model.run(x[: min(len(x), args.batch_size)])  # warm-up: first-run allocations are not throughput
+        start = time.perf_counter()
+        _, labels = model.run_batches(x, args.batch_size, args.seed)
+        elapsed = time.perf_counter() - start
+        result = {"model": str(model.path), "data": str(args.data), "examples": int(len(y)),
+                  "correct": int((labels == y).sum()), "accuracy": float((labels == y).mean()),
+                  "images_per_s": float(len(y) / elapsed), "batch_size": args.batch_size,
+                  "mode": model.info.mode, "precision": model.info.precision}
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['examples']}) on "
+                  f"{args.data}; {result['images_per_s']:.0f} images/s (batch {args.batch_size}, "
+                  f"{model.info.precision}, {model.info.mode})")
+        return 0
+    if args.command == "serve":
+        serve(model, args.host, args.port, args.max_request_bytes, args.workers, args.grace, tls)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except EdgeError as exc:
+        print(f"noprop-edge: error: {exc}", file=sys.stderr)
+        return 2
+    except RemoteError as exc:
+        print(f"noprop-edge: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("noprop-edge: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

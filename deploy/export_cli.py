@@ -1,0 +1,85 @@
+"""noprop-export: a checkpoint -> one self-contained .onnx file (fp32 or int8) for noprop-edge.
+
+    noprop-export runs/x/checkpoint.pt -o model.onnx
+    noprop-export runs/x/checkpoint.pt -o model.int8.onnx --int8 --calibration 512
+    noprop-export runs/x/checkpoint.pt -o model.onnx --mode stochastic
+    noprop-export runs/x/checkpoint.pt --manifest-only   # writes runs/x/checkpoint.manifest.json only
+
+The graph takes `image` float32 [N, C, H, W] in raw pixel scale ([0, 1], uint8 / 255) and normalises it
+inside with the checkpoint's mean and std (see noprop.deploy.export). Beside the .onnx goes
+<name>.manifest.json (the ModelManifest of proto/noprop/v1/inference.proto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from noprop.checkpoint import CheckpointError
+from noprop.data import DatasetError
+from noprop.deploy.edge import EdgeError
+from noprop.deploy.export import (
+    DEFAULT_OPSET,
+    EXPORTERS,
+    MODES,
+    ExportError,
+    export_checkpoint,
+    write_checkpoint_manifest,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="noprop-export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="checkpoint.pt written by noprop-train or noprop-server")
+    p.add_argument("-o", "--output", help="the .onnx file to write (default: model.onnx, or model.int8.onnx with "
+                                          "--int8, beside the checkpoint)")
+    p.add_argument("--mode", choices=MODES, default="deterministic",
+                   help="deterministic (z_0 = 0, eps = 0; input image only) or stochastic (input noise too)")
+    p.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel)")
+    p.add_argument("--calibration", type=int, default=512, metavar="N",
+                   help="training images to calibrate int8 on (default 512)")
+    p.add_argument("--data", help="dataset of the calibration images (default: the checkpoint's)")
+    p.add_argument("--data-root", help="folder holding the datasets (default: $NOPROP_DATA or ./data)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration image choice")
+    p.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; dynamo: 18)")
+    p.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
+                   help="torch.onnx path (default torchscript: see noprop.deploy.export)")
+    p.add_argument("--no-manifest", action="store_true", help="do not write <name>.manifest.json")
+    p.add_argument("--manifest-only", action="store_true",
+                   help="export nothing: write the checkpoint's manifest beside it (<checkpoint>.manifest.json)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.output) if args.output else \
+        Path(args.checkpoint).with_name("model.int8.onnx" if args.int8 else "model.onnx")
+    try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.manifest_only:
+            print(f"noprop-export: wrote {write_checkpoint_manifest(args.checkpoint)}")
+            return 0
+        result = export_checkpoint(args.checkpoint, out, mode=args.mode, opset=args.opset, exporter=args.exporter,
+                                   int8=args.int8, calibration=args.calibration, data=args.data,
+                                   data_root=args.data_root, seed=args.seed, write_manifest=not args.no_manifest)
+    except (CheckpointError, DatasetError, ExportError, EdgeError) as exc:
+        print(f"noprop-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("noprop-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    size = f"{result.bytes / 1e6:.2f} MB"
+    if result.precision == "int8":
+        size += f", {100 * result.bytes / result.fp32_bytes:.1f}% of the fp32 {result.fp32_bytes / 1e6:.2f} MB"
+    print(f"noprop-export: wrote {result.path} ({result.precision}, {args.mode}, {size})"
+          + (f" and {result.manifest}" if result.manifest else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
