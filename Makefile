@@ -9,7 +9,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 FMNIST  = $(DATA)/FashionMNIST/raw/t10k-labels-idx1-ubyte
 
-.PHONY: setup data quickstart test lint bench clean
+.PHONY: setup data quickstart quickstart-central test lint bench clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,13 @@ data: $(FMNIST)
 $(FMNIST): | $(STAMP)
 	$(BIN)/noprop-data fetch fashion-mnist --root $(DATA)
 
+# federated: noprop-server + 4 noprop-client processes on 127.0.0.1 (settings at the top of the script)
 quickstart: setup data
-	$(BIN)/noprop-train --dataset fashion-mnist --data-root $(DATA) --epochs 1 --out runs/quickstart
+	DATA=$(DATA) BIN=$(BIN) OUT=runs/quickstart scripts/quickstart.sh
+
+# the same network trained on one machine, no federation
+quickstart-central: setup data
+	$(BIN)/noprop-train --dataset fashion-mnist --data-root $(DATA) --epochs 1 --out runs/quickstart-central
 
 test: setup data
 	NOPROP_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q

@@ -73,14 +73,15 @@ class NoPropFederation:
         self.log(f"noprop federation: {cfg.num_rounds} rounds, T={cfg.T}, policy {cfg.policy}, "
                  f"embedding {cfg.embedding}, evaluating on {self.eval_data.name} test "
                  f"({cfg.eval_limit or len(self.eval_data)} examples per round); output in {self.out}")
-        for rnd in range(self.state.round + 1, cfg.num_rounds + 1):
-            self.run_round(rnd)
+        first_round = self.state.round + 1
+        for rnd in range(first_round, cfg.num_rounds + 1):
+            self.run_round(rnd, first=rnd == first_round)
         final = self.finish()
         return final
 
-    def run_round(self, rnd: int) -> dict:
+    def run_round(self, rnd: int, first: bool = False) -> dict:
         start = time.perf_counter()
-        nodes = self.wait_for_nodes(first=rnd == self.state.round + 1)
+        nodes = self.wait_for_nodes(first=first)
         self.discover(nodes, rnd)
         live = [self.state.capacities[n] for n in nodes if n in self.state.capacities]
         if not live:
@@ -95,6 +96,7 @@ class NoPropFederation:
         record["accuracy"] = self.evaluate(self.cfg.eval_limit)
         if self.cfg.client_eval:
             record["client_accuracy"] = self.client_evaluate(rnd)
+        record["nodes"] = nodes
         record["round_time_s"] = round(time.perf_counter() - start, 2)
         self.state.round = rnd
         self.state.records.append(record)

@@ -1,0 +1,212 @@
+"""`noprop-client`: a Flower SuperNode with this device's data and limits as its node config.
+
+It checks locally first (partition, data spec: the dataset is loaded once, so a wrong path fails here with one
+line; the server's address answers), then starts `flower-supernode --insecure --superlink HOST:PORT --host
+127.0.0.1 --port P --node-config "data=... partition-id=i num-partitions=n ..."` with telemetry and update checks
+off. The SuperNode runs the installed noprop ClientApp for every message the server sends. Ctrl-C / SIGTERM
+stop it (the whole process group); otherwise the exit code is the SuperNode's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from noprop.launch import (
+    Interrupted,
+    LaunchError,
+    OneLineParser,
+    ProcessGroup,
+    check_in_subprocess,
+    check_port,
+    config_string,
+    fail,
+    flower_command,
+    flower_env,
+    format_address,
+    free_port,
+    install_signal_handlers,
+    is_loopback,
+    parse_address,
+    port_free,
+    resolve_dataset_spec,
+    say,
+    shield_signals,
+    tcp_answers,
+    wait_tcp,
+)
+
+PROG = "noprop-client"
+DEFAULT_FLEET_PORT = 9092
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=PROG,
+        description="Join a noprop-server federation: start a Flower SuperNode that trains the NoProp blocks the "
+                    "server gives this device, on this device's data.",
+        epilog="Example: noprop-client --server 127.0.0.1:9092 --data fashion-mnist --partition 0/4",
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT",
+                   help=f"the noprop-server's Fleet API address (port defaults to {DEFAULT_FLEET_PORT})")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="this device's data: fashion-mnist, mnist, cifar10, cifar100, imagefolder:DIR or npz:FILE")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder holding the datasets (default: $NOPROP_DATA or ./data)")
+    p.add_argument("--partition", default="0/1", metavar="I/N",
+                   help="use partition I (0-based) of N of the data (default 0/1: all of it)")
+    p.add_argument("--partition-type", default=None, metavar="iid|dirichlet:ALPHA",
+                   help="how the data is split into N partitions (default: the run's partition-type)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--max-blocks", type=int, default=None, metavar="K",
+                   help="hold at most K blocks at once (default: as many as memory allows)")
+    p.add_argument("--memory-mb", type=int, default=None, metavar="M", help="memory budget in MB (default: measured)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads for training (default: the run's client-threads)")
+    p.add_argument("--port", type=int, default=None, metavar="P",
+                   help="local port of the SuperNode's runtime API on 127.0.0.1 (default: a free one)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a server that is not on this machine without TLS (unencrypted connection)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="Flower home of this node: the apps it receives are unpacked here (default: $FLWR_HOME or "
+                        "~/.flwr)")
+    p.add_argument("--wait", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for the server to answer before giving up (default 10)")
+    return p
+
+
+def parse_partition(text: str) -> tuple[int, int]:
+    parts = text.strip().split("/")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        i, n = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise LaunchError(f"--partition {text!r}: use I/N, e.g. 0/4 (partition 0 of 4)") from None
+    if n < 1 or not 0 <= i < n:
+        raise LaunchError(f"--partition {text!r}: need N >= 1 and 0 <= I < N (partitions are numbered from 0)")
+    return i, n
+
+
+def node_config(args: argparse.Namespace) -> dict[str, int | str]:
+    """The SuperNode's node config (keys: noprop.federation.NODE_CONFIG_KEYS) from the flags, checked as far as
+    that needs no torch; :func:`check_node` does the rest. Raises LaunchError."""
+    i, n = parse_partition(args.partition)
+    data = resolve_dataset_spec(args.data.strip())
+    if not data:
+        raise LaunchError("--data is empty: name a dataset, e.g. fashion-mnist or npz:FILE")
+    config: dict[str, int | str] = {"data": data, "partition-id": i, "num-partitions": n}
+    if args.data_root:
+        config["data-root"] = str(Path(args.data_root).expanduser().resolve())
+    if args.partition_type is not None:
+        config["partition-type"] = args.partition_type.strip()
+    if args.device is not None:
+        device = args.device.strip()
+        if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise LaunchError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+        config["device"] = device
+    for name, value in (("max-blocks", args.max_blocks), ("memory-mb", args.memory_mb), ("threads", args.threads)):
+        if value is not None:
+            if value < 0:
+                raise LaunchError(f"--{name} {value}: must be 0 (automatic) or more")
+            config[name] = value
+    return config
+
+
+def check_node(config: dict) -> dict:
+    """Run in a child process (noprop.launch.check_in_subprocess): the device exists, the partitioning parses,
+    the data loads (so a wrong name or path fails here, not inside Flower) and splits. Returns the data root
+    (default resolved) and the partition's size (for iid; the whole train split's otherwise)."""
+    from noprop.data import DatasetError, default_data_root, load_dataset, parse_partitioning, partition
+    from noprop.device import resolve_device
+
+    if "device" in config:
+        try:
+            resolve_device(str(config["device"]))
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+    kind = str(config.get("partition-type", "iid"))
+    try:
+        parse_partitioning(kind)
+    except DatasetError as exc:
+        raise LaunchError(f"--partition-type: {exc}") from None
+    spec = str(config["data"])
+    root = Path(str(config.get("data-root") or default_data_root())).expanduser().resolve()
+    try:
+        data = load_dataset(spec, "train", root=root)
+    except DatasetError as exc:
+        raise LaunchError(f"--data {spec}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise LaunchError(f"--data {spec} cannot be read: {exc}") from None
+    n, i = int(config["num-partitions"]), int(config["partition-id"])
+    examples = len(data)
+    if n > 1:
+        try:
+            examples = len(partition(data.y.numpy(), n, kind, 0)[i])
+        except DatasetError as exc:
+            raise LaunchError(f"--partition {i}/{n}: {exc}") from None
+    return {"data-root": str(root), "examples": examples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        host, port = parse_address(args.server, DEFAULT_FLEET_PORT, "--server")
+        if not is_loopback(host) and not args.insecure:
+            raise LaunchError(f"--server {args.server} is another machine and TLS is not available yet (issue 6): "
+                              "add --insecure to connect unencrypted")
+        if not args.wait >= 0:
+            raise LaunchError("--wait must be 0 or more seconds")
+        config = node_config(args)
+        local_port = check_port(args.port, "--port") if args.port is not None else free_port("127.0.0.1")
+        if args.port is not None and not port_free("127.0.0.1", local_port):
+            raise LaunchError(f"--port {local_port} on 127.0.0.1 is in use: pick another or leave --port out")
+        checked = check_in_subprocess("noprop.client.launcher:check_node", config)
+        config["data-root"] = checked["data-root"]
+        examples = int(checked["examples"])
+        server = format_address(host, port)
+        reason = wait_tcp(host, port, args.wait)
+        if reason is not None:
+            raise LaunchError(f"no server answers at {server} ({reason}) after {args.wait:.0f}s: start noprop-server "
+                              "first, or check --server")
+    except LaunchError as exc:
+        return fail(PROG, str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+    threads = int(config.get("threads", 0)) or None
+    flwr_home = Path(args.state_dir).expanduser().resolve() if args.state_dir else None
+    env = flower_env(flwr_home, threads=threads)
+    cmd = [flower_command("flower-supernode"), "--insecure", "--superlink", server,
+           "--host", "127.0.0.1", "--port", str(local_port), "--node-config", config_string(config)]
+    share = f"partition {config['partition-id']}/{config['num-partitions']}"
+    if "partition-type" in config:
+        share += f" ({config['partition-type']})"
+    size = f"{examples} examples" if config.get("partition-type", "iid") == "iid" else "size set by the run's seed"
+    say(PROG, f"joining the federation at {server}: data {config['data']}, {share}, {size}")
+    say(PROG, f"starting a Flower SuperNode (runtime API on 127.0.0.1:{local_port}); Ctrl-C stops it")
+    install_signal_handlers()
+    node: ProcessGroup | None = None
+    try:
+        node = ProcessGroup("flower-supernode", cmd, env)
+        rc = node.wait()
+        say(PROG, f"the SuperNode exited with code {rc}")
+        return rc if rc >= 0 else 128 - rc
+    except KeyboardInterrupt as exc:
+        shield_signals()
+        why = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
+        say(PROG, f"{why}: stopping the SuperNode")
+        return 130
+    finally:
+        shield_signals()
+        if node is not None:
+            # a connected SuperNode unregisters and exits in ~2.5 s on SIGTERM; one whose server is gone keeps
+            # retrying instead, so then there is nothing to wait for
+            node.stop(6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""`noprop-server`: a Flower SuperLink plus the NoProp run, started, watched and stopped in one command.
+
+What it does, in order:
+1. checks the run settings (FederationConfig, one flag per field) and the evaluation dataset;
+2. starts `flower-superlink` with the gRPC Fleet API (clients) on HOST:PORT (127.0.0.1:9092 by default)
+   and its HTTP Control API on 127.0.0.1:CONTROL_PORT, state under --state-dir, no per-run dependency
+   installation, telemetry and update checks off;
+3. writes a Flower app (STATE/app/pyproject.toml: the components noprop.server.app:app and
+   noprop.client.app:app, whose code comes from the installed package, and the run settings as
+   [tool.flwr.app.config]) and a connection in $FLWR_HOME/config.toml, and submits the run with `flwr run`;
+4. prints a line per round from OUT/metrics.jsonl, keeps the ServerApp's log in STATE/run-ID.log
+   (`flwr log --stream`), and polls `flwr ls` until the run has finished;
+5. exits 0 if the run completed, 1 if it failed or was stopped (with the details and the log's tail), 2 on bad
+   settings, 130 on Ctrl-C / SIGTERM (after `flwr stop` and stopping the SuperLink). Nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+import noprop
+from noprop.federation import FederationConfig
+from noprop.launch import (
+    Interrupted,
+    LaunchError,
+    OneLineParser,
+    ProcessGroup,
+    add_federation_flags,
+    check_in_subprocess,
+    check_port,
+    fail,
+    federation_config_from_args,
+    flower_command,
+    flower_env,
+    format_address,
+    install_signal_handlers,
+    is_loopback,
+    port_free,
+    run_quiet,
+    say,
+    shield_signals,
+    tail,
+    tcp_answers,
+)
+
+PROG = "noprop-server"
+CONNECTION = "noprop"  # the SuperLink connection's name in $FLWR_HOME/config.toml
+APP_PUBLISHER = "noprop"
+APP_NAME = "noprop-fl-run"
+SERVER_APP = "noprop.server.app:app"
+CLIENT_APP = "noprop.client.app:app"
+STATUS_POLL_S = 30.0  # `flwr ls` costs ~2 s of CPU; the log stream ending is the prompt signal
+CLI_TIMEOUT_S = 120.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=PROG,
+        description="Start a Flower SuperLink and run NoProp federated training on it: clients "
+                    "(noprop-client) connect to --host:--port, the server plans block ownership, aggregates, "
+                    "evaluates and checkpoints each round.",
+        epilog="Example: noprop-server --rounds 4 --min-clients 4, then on each client machine: "
+               "noprop-client --server SERVER:9092 --data fashion-mnist --partition i/4",
+    )
+    net = p.add_argument_group("network and state")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address the Fleet API (the clients' side) listens on (default 127.0.0.1: this machine "
+                          "only; 0.0.0.0 = every interface, needs --insecure until TLS exists)")
+    net.add_argument("--port", type=int, default=9092, help="Fleet API port (default 9092)")
+    net.add_argument("--control-port", type=int, default=9093,
+                     help="port of the SuperLink's HTTP Control API, always on 127.0.0.1 (default 9093)")
+    net.add_argument("--insecure", action="store_true",
+                     help="allow a non-loopback --host without TLS (unencrypted, unauthenticated connections)")
+    net.add_argument("--state-dir", default=None,
+                     help="SuperLink database, Flower home, generated app and logs (default OUT/.flower)")
+    net.add_argument("--startup-timeout", type=float, default=120.0,
+                     help="seconds to wait for the SuperLink to come up (default 120)")
+    net.add_argument("--verbose", "-v", action="store_true", help="echo the ServerApp's log as it arrives")
+    add_federation_flags(p)
+    return p
+
+
+@dataclass
+class Plan:
+    cfg: FederationConfig
+    overrides: dict
+    host: str
+    port: int
+    control_port: int
+    state: Path
+    verbose: bool
+    startup_timeout: float
+
+    @property
+    def fleet_address(self) -> str:
+        return format_address(self.host, self.port)
+
+    @property
+    def control_address(self) -> str:
+        return format_address("127.0.0.1", self.control_port)
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state / "flwr-home"
+
+    @property
+    def app_dir(self) -> Path:
+        return self.state / "app"
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def prepare(args: argparse.Namespace) -> Plan:
+    """Everything that can be checked before a process starts; raises LaunchError."""
+    cfg, overrides = federation_config_from_args(args)
+    host = args.host.strip().strip("[]")
+    if not host:
+        raise LaunchError("--host is empty: give an address, e.g. 127.0.0.1 or 0.0.0.0")
+    check_port(args.port, "--port")
+    check_port(args.control_port, "--control-port")
+    if args.port == args.control_port:
+        raise LaunchError(f"--port and --control-port are both {args.port}: use two different ports")
+    if not is_loopback(host) and not args.insecure:
+        raise LaunchError(f"--host {host} opens the Fleet API to the network and TLS is not available yet "
+                          "(issue 6): add --insecure to accept unencrypted, unauthenticated clients, or use "
+                          "--host 127.0.0.1")
+    if not args.startup_timeout > 0:
+        raise LaunchError("--startup-timeout must be positive")
+    for what, h, port in (("--port", host, args.port), ("--control-port", "127.0.0.1", args.control_port)):
+        if not port_free(h, port):
+            raise LaunchError(f"{what} {port} on {h} is in use (another noprop-server or SuperLink?): pass a free "
+                              f"{what}")
+    check_dataset(cfg)
+    state = Path(args.state_dir).expanduser().resolve() if args.state_dir else Path(cfg.out) / ".flower"
+    return Plan(cfg=cfg, overrides=overrides, host=host, port=args.port, control_port=args.control_port,
+                state=state, verbose=args.verbose, startup_timeout=args.startup_timeout)
+
+
+def check_dataset(cfg: FederationConfig) -> int:
+    """The server evaluates on the dataset's test split: load it now (in a child process, so that this long-lived
+    process does not keep it in memory) so that a wrong name or path fails here. Returns its size."""
+    payload = {"dataset": cfg.dataset, "data-root": cfg.data_root}
+    return int(check_in_subprocess("noprop.server.launcher:check_eval_data", payload)["examples"])
+
+
+def check_eval_data(payload: dict) -> dict:
+    from noprop.data import DatasetError, load_dataset
+
+    spec = str(payload["dataset"])
+    try:
+        data = load_dataset(spec, "test", root=str(payload["data-root"]) or None)
+    except DatasetError as exc:
+        raise LaunchError(f"--dataset {spec}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise LaunchError(f"--dataset {spec} cannot be read: {exc}") from None
+    return {"examples": len(data)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Flower app and the connection
+
+
+def app_pyproject(cfg: FederationConfig) -> dict:
+    """The generated app's pyproject: Flower's required fields, the two components (code from the installed
+    noprop package: the app folder holds no `noprop/`), and every run setting as [tool.flwr.app.config]."""
+    return {
+        "project": {
+            "name": APP_NAME,
+            "version": noprop.__version__,
+            "description": "NoProp federated run, generated by noprop-server (do not edit; rerun noprop-server)",
+            "license": "Apache-2.0",
+            "dependencies": ["flwr>=1.39,<1.40"],
+        },
+        "tool": {"flwr": {"app": {
+            "publisher": APP_PUBLISHER,
+            "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+            "config": cfg.to_run_config(),
+        }}},
+    }
+
+
+def write_app(app_dir: Path, cfg: FederationConfig) -> Path:
+    app_dir.mkdir(parents=True, exist_ok=True)
+    path = app_dir / "pyproject.toml"
+    path.write_text(tomli_w.dumps(app_pyproject(cfg)))
+    (app_dir / "README.md").write_text(
+        "# noprop-fl run\n\nGenerated by `noprop-server` for one run; the ServerApp and ClientApp are the "
+        "installed `noprop.server.app` and `noprop.client.app`.\n")
+    return path
+
+
+def write_connection(flwr_home: Path, control_address: str) -> Path:
+    """$FLWR_HOME/config.toml with one SuperLink connection, the default, used by every `flwr` call."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
+                                                 CONNECTION: {"address": control_address, "insecure": True}}}))
+    return path
+
+
+def parse_cli_json(text: str) -> dict | None:
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        return None
+    try:
+        value = json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Progress
+
+
+class MetricsTail:
+    """New complete lines of OUT/metrics.jsonl. Lines already there at the start are skipped; a file that is
+    replaced (a fresh run unlinks the old one) is read from its start."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        st = self._stat()
+        self.offset = st.st_size if st else 0
+        self.ino = st.st_ino if st else None
+        self.buffer = b""
+
+    def _stat(self):
+        try:
+            return self.path.stat()
+        except OSError:
+            return None
+
+    def poll(self) -> list[dict]:
+        st = self._stat()
+        if st is None:
+            if self.ino is not None:
+                self.ino, self.offset, self.buffer = None, 0, b""
+            return []
+        if st.st_ino != self.ino or st.st_size < self.offset:
+            self.ino, self.offset, self.buffer = st.st_ino, 0, b""
+        if st.st_size == self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        self.offset += len(chunk)
+        data = self.buffer + chunk
+        *lines, self.buffer = data.split(b"\n")
+        records = []
+        for line in lines:
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    records.append(value)
+        return records
+
+
+def round_line(record: dict, num_rounds: int) -> str:
+    parts = [f"round {record.get('round', '?')}/{num_rounds}"]
+    acc = record.get("accuracy")
+    if isinstance(acc, int | float):
+        parts.append(f"accuracy {100 * acc:.2f}%")
+    t = record.get("round_time_s")
+    if isinstance(t, int | float):
+        parts.append(f"{t:.1f} s")
+    nodes = record.get("nodes")
+    if nodes is None and isinstance(record.get("trained_by"), list):
+        nodes = len(record["trained_by"])
+    if isinstance(nodes, list):
+        nodes = len(nodes)
+    if nodes is not None:
+        parts.append(f"{nodes} nodes")
+    failed = record.get("failed")
+    if failed:
+        parts.append(f"no reply from node(s) {', '.join(str(n) for n in failed)}")
+    return ", ".join(parts)
+
+
+class LogFollower:
+    """Echo new lines of a growing text file (the run log) to stdout."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    def poll(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return
+        if size <= self.offset:  # a restarted stream rewrites the same log from its start: wait until it is past
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        cut = chunk.rfind(b"\n") + 1
+        if cut:
+            sys.stdout.write(chunk[:cut].decode(errors="replace"))
+            sys.stdout.flush()
+            self.offset += cut
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The server
+
+
+class Server:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.env = flower_env(plan.flwr_home)
+        self.cli_env = {**self.env, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200"}
+        self.superlink: ProcessGroup | None = None
+        self.log_stream: ProcessGroup | None = None
+        self.run_id: str | None = None
+        self.finished = False
+        self.superlink_log = plan.state / "superlink.log"
+
+    def say(self, message: str) -> None:
+        say(PROG, message)
+
+    # -- SuperLink ---------------------------------------------------------------------------------------
+    def start_superlink(self) -> None:
+        p = self.plan
+        p.state.mkdir(parents=True, exist_ok=True)
+        cmd = [flower_command("flower-superlink"), "--insecure",
+               "--fleet-api-address", p.fleet_address,
+               "--host", "127.0.0.1", "--port", str(p.control_port),
+               "--database", str(p.state / "superlink.db"),
+               "--disable-runtime-dependency-installation"]
+        with open(self.superlink_log, "a") as f:
+            f.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        self.say(f"starting the Flower SuperLink: Fleet API (clients, gRPC) on {p.fleet_address}, Control API "
+                 f"on {p.control_address}; log {self.superlink_log}")
+        self.superlink = ProcessGroup("flower-superlink", cmd, self.env, log_path=self.superlink_log)
+        start = time.monotonic()
+        deadline = start + p.startup_timeout
+        probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(p.host, p.host)
+        while True:
+            rc = self.superlink.poll()
+            if rc is not None:
+                raise LaunchError(f"the SuperLink exited with code {rc} while starting; its log "
+                                  f"({self.superlink_log}) ends with: {tail(self.superlink_log, 5)}")
+            if self._healthy() and tcp_answers(probe_host, p.port) is None:
+                break
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the SuperLink did not come up within {p.startup_timeout:.0f}s; see "
+                                  f"{self.superlink_log}")
+            time.sleep(0.5)
+        self.say(f"SuperLink up after {time.monotonic() - start:.1f}s (pid {self.superlink.pid})")
+        if not is_loopback(p.host):
+            self.say(f"WARNING: the Fleet API on {p.fleet_address} is not encrypted and not authenticated: anyone "
+                     "who reaches it can join the federation and see the model (TLS: issue 6)")
+
+    def _healthy(self) -> bool:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+        try:
+            with opener.open(f"http://{self.plan.control_address}/health", timeout=2.0) as res:
+                return res.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    # -- the flwr CLI --------------------------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = CLI_TIMEOUT_S):
+        return run_quiet([flower_command("flwr"), *args], self.cli_env, timeout=timeout, cwd=self.plan.state)
+
+    def submit(self) -> str:
+        p = self.plan
+        write_app(p.app_dir, p.cfg)
+        write_connection(p.flwr_home, p.control_address)
+        run_config = p.state / "run-config.toml"
+        run_config.write_text(tomli_w.dumps(
+            {k.replace("_", "-"): v for k, v in p.cfg.to_run_config().items()
+             if k.replace("-", "_") in p.overrides}))
+        with contextlib.suppress(FileNotFoundError):
+            (p.out / "DONE.json").unlink()  # a previous run's; this run writes its own at the end
+        args = ["run", str(p.app_dir), CONNECTION, "--format", "json"]
+        if p.overrides:
+            args += ["--run-config", str(run_config)]
+        res = self.flwr(*args)
+        info = parse_cli_json(res.stdout)
+        if res.returncode != 0 or not info or not info.get("success") or not info.get("run-id"):
+            detail = (info or {}).get("error-message") or (res.stderr.strip() or res.stdout.strip())
+            raise LaunchError(f"flwr run failed (exit {res.returncode}): {detail}")
+        self.run_id = str(info["run-id"])
+        return self.run_id
+
+    def status(self) -> tuple[str, str] | None:
+        """('running', '') / ('finished:completed', details) ...; None if `flwr ls` did not answer."""
+        res = self.flwr("ls", CONNECTION, "--run-id", str(self.run_id), "--format", "json", timeout=60.0)
+        info = parse_cli_json(res.stdout)
+        if res.returncode != 0 or not info or not info.get("runs"):
+            return None
+        run = info["runs"][0]
+        return str(run.get("status", "")), str(run.get("status-details", "") or "")
+
+    def stop_run(self) -> None:
+        if self.run_id is None or self.finished:
+            return
+        self.say(f"stopping run {self.run_id} (flwr stop)")
+        with contextlib.suppress(Exception):
+            self.flwr("stop", str(self.run_id), CONNECTION, timeout=30.0)
+
+    # -- following the run ----------------------------------------------------------------------------------
+    def run_log_path(self) -> Path:
+        return self.plan.state / f"run-{self.run_id}.log"
+
+    def start_log_stream(self) -> None:
+        path = self.run_log_path()
+        path.write_bytes(b"")  # `flwr log --stream` starts from the beginning of the run's log
+        self.log_stream = ProcessGroup("flwr log", [flower_command("flwr"), "log", str(self.run_id), CONNECTION,
+                                                    "--stream"], self.cli_env, log_path=path, cwd=self.plan.state)
+
+    def follow(self) -> tuple[str, str]:
+        p = self.plan
+        metrics = MetricsTail(p.out / "metrics.jsonl")
+        echo = LogFollower(self.run_log_path()) if p.verbose else None
+        self.start_log_stream()
+        next_poll = time.monotonic() + STATUS_POLL_S
+        restarts = 0  # of the log stream, if it breaks off while the run goes on
+        while True:
+            for record in metrics.poll():
+                if not echo:  # with --verbose the ServerApp's own round lines are echoed already
+                    self.say(round_line(record, p.cfg.num_rounds))
+            if echo:
+                echo.poll()
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise LaunchError(f"the SuperLink exited unexpectedly (code {self.superlink.poll()}); its log "
+                                  f"({self.superlink_log}) ends with: {tail(self.superlink_log, 5)}")
+            stream_done = self.log_stream is not None and self.log_stream.poll() is not None
+            if stream_done or time.monotonic() >= next_poll:
+                state = self.status()
+                next_poll = time.monotonic() + STATUS_POLL_S
+                if state and state[0].startswith("finished"):
+                    self.finished = True
+                    time.sleep(0.5)
+                    for record in metrics.poll():
+                        if not echo:
+                            self.say(round_line(record, p.cfg.num_rounds))
+                    if self.log_stream is not None:
+                        with contextlib.suppress(Exception):
+                            self.log_stream.wait(10.0)
+                    if echo:
+                        echo.poll()
+                    return state
+                if stream_done:  # the stream ended but the run has not (yet): follow it again, a few times
+                    self.log_stream.stop(1.0)
+                    self.log_stream = None
+                    if restarts < 5:
+                        restarts += 1
+                        time.sleep(2.0)
+                        self.start_log_stream()
+            time.sleep(1.0)
+
+    # -- the whole thing -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        p, cfg = self.plan, self.plan.cfg
+        self.start_superlink()
+        run_id = self.submit()
+        self.say(f"run {run_id} submitted: {cfg.num_rounds} rounds, T={cfg.T}, policy {cfg.policy}, evaluating "
+                 f"on {cfg.dataset}; output in {p.out}")
+        hint_host = p.host if p.host not in ("0.0.0.0", "::") else "THIS-MACHINE"
+        self.say(f"waiting for at least {cfg.min_nodes} clients; start each with: noprop-client --server "
+                 f"{format_address(hint_host, p.port)} --data {cfg.client_data or cfg.dataset} --partition "
+                 f"I/{cfg.min_nodes}"
+                 + ("" if is_loopback(p.host) else " --insecure"))
+        status, details = self.follow()
+        if status == "finished:completed":
+            done = read_done(p.out / "DONE.json")
+            acc = done.get("accuracy")
+            if isinstance(acc, int | float):
+                self.say(f"done: final accuracy {100 * acc:.2f}% on {done.get('eval_examples', '?')} test examples")
+            else:
+                self.say("done")
+            self.say(f"checkpoint {p.out / 'checkpoint.pt'}; metrics {p.out / 'metrics.jsonl'}; plots "
+                     f"{p.out / 'accuracy.png'}, {p.out / 'ownership.png'}; ServerApp log {self.run_log_path()}")
+            return 0
+        print(f"{PROG}: error: run {run_id} {status}: {details or 'no details'}", file=sys.stderr)
+        log_tail = tail(self.run_log_path(), 30)
+        if log_tail:
+            print(f"---- last lines of the ServerApp log ({self.run_log_path()}) ----", file=sys.stderr)
+            print(log_tail, file=sys.stderr, flush=True)
+        return 1
+
+    def shutdown(self) -> None:
+        if self.log_stream is not None:
+            self.log_stream.stop(2.0)
+            self.log_stream = None
+        if self.superlink is not None:
+            self.say("stopping the SuperLink")
+            self.superlink.stop(10.0)
+            self.superlink = None
+
+
+def read_done(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        plan = prepare(args)
+    except LaunchError as exc:
+        return fail(PROG, str(exc))
+    except KeyboardInterrupt:
+        return 130
+    install_signal_handlers()
+    server = Server(plan)
+    code = 1
+    try:
+        code = server.run()
+    except KeyboardInterrupt as exc:
+        shield_signals()
+        why = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
+        server.say(f"{why}: stopping")
+        server.stop_run()
+        code = 130
+    except LaunchError as exc:
+        shield_signals()
+        server.stop_run()
+        code = fail(PROG, str(exc), 1)
+    finally:
+        shield_signals()
+        server.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""`noprop-sim`: the same ServerApp and ClientApp on Flower's simulation engine (Ray), N virtual clients on one
+machine. Virtual client i holds partition i of N of the run's client data (--client-data, default --dataset),
+split by --partition (iid or dirichlet:ALPHA). Ray is kept on loopback and its usage stats off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from noprop.launch import (
+    Interrupted,
+    LaunchError,
+    OneLineParser,
+    ProcessGroup,
+    add_federation_flags,
+    apply_flower_env,
+    check_partitioning,
+    fail,
+    federation_config_from_args,
+    flower_env,
+    install_signal_handlers,
+    say,
+    shield_signals,
+)
+
+PROG = "noprop-sim"
+CHILD_ENV = "NOPROP_SIM_CHILD"  # set in the child that runs the simulation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=PROG,
+        description="Simulate a NoProp federation: N virtual clients on this machine (Flower simulation engine, "
+                    "Ray), the same ServerApp and ClientApp as noprop-server / noprop-client.",
+        epilog="Example: noprop-sim --clients 8 --partition dirichlet:0.5 --rounds 5",
+    )
+    sim = p.add_argument_group("simulation")
+    sim.add_argument("--clients", type=int, default=4, metavar="N", help="virtual clients (default 4)")
+    sim.add_argument("--partition", default=None, metavar="iid|dirichlet:ALPHA",
+                     help="how the client data is split among the N clients (default: --partition-type, iid)")
+    sim.add_argument("--num-cpus", type=int, default=None,
+                     help="CPUs Ray may use (default: all of this machine's)")
+    sim.add_argument("--client-cpus", type=float, default=1.0,
+                     help="CPUs reserved per virtual client; num-cpus / client-cpus clients train at once "
+                          "(default 1)")
+    add_federation_flags(p)
+    return p
+
+
+def backend_config(num_cpus: int, client_cpus: float) -> dict:
+    return {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+            "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.clients < 1:
+            raise LaunchError(f"--clients {args.clients}: need at least 1 virtual client")
+        extra: dict[str, object] = {}
+        if args.partition is not None:
+            check_partitioning(args.partition, "--partition")
+            extra["partition_type"] = args.partition.strip()
+        if args.cfg_min_nodes is None:
+            extra["min_nodes"] = args.clients  # every virtual client is there from the start
+        cfg, _ = federation_config_from_args(args, extra)
+        if cfg.min_nodes > args.clients:
+            raise LaunchError(f"--min-clients {cfg.min_nodes} is more than --clients {args.clients}")
+        num_cpus = args.num_cpus if args.num_cpus is not None else (os.cpu_count() or 1)
+        if num_cpus < 1 or not args.client_cpus > 0:
+            raise LaunchError("--num-cpus must be at least 1 and --client-cpus positive")
+    except LaunchError as exc:
+        return fail(PROG, str(exc))
+
+    if os.environ.get(CHILD_ENV) != "1":
+        return supervise(list(sys.argv[1:] if argv is None else argv))
+    return simulate(cfg, args, num_cpus)
+
+
+def supervise(argv: list[str]) -> int:
+    """Run the simulation in a child process in a session of its own (Ray's processes join it), so that Ctrl-C
+    and SIGTERM, which Ray and Flower do not honour mid-run, stop all of it. The exit code is the child's."""
+    env = flower_env()
+    env[CHILD_ENV] = "1"
+    install_signal_handlers()
+    child: ProcessGroup | None = None
+    try:
+        child = ProcessGroup("noprop-sim", [sys.executable, "-m", "noprop.server.sim", *argv], env)
+        rc = child.wait()
+        return rc if rc >= 0 else 128 - rc
+    except KeyboardInterrupt as exc:
+        shield_signals()
+        why = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
+        say(PROG, f"{why}: stopping the simulation and Ray")
+        return 130
+    finally:
+        shield_signals()
+        if child is not None:
+            child.stop(10.0)
+
+
+def simulate(cfg, args: argparse.Namespace, num_cpus: int) -> int:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    apply_flower_env(out / ".flower" / "flwr-home")  # before flwr/ray are imported
+    done_path = out / "DONE.json"
+    done_path.unlink(missing_ok=True)
+
+    from flwr.simulation import run_simulation
+
+    from noprop.client.app import make_client_app
+    from noprop.server.app import make_server_app
+
+    overrides = cfg.to_run_config()
+    say(PROG, f"{args.clients} virtual clients ({cfg.partition_type} partitions of {cfg.client_data or cfg.dataset}), "
+              f"{cfg.num_rounds} rounds, T={cfg.T}, policy {cfg.policy}; Ray with {num_cpus} CPUs, "
+              f"{args.client_cpus:g} per client; output in {out}")
+    start = time.monotonic()
+    try:
+        run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
+                       num_supernodes=args.clients, backend_config=backend_config(num_cpus, args.client_cpus))
+    except KeyboardInterrupt:
+        say(PROG, "interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - Flower re-raises the ServerApp's exception; report it on one line
+        return fail(PROG, f"the simulation failed: {type(exc).__name__}: {exc}", 1)
+    finally:
+        _shutdown_ray()
+    try:
+        done = json.loads(done_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return fail(PROG, f"the simulation ended after {time.monotonic() - start:.0f}s without writing {done_path}: "
+                          "see the log above", 1)
+    acc = done.get("accuracy")
+    acc_text = f"{100 * acc:.2f}%" if isinstance(acc, int | float) else "?"
+    say(PROG, f"done in {time.monotonic() - start:.0f}s: final accuracy {acc_text}; checkpoint "
+              f"{out / 'checkpoint.pt'}, metrics {out / 'metrics.jsonl'}, plots {out / 'accuracy.png'}, "
+              f"{out / 'ownership.png'}")
+    return 0
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort; Ray may not be importable or already down
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

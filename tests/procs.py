@@ -1,0 +1,154 @@
+"""Helpers for tests that start the launchers as real processes: a quiet loopback-only environment, process
+trees found through /proc (the launchers put Flower's processes in sessions of their own), and a cleanup that
+always ends the whole tree."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from synthetic import synthetic_arrays
+
+BIN = Path(sys.executable).parent
+
+
+def script(name: str) -> str:
+    path = BIN / name
+    assert path.exists(), f"{path} is missing: reinstall the package (pip install -e .) to get the console scripts"
+    return str(path)
+
+
+def quiet_env(flwr_home: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def write_synthetic_npz(path: Path, n_train: int = 1200, n_test: int = 400) -> Path:
+    x, y = synthetic_arrays(n_train, seed=1)
+    xt, yt = synthetic_arrays(n_test, seed=2)
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt)
+    return path
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(pid: int) -> set[int]:
+    children = _children_map()
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (zombies, which only wait to be reaped, count as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+class Spawned:
+    """A launcher started by a test: own session, output in a file, the whole tree killed by ``cleanup``."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = None):
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115 - closed in cleanup
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=cwd, start_new_session=True)
+        self.seen: set[int] = set()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def snapshot(self) -> set[int]:
+        """Remember the current process tree (to check later that none of it outlives the launcher)."""
+        self.seen |= descendants(self.pid)
+        return self.seen
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill_tree(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the launcher and everything under it at once, like a machine that dies."""
+        pids = descendants(self.pid) | {self.pid}
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+    def terminate(self) -> None:
+        self.snapshot()
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    def cleanup(self, grace: float = 20.0) -> None:
+        self.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(grace)
+        pids = self.seen | descendants(self.pid) | {self.pid}
+        for pid in pids:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self._out.close()
+
+    def leftovers(self) -> list[int]:
+        return sorted(pid for pid in self.seen if alive(pid))
+
+
+def wait_for(check: Callable[[], object], timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def cleanup_all(spawned: list[Spawned], grace: float = 20.0) -> None:
+    """SIGTERM to every launcher at once (each stops its own Flower processes), then clean up each."""
+    for p in spawned:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in spawned:
+        p.cleanup(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,189 @@
+"""End to end: `noprop-server` and three `noprop-client` processes on loopback (real Flower SuperLink and
+SuperNodes over gRPC), synthetic data. The run completes its rounds and leaves a checkpoint that predicts well
+although one client dies (SIGKILL of its whole process tree) after round 1: its block goes to the others. And
+Ctrl-C stops a server and leaves nothing behind."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from procs import Spawned, cleanup_all, quiet_env, script, wait_for, write_synthetic_npz
+
+from noprop.checkpoint import load_checkpoint
+from noprop.data import load_dataset
+from noprop.io import read_jsonl
+from noprop.launch import free_port
+
+pytestmark = pytest.mark.e2e
+
+NUM_CLIENTS = 3
+ROUNDS = 3
+T = 3
+SMALL = ["--T", str(T), "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3",
+         "--dropout", "0", "--local-epochs", "3", "--eval-limit", "0", "--client-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory) -> Path:
+    return write_synthetic_npz(tmp_path_factory.mktemp("data") / "task.npz")
+
+
+def two_ports() -> tuple[int, int]:
+    fleet = free_port()
+    control = free_port()
+    while control == fleet:
+        control = free_port()
+    return fleet, control
+
+
+class Federation:
+    """One noprop-server and NUM_CLIENTS noprop-client processes; everything is killed in cleanup."""
+
+    def __init__(self, tmp: Path, npz: Path, rounds: int, extra: list[str] | None = None):
+        self.tmp = tmp
+        self.out = tmp / "out"
+        fleet, control = two_ports()
+        self.server = Spawned(
+            [script("noprop-server"), "--port", str(fleet), "--control-port", str(control), "--rounds", str(rounds),
+             "--min-clients", str(NUM_CLIENTS), "--dataset", f"npz:{npz}", "--out", str(self.out), *SMALL,
+             *(extra or [])],
+            tmp / "server.log", quiet_env(), cwd=tmp)
+        self.clients = [
+            Spawned([script("noprop-client"), "--server", f"127.0.0.1:{fleet}", "--data", f"npz:{npz}",
+                     "--partition", f"{i}/{NUM_CLIENTS}", "--threads", "1", "--wait", "120",
+                     "--state-dir", str(tmp / f"node{i}")],
+                    tmp / f"client{i}.log", quiet_env(tmp / f"node{i}"), cwd=tmp)
+            for i in range(NUM_CLIENTS)
+        ]
+
+    def metrics(self) -> list[dict]:
+        path = self.out / "metrics.jsonl"
+        return read_jsonl(path) if path.exists() else []
+
+    def wait_server(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.server.proc.poll() is None:
+            if time.monotonic() > deadline:
+                pytest.fail(f"noprop-server still running after {timeout:.0f}s\n{self.report()}")
+            for p in (self.server, *self.clients):
+                p.snapshot()
+            time.sleep(1.0)
+        return self.server.proc.returncode
+
+    def report(self) -> str:
+        parts = [f"--- server log ---\n{self.server.text()[-4000:]}"]
+        for log in sorted((self.out / ".flower").glob("run-*.log")):
+            parts.append(f"--- {log.name} ---\n{log.read_text(errors='replace')[-4000:]}")
+        for i, c in enumerate(self.clients):
+            parts.append(f"--- client {i} ---\n{c.text()[-1500:]}")
+        return "\n".join(parts)
+
+    def cleanup(self) -> None:
+        cleanup_all([*self.clients, self.server])
+
+
+def nodes_of(record: dict) -> int:
+    nodes = record.get("nodes")
+    if isinstance(nodes, list):
+        return len(nodes)
+    return int(nodes) if nodes is not None else len(record["trained_by"])
+
+
+def owners(record: dict) -> dict[int, set[int]]:
+    """Block -> nodes that owned it that round (metrics' "plan"), if the ServerApp logs it."""
+    plan = record.get("plan") or record.get("owners") or {}
+    return {int(t): {int(n) for n in (ns if isinstance(ns, list) else [ns])} for t, ns in plan.items()}
+
+
+def checkpoint_accuracy(out: Path, npz: Path) -> float:
+    test = load_dataset(f"npz:{npz}", "test")
+    model = load_checkpoint(out / "checkpoint.pt").model()
+    return (model.predict(test.x) == test.y).float().mean().item()
+
+
+@dataclass
+class KilledRun:
+    fed: Federation
+    code: int
+    first: dict  # round 1's metrics line, read before the kill
+    records: list[dict]
+    seconds: float
+    after_kill: float
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, npz):
+    """One federation for both tests below (a Flower round costs ~30 s here, so one run, not two): three clients,
+    three rounds; after round 1's metrics line, the last client's whole process tree is SIGKILLed. A short round
+    timeout lets the server give the dead node up."""
+    start = time.monotonic()
+    fed = Federation(tmp_path_factory.mktemp("federation"), npz, rounds=ROUNDS, extra=["--round-timeout", "60"])
+    try:
+        wait_for(lambda: fed.metrics() or fed.server.proc.poll() is not None, 300, what="round 1's metrics line")
+        if fed.server.proc.poll() is not None:
+            pytest.fail(f"noprop-server exited before round 1 completed\n{fed.report()}")
+        first = fed.metrics()[0]
+        fed.clients[-1].kill_tree(signal.SIGKILL)  # the launcher, its SuperNode and the SuperNode's children
+        killed_at = time.monotonic()
+        code = fed.wait_server(timeout=480)
+        run = KilledRun(fed, code, first, fed.metrics(), time.monotonic() - start, time.monotonic() - killed_at)
+        print(f"\ne2e federation: {run.seconds:.0f}s in all, {run.after_kill:.0f}s after the kill")
+        yield run
+    finally:
+        fed.cleanup()
+
+
+def test_server_and_three_clients_finish_rounds_and_checkpoint_predicts(killed_run, npz):
+    fed = killed_run.fed
+    assert killed_run.code == 0, fed.report()
+    records = killed_run.records
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), fed.report()
+    first = records[0]
+    assert {"accuracy", "round_time_s"} <= set(first) and nodes_of(first) == NUM_CLIENTS, first
+    if owners(first):
+        assert set(owners(first)) == set(range(1, T + 1)), first  # every block owned
+    if "block_l2" in first:
+        assert {int(t) for t in first["block_l2"]} == set(range(1, T + 1)), first  # and trained
+    acc = checkpoint_accuracy(fed.out, npz)
+    assert acc > 0.5, f"accuracy {acc:.3f} from the checkpoint (chance: 0.25)\n{fed.report()}"
+    assert "accuracy" in (fed.out / "DONE.json").read_text()
+    text = fed.server.text()
+    assert f"round {ROUNDS}/{ROUNDS}" in text and "final accuracy" in text and "checkpoint" in text, text
+    assert not fed.server.leftovers(), f"processes left behind by noprop-server: {fed.server.leftovers()}"
+
+
+def test_killed_client_does_not_stop_the_run(killed_run):
+    fed = killed_run.fed
+    assert killed_run.code == 0, fed.report()
+    assert nodes_of(killed_run.first) == NUM_CLIENTS, killed_run.first  # the kill came after a full round 1
+    last = killed_run.records[-1]
+    assert last["round"] == ROUNDS and nodes_of(last) == NUM_CLIENTS - 1, f"the survivors run the last round\n{last}"
+    plan = owners(last)
+    if plan:  # the dead node's block went to the others: every block owned, only by survivors
+        before = set().union(*owners(killed_run.first).values())
+        survivors = set().union(*plan.values())
+        assert set(plan) == set(range(1, T + 1)) and len(survivors) == NUM_CLIENTS - 1 and survivors < before, last
+
+
+def test_ctrl_c_stops_the_server_and_leaves_nothing(tmp_path, npz, request):
+    fleet, control = two_ports()
+    server = Spawned([script("noprop-server"), "--port", str(fleet), "--control-port", str(control),
+                      "--min-clients", "1", "--dataset", f"npz:{npz}", "--out", str(tmp_path / "out"), *SMALL],
+                     tmp_path / "server.log", quiet_env(), cwd=tmp_path)
+    request.addfinalizer(server.cleanup)
+    wait_for(lambda: "waiting for at least" in server.text() or server.proc.poll() is not None, 180,
+             what="the run's submission")
+    assert server.proc.poll() is None, server.text()
+    server.snapshot()
+    assert server.seen, "the SuperLink should be running under noprop-server"
+    stopped = time.monotonic()
+    server.proc.send_signal(signal.SIGINT)
+    code = server.proc.wait(60)
+    assert code == 130, server.text()
+    assert time.monotonic() - stopped < 45
+    wait_for(lambda: not server.leftovers(), 10, what="all of noprop-server's processes gone")
+    assert "stopping" in server.text()

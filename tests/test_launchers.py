@@ -1,0 +1,269 @@
+"""The launchers without a federation: flags generated from FederationConfig, one-line errors with exit 2,
+the generated Flower app, node-config quoting through Flower's own parser, and process-group cleanup."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import fields
+
+import pytest
+from procs import alive, descendants, quiet_env, script, write_synthetic_npz
+
+from noprop.client import launcher as client_launcher
+from noprop.federation import FederationConfig
+from noprop.launch import (
+    FLAG_ALIASES,
+    LaunchError,
+    ProcessGroup,
+    config_string,
+    federation_config_from_args,
+    flag_name,
+    free_port,
+    parse_address,
+)
+from noprop.server import launcher as server_launcher
+from noprop.server import sim
+
+# a valid, non-default value for each field (fields added later fall back to a generic one per type)
+VALID = {"policy": "replicate", "embedding": "learned:8", "head": "radial", "eval_mode": "stochastic",
+         "channels": "8,16,32", "partition_type": "dirichlet:0.5", "dataset": "mnist", "client_data": "cifar10",
+         "data_root": "/tmp/somewhere", "out": "/tmp/run-out"}
+
+
+def non_default(f) -> tuple[list[str], object]:
+    default = getattr(FederationConfig, f.name)
+    flag = flag_name(f.name)
+    if isinstance(default, bool):
+        return ([flag] if not default else [f"--no-{flag[2:]}"]), not default
+    if isinstance(default, int):
+        return [flag, str(default + 3)], default + 3
+    if isinstance(default, float):
+        value = default / 2 if default else 0.5
+        return [flag, repr(value)], value
+    value = VALID.get(f.name, "x")
+    return [flag, value], value
+
+
+@pytest.fixture
+def npz(tmp_path):
+    return write_synthetic_npz(tmp_path / "task.npz", 200, 80)
+
+
+@pytest.mark.parametrize("parser_factory", [server_launcher.build_parser, sim.build_parser])
+def test_every_federation_field_has_a_flag(parser_factory):
+    parser = parser_factory()
+    for f in fields(FederationConfig):
+        argv, value = non_default(f)
+        args = parser.parse_args(argv)
+        assert getattr(args, f"cfg_{f.name}") == value, f.name
+        others = [g.name for g in fields(FederationConfig) if g.name != f.name]
+        assert all(getattr(args, f"cfg_{o}") is None for o in others), "a flag must only set its own field"
+    for name, aliases in FLAG_ALIASES.items():
+        for alias in aliases:
+            assert getattr(parser.parse_args([alias, "7"]), f"cfg_{name}") == 7
+
+
+def test_flags_and_toml_build_the_config(tmp_path):
+    parser = server_launcher.build_parser()
+    argv = []
+    expected = {}
+    for f in fields(FederationConfig):
+        flag, value = non_default(f)
+        if f.name in VALID or not isinstance(value, str):
+            argv += flag
+            expected[f.name] = value
+    cfg, overrides = federation_config_from_args(parser.parse_args(argv), resolve_paths=False)
+    for name, value in expected.items():
+        assert getattr(cfg, name) == pytest.approx(value) if isinstance(value, float) else getattr(cfg, name) == value
+    assert set(overrides) == set(expected)
+    # TOML: field names with dashes or underscores; flags win; relative paths become absolute
+    toml = tmp_path / "run.toml"
+    toml.write_text('rounds = 9\nlocal_epochs = 4\npolicy = "replicate"\nout = "rel/out"\nchannels = [4, 8, 8]\n')
+    cfg, _ = federation_config_from_args(parser.parse_args(["--config", str(toml), "--local-epochs", "2"]))
+    assert (cfg.num_rounds, cfg.local_epochs, cfg.policy, cfg.channels) == (9, 2, "replicate", "4,8,8")
+    assert cfg.out.startswith("/") and cfg.out.endswith("rel/out")
+
+
+def test_generated_app_holds_every_key_and_flower_builds_it(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.config_utils import load_and_validate
+
+    cfg = FederationConfig(num_rounds=7, T=4, out="/tmp/o", dataset="npz:/tmp/x.npz", resume=True)
+    path = server_launcher.write_app(tmp_path / "app", cfg)
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    app = doc["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "noprop.server.app:app", "clientapp": "noprop.client.app:app"}
+    assert app["config"] == cfg.to_run_config()
+    assert FederationConfig.from_run_config(app["config"]) == cfg
+    config, warnings = load_and_validate(path)  # Flower's own check, including that the components import
+    assert not warnings, warnings
+    import io
+    import zipfile
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(tmp_path / "app"))).namelist()
+    assert "pyproject.toml" in names and not any(n.startswith("noprop/") for n in names), names
+    conn = server_launcher.write_connection(tmp_path / "home", "127.0.0.1:9999")
+    with open(conn, "rb") as f:
+        superlink = tomllib.load(f)["superlink"]
+    assert superlink["default"] == server_launcher.CONNECTION
+    assert superlink[server_launcher.CONNECTION] == {"address": "127.0.0.1:9999", "insecure": True}
+
+
+def test_node_config_survives_flowers_parser():
+    from flwr.common.config import parse_config_args
+
+    values = {"data": "npz:/data/my set/x.npz", "data-root": "C:\\data\\root", "partition-id": 2,
+              "num-partitions": 5, "partition-type": "dirichlet:0.5", "note": 'say "hi"', "memory-mb": 0}
+    assert parse_config_args([config_string(values)]) == values
+    with pytest.raises(LaunchError):
+        config_string({"x": "it's \"both\""})
+
+
+def test_parse_address():
+    assert parse_address("10.0.0.2:9000", 9092) == ("10.0.0.2", 9000)
+    assert parse_address("myhost", 9092) == ("myhost", 9092)
+    assert parse_address("[::1]:9100", 9092) == ("::1", 9100)
+    for bad in ("host:notaport", "host:0", ":9092", ""):
+        with pytest.raises(LaunchError):
+            parse_address(bad, 9092)
+
+
+def one_line_exit_2(main, argv, capsys) -> str:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "num-rounds=0"),
+    (["--T", "many"], "--T"),
+    (["--policy", "random"], "policy"),
+    (["--channels", "8,16"], "channels"),
+    (["--partition-type", "zipf"], "partition-type"),
+    (["--round-timeout", "-1"], "round-timeout"),
+    (["--bogus-flag"], "--bogus-flag"),
+    (["--round", "3"], "--round"),  # no abbreviations
+    (["--host", "0.0.0.0"], "--insecure"),
+    (["--port", "70000"], "out of range"),
+    (["--dataset", "npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
+    (["--config", "/nonexistent/run.toml"], "does not exist"),
+])
+def test_server_bad_values_are_one_line_and_exit_2(argv, message, capsys, tmp_path, npz):
+    ports = ["--port", str(free_port()), "--control-port", str(free_port())]
+    base = [*ports, "--out", str(tmp_path / "out"), "--dataset", f"npz:{npz}"]
+    err = one_line_exit_2(server_launcher.main, [*base, *argv], capsys)
+    assert err.startswith("noprop-server: error:") and message in err, err
+
+
+def test_server_rejects_unknown_toml_key_and_busy_port(capsys, tmp_path, npz):
+    toml = tmp_path / "run.toml"
+    toml.write_text("roundz = 3\n")
+    base = ["--out", str(tmp_path / "out"), "--dataset", f"npz:{npz}"]
+    err = one_line_exit_2(server_launcher.main, [*base, "--config", str(toml)], capsys)
+    assert "unknown key 'roundz'" in err
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        err = one_line_exit_2(server_launcher.main, [*base, "--port", str(busy), "--control-port",
+                                                     str(free_port())], capsys)
+    assert "in use" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--partition", "3/3"], "partition"),
+    (["--partition", "a/b"], "I/N"),
+    (["--partition-type", "dirichlet:-1"], "alpha"),
+    (["--max-blocks", "-2"], "max-blocks"),
+    (["--device", "tpu"], "device"),
+    (["--server", "10.1.2.3:9092"], "--insecure"),
+    (["--server", "127.0.0.1:notaport"], "port"),
+])
+def test_client_bad_values_are_one_line_and_exit_2(argv, message, capsys, npz):
+    base = ["--server", f"127.0.0.1:{free_port()}", "--data", f"npz:{npz}", "--wait", "0"]
+    err = one_line_exit_2(client_launcher.main, [*base, *argv], capsys)
+    assert err.startswith("noprop-client: error:") and message in err, err
+
+
+def test_client_with_missing_data_fails_before_anything_starts(capsys, tmp_path):
+    err = one_line_exit_2(client_launcher.main, ["--server", f"127.0.0.1:{free_port()}", "--data",
+                                                 f"npz:{tmp_path / 'missing.npz'}"], capsys)
+    assert "missing.npz" in err
+
+
+def test_client_with_unreachable_server_exits_quickly_with_one_line(tmp_path, npz):
+    port = free_port()  # nothing listens there
+    start = time.monotonic()
+    res = subprocess.run([script("noprop-client"), "--server", f"127.0.0.1:{port}", "--data", f"npz:{npz}",
+                          "--partition", "0/2", "--wait", "2", "--state-dir", str(tmp_path / "home")],
+                         capture_output=True, text=True, env=quiet_env(), timeout=120)
+    elapsed = time.monotonic() - start
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("noprop-client: error: no server answers at"), res.stderr
+    assert elapsed < 60, elapsed
+    assert "SuperNode" not in res.stdout  # nothing was started
+
+
+def test_sim_bad_values_are_one_line_and_exit_2(capsys):
+    err = one_line_exit_2(sim.main, ["--clients", "0"], capsys)
+    assert err.startswith("noprop-sim: error:") and "--clients" in err
+    err = one_line_exit_2(sim.main, ["--clients", "2", "--partition", "dirichlet"], capsys)
+    assert "alpha" in err
+    err = one_line_exit_2(sim.main, ["--clients", "2", "--min-clients", "3"], capsys)
+    assert "--min-clients" in err
+
+
+def test_process_group_stop_ends_the_whole_tree(tmp_path):
+    # a leader that ignores SIGTERM and a grandchild in its group: both must be gone after stop()
+    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
+    group = ProcessGroup("test", [sys.executable, "-c", code], quiet_env(), log_path=tmp_path / "log")
+    deadline = time.monotonic() + 20
+    while not descendants(group.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tree = descendants(group.pid) | {group.pid}
+    assert len(tree) == 2
+    start = time.monotonic()
+    group.stop(grace=1.0)
+    assert time.monotonic() - start < 10
+    time.sleep(0.2)
+    assert not [pid for pid in tree if alive(pid)]
+    assert group not in ProcessGroup.live
+
+
+def test_console_scripts_report_errors_in_one_line(tmp_path):
+    res = subprocess.run([script("noprop-server"), "--rounds", "0", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=quiet_env(), timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert res.stderr.startswith("noprop-server: error: num-rounds=0")
+    help_text = subprocess.run([script("noprop-sim"), "--help"], capture_output=True, text=True, env=quiet_env(),
+                               timeout=120).stdout
+    for f in fields(FederationConfig):
+        assert flag_name(f.name) in help_text, f.name
+
+
+def test_signal_handlers_turn_sigterm_into_interrupt():
+    from noprop.launch import Interrupted, install_signal_handlers
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        install_signal_handlers()
+        with pytest.raises(KeyboardInterrupt) as info:
+            signal.raise_signal(signal.SIGTERM)
+        assert isinstance(info.value, Interrupted) and info.value.signum == signal.SIGTERM
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
