@@ -41,13 +41,17 @@ def run_one(variant: str, args: argparse.Namespace) -> dict:
     cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, epochs=args.epochs, subset=args.subset,
                       eval_limit=args.eval_limit, seed=args.seed, threads=args.threads, eval_mode="both",
                       out=str(Path(args.out) / variant), **VARIANTS[variant]).validate()
+    rss_before = memory_kb("VmRSS")  # torch imported, data not yet loaded
     start = time.perf_counter()
     train_cli.run(cfg)
     from noprop.io import read_jsonl
 
     records = read_jsonl(Path(cfg.out) / "metrics.jsonl")
-    return {"variant": variant, **VARIANTS[variant], "epochs": records, "wall_s": round(time.perf_counter() - start, 1),
-            "peak_rss_mb": round(memory_kb("VmHWM") / 1024, 1)}
+    result = {"variant": variant, **VARIANTS[variant], "epochs": records,
+              "wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(memory_kb("VmHWM") / 1024, 1),
+              "rss_before_training_mb": round(rss_before / 1024, 1)}
+    (Path(cfg.out) / "result.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def main() -> int:
@@ -62,14 +66,25 @@ def main() -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="bench/results/accuracy")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--report", action="store_true", help="only rebuild the table and plot from OUT/*/result.json")
     args = p.parse_args()
+    if args.report:
+        results = [json.loads((Path(args.out) / v / "result.json").read_text()) for v in args.variants.split(",")
+                   if (Path(args.out) / v / "result.json").exists()]
+        print(table(results, args))
+        plot(results, Path(args.out) / "accuracy.png")
+        return 0
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
         return 0
 
     results = []
     for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--one", variant] + [a for a in sys.argv[1:] if not a.startswith("--variants")]
+        cmd = [sys.executable, __file__, "--one", variant, "--dataset", args.dataset, "--data-root", args.data_root,
+               "--epochs", str(args.epochs), "--seed", str(args.seed), "--threads", str(args.threads),
+               "--out", args.out]
+        cmd += ["--subset", str(args.subset)] if args.subset else []
+        cmd += ["--eval-limit", str(args.eval_limit)] if args.eval_limit else []
         print(f"== {variant}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -95,7 +110,8 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
                           for e in res["epochs"])
         train_s = sum(e["train_time_s"] for e in res["epochs"]) / len(res["epochs"])
         sps = sum(e["samples_per_s_per_block"] for e in res["epochs"]) / len(res["epochs"])
-        rows.append(f"| {res['variant']} | {accs} | {train_s:.0f} | {sps:.0f} | {res['peak_rss_mb']:.0f} |")
+        rss = "n/a" if res.get("peak_rss_mb") is None else f"{res['peak_rss_mb']:.0f}"
+        rows.append(f"| {res['variant']} | {accs} | {train_s:.0f} | {sps:.0f} | {rss} |")
     return "\n".join(rows)
 
 

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 # ---- run settings: the one place to tune them ---------------------------------------------------------------
 CLIENTS=${CLIENTS:-4}
-RUN_FLAGS=(--rounds 6 --local-epochs 1 --eval-limit 2000 --T 10 --channels 16,32,64)
+# 16,32,64: half-width conv paths, so that 4 rounds fit in about 10 minutes on 2 cores (measured: BENCHMARKS.md)
+RUN_FLAGS=(--rounds 4 --local-epochs 1 --eval-limit 2000 --T 10 --channels 16,32,64)
 read -r -a EXTRA_FLAGS <<< "${QUICKSTART_FLAGS:-}"  # e.g. QUICKSTART_FLAGS="--rounds 2": appended, so they win
 PARTITION_TYPE=iid
 THREADS_PER_CLIENT=1
@@ -82,5 +83,11 @@ if [ "$rc" -ne 0 ]; then
 fi
 acc=$("$BIN/python" -c 'import json, sys; print("%.2f%%" % (100 * json.load(open(sys.argv[1]))["accuracy"]))' \
       "$OUT/DONE.json")
-echo "[quickstart] final test accuracy: $acc"
-echo "[quickstart] outputs: $OUT/checkpoint.pt, $OUT/metrics.jsonl, $OUT/accuracy.png, $OUT/ownership.png"
+echo "[quickstart] final test accuracy (PyTorch, server side): $acc"
+
+# the edge side: one ONNX file, evaluated by the torch-free runtime on the full test set
+echo "[quickstart] exporting $OUT/model.onnx and evaluating it with noprop-edge (onnxruntime + numpy only)"
+"$BIN/noprop-export" "$OUT/checkpoint.pt" -o "$OUT/model.onnx" --data-root "$DATA"
+"$BIN/noprop-edge" eval "$OUT/model.onnx" --data "$DATA/FashionMNIST/raw"
+echo "[quickstart] outputs: $OUT/checkpoint.pt, $OUT/model.onnx, $OUT/metrics.jsonl, $OUT/accuracy.png," \
+     "$OUT/ownership.png"
