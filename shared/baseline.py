@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop.model import ClassEmbedding, DenoisingBlock, NoPropConfig, OutputHead, parse_embedding
+from noprop.model import ChainPredictor, ClassEmbedding, DenoisingBlock, NoPropConfig, OutputHead, parse_embedding
 
 
-class BackpropChain(nn.Module):
+class BackpropChain(ChainPredictor, nn.Module):
     def __init__(self, cfg: NoPropConfig, embedding_init: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
@@ -48,21 +48,3 @@ class BackpropChain(nn.Module):
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities; noise [T + 1, N, d] (only noise[0] is used: the chain adds none) or None for z_0 = 0."""
         return F.softmax(self.logits(x, None if noise is None else noise[0]), dim=1)
-
-    @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor, mode: str = "deterministic",
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        was_training = self.training
-        self.eval()
-        try:
-            noise = None
-            if mode == "stochastic":
-                d = self.embedding.weight.shape[1]
-                noise = torch.randn(self.T + 1, x.shape[0], d, generator=generator).to(x.device, x.dtype)
-            return self(x, noise)
-        finally:
-            self.train(was_training)
-
-    def predict(self, x: torch.Tensor, mode: str = "deterministic",
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.predict_proba(x, mode, generator).argmax(dim=1)

@@ -242,7 +242,32 @@ class OutputHead(nn.Module):
 # -- the chain -----------------------------------------------------------------------------------------
 
 
-class NoPropDT(nn.Module):
+class ChainPredictor:
+    """predict_proba / predict for any chain whose forward(x, noise) gives probabilities (NoProp-DT, backprop)."""
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, mode: str = "deterministic",
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Eval-mode probabilities; mode 'stochastic' draws z_0 and every eps, 'deterministic' uses none."""
+        if mode not in ("deterministic", "stochastic"):
+            raise ValueError(f"mode must be deterministic or stochastic, got {mode!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            noise = None
+            if mode == "stochastic":
+                d = self.embedding.weight.shape[1]
+                noise = torch.randn(self.T + 1, x.shape[0], d, generator=generator).to(x.device, x.dtype)
+            return self(x, noise)
+        finally:
+            self.train(was_training)
+
+    def predict(self, x: torch.Tensor, mode: str = "deterministic",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.predict_proba(x, mode, generator).argmax(dim=1)
+
+
+class NoPropDT(ChainPredictor, nn.Module):
     """T denoising blocks, the class embedding W and the output head, with the schedule's coefficients.
 
     Blocks live in a ModuleDict keyed "1".."T" (state_dict keys "blocks.<t>.*"), so a federated client can
@@ -321,24 +346,3 @@ class NoPropDT(nn.Module):
             if noise is not None:
                 z = z + c.sqrt() * noise[t]
         return F.softmax(self.head(z, W), dim=1)
-
-    @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor, mode: str = "deterministic",
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Eval-mode probabilities; mode 'stochastic' draws z_0 and every eps, 'deterministic' uses none."""
-        if mode not in ("deterministic", "stochastic"):
-            raise ValueError(f"mode must be deterministic or stochastic, got {mode!r}")
-        was_training = self.training
-        self.eval()
-        try:
-            noise = None
-            if mode == "stochastic":
-                d = self.embedding.weight.shape[1]
-                noise = torch.randn(self.T + 1, x.shape[0], d, generator=generator).to(x.device, x.dtype)
-            return self(x, noise)
-        finally:
-            self.train(was_training)
-
-    def predict(self, x: torch.Tensor, mode: str = "deterministic",
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.predict_proba(x, mode, generator).argmax(dim=1)
