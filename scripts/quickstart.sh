@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # ---- run settings: the one place to tune them ---------------------------------------------------------------
 CLIENTS=${CLIENTS:-4}
-# 16,32,64: half-width conv paths, so that 4 rounds fit in about 10 minutes on 2 cores (measured: BENCHMARKS.md)
+# 16,32,64: half-width conv paths, so that 4 rounds fit in 15 minutes on 2 cores (measured: BENCHMARKS.md)
 RUN_FLAGS=(--rounds 4 --local-epochs 1 --eval-limit 2000 --T 10 --channels 16,32,64)
 read -r -a EXTRA_FLAGS <<< "${QUICKSTART_FLAGS:-}"  # e.g. QUICKSTART_FLAGS="--rounds 2": appended, so they win
 PARTITION_TYPE=iid

@@ -63,7 +63,9 @@ class BlockTrainer:
         device = next(self.model.parameters()).device
         totals: dict[str, float] = {}
         n = 0
-        for x, y in data.batches(self.optim.batch_size, shuffle=True, generator=generator):
+        # a last minibatch of one example would make BatchNorm raise: drop it (it is one example of the epoch)
+        drop_last = len(data) % self.optim.batch_size == 1
+        for x, y in data.batches(self.optim.batch_size, shuffle=True, generator=generator, drop_last=drop_last):
             parts = self.step(t, x.to(device), y.to(device), generator=None)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -96,7 +98,7 @@ def train_backprop_epoch(model, optimizer: torch.optim.Optimizer, data: Labelled
     device = next(model.parameters()).device
     model.train()
     total, n = 0.0, 0
-    for x, y in data.batches(batch_size, shuffle=True, generator=generator):
+    for x, y in data.batches(batch_size, shuffle=True, generator=generator, drop_last=len(data) % batch_size == 1):
         loss = model.loss(x.to(device), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

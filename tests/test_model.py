@@ -229,3 +229,13 @@ def test_a_partial_model_holds_only_its_blocks_under_the_full_models_keys():
         part.predict(data.x)
     with pytest.raises(ValueError):
         NoPropDT(cfg, owned_blocks=[6])
+
+
+def test_an_epoch_whose_last_batch_would_hold_one_example_trains():
+    # BatchNorm cannot train on one example; a shard of 33 at batch 32 must not fail (it did on a Dirichlet shard)
+    data = synthetic_data(33)
+    model = NoPropDT(small_config())
+    parts = BlockTrainer(model, OptimConfig(batch_size=32)).train_block_epoch(1, data)
+    assert parts["loss"] > 0
+    chain = BackpropChain(small_config())
+    assert train_backprop_epoch(chain, torch.optim.AdamW(chain.parameters()), data, batch_size=32) > 0
