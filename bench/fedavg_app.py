@@ -54,6 +54,7 @@ class MeasuredFedAvg(FedAvg):
         self.bytes_from: dict[str, int] = {}
         self.num_examples: dict[str, int] = {}
         self.train_time: dict[str, float] = {}
+        self.train_loss: dict[str, float] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -63,7 +64,7 @@ class MeasuredFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        self.bytes_from, self.num_examples, self.train_time = {}, {}, {}
+        self.bytes_from, self.num_examples, self.train_time, self.train_loss = {}, {}, {}, {}
         for msg in replies:
             if msg.has_error():
                 print(f"fedavg: node {msg.metadata.src_node_id}: {msg.error.reason}", flush=True)
@@ -73,6 +74,7 @@ class MeasuredFedAvg(FedAvg):
             metrics = msg.content["metrics"]
             self.num_examples[node] = int(metrics["num-examples"])
             self.train_time[node] = round(float(metrics["train-time-s"]), 2)
+            self.train_loss[node] = round(float(metrics["train-loss"]), 4)
         return super().aggregate_train(server_round, replies)
 
 
@@ -107,7 +109,7 @@ def run_fedavg(grid: Grid, cfg: FederationConfig, max_batches: int = 0, log=prin
         acc = evaluate(cfg.eval_limit)
         record = {"round": server_round, "accuracy": acc, "bytes_to": dict(strategy.bytes_to),
                   "bytes_from": dict(strategy.bytes_from), "num_examples": dict(strategy.num_examples),
-                  "client_train_time_s": dict(strategy.train_time),
+                  "client_train_time_s": dict(strategy.train_time), "client_train_loss": dict(strategy.train_loss),
                   "round_time_s": round(time.perf_counter() - clock["start"], 2)}
         append_jsonl(metrics_path, record)
         log(f"fedavg round {server_round}/{cfg.num_rounds}  accuracy {100 * acc:.2f}%  "
