@@ -47,6 +47,7 @@ from noprop.launch import (
     install_signal_handlers,
     is_loopback,
     port_free,
+    raise_if_interrupted,
     run_quiet,
     say,
     shield_signals,
@@ -431,6 +432,7 @@ class Server:
         next_poll = time.monotonic() + STATUS_POLL_S
         restarts = 0  # of the log stream, if it breaks off while the run goes on
         while True:
+            raise_if_interrupted()
             for record in metrics.poll():
                 if not echo:  # with --verbose the ServerApp's own round lines are echoed already
                     self.say(round_line(record, p.cfg.num_rounds))

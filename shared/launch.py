@@ -617,12 +617,24 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []
+
+
 def install_signal_handlers() -> None:
     def handler(signum, _frame):
+        _received.append(signum)
         raise Interrupted(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+
+
+def raise_if_interrupted() -> None:
+    """Re-raise a signal whose exception was swallowed: one that lands in a finalizer or an at-fork hook (seen:
+    logging's _releaseLock while a subprocess was spawned) is printed as "Exception ignored" and lost, so every
+    waiting loop calls this."""
+    if _received:
+        raise Interrupted(_received[-1])
 
 
 def shield_signals() -> None:
