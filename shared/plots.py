@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,6 +29,7 @@ def plot_training_curves(records: list[dict], path: str | Path, title: str = "")
         if any(key in r for r in records):
             ax_acc.plot(epochs, [100 * r.get(key, float("nan")) for r in records], marker="o", label=label)
     ax_acc.set_xlabel("epoch")
+    ax_acc.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.grid(alpha=0.3)
     ax_acc.legend()
@@ -57,6 +59,7 @@ def plot_federated_run(records: list[dict], accuracy_path: str | Path, ownership
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(rounds, [100 * r["accuracy"] for r in records], marker="o", color="tab:blue")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("server test accuracy (%)", color="tab:blue")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
