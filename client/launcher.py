@@ -10,15 +10,12 @@ stop it (the whole process group); otherwise the exit code is the SuperNode's.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 from noprop.launch import (
-    Interrupted,
     LaunchError,
     OneLineParser,
-    ProcessGroup,
     check_in_subprocess,
     check_port,
     config_string,
@@ -27,13 +24,12 @@ from noprop.launch import (
     flower_env,
     format_address,
     free_port,
-    install_signal_handlers,
     is_loopback,
     parse_address,
     port_free,
     resolve_dataset_spec,
     say,
-    shield_signals,
+    supervise,
     tcp_answers,
     wait_tcp,
 )
@@ -188,24 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     size = f"{examples} examples" if config.get("partition-type", "iid") == "iid" else "size set by the run's seed"
     say(PROG, f"joining the federation at {server}: data {config['data']}, {share}, {size}")
     say(PROG, f"starting a Flower SuperNode (runtime API on 127.0.0.1:{local_port}); Ctrl-C stops it")
-    install_signal_handlers()
-    node: ProcessGroup | None = None
-    try:
-        node = ProcessGroup("flower-supernode", cmd, env)
-        rc = node.wait()
+    # a connected SuperNode unregisters and exits in ~2.5 s on SIGTERM; one whose server is gone keeps retrying
+    # instead, so then there is nothing to wait for
+    rc = supervise(PROG, "flower-supernode", cmd, env, "stopping the SuperNode",
+                   grace=lambda: 6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
+    if rc != 130:
         say(PROG, f"the SuperNode exited with code {rc}")
-        return rc if rc >= 0 else 128 - rc
-    except KeyboardInterrupt as exc:
-        shield_signals()
-        why = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
-        say(PROG, f"{why}: stopping the SuperNode")
-        return 130
-    finally:
-        shield_signals()
-        if node is not None:
-            # a connected SuperNode unregisters and exits in ~2.5 s on SIGTERM; one whose server is gone keeps
-            # retrying instead, so then there is nothing to wait for
-            node.stop(6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
+    return rc
 
 
 if __name__ == "__main__":

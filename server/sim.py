@@ -8,25 +8,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 from noprop.launch import (
-    Interrupted,
     LaunchError,
     OneLineParser,
-    ProcessGroup,
     add_federation_flags,
     apply_flower_env,
     check_partitioning,
     fail,
     federation_config_from_args,
     flower_env,
-    install_signal_handlers,
     say,
-    shield_signals,
+    supervise,
 )
 
 PROG = "noprop-sim"
@@ -79,30 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, str(exc))
 
     if os.environ.get(CHILD_ENV) != "1":
-        return supervise(list(sys.argv[1:] if argv is None else argv))
+        return run_in_child(list(sys.argv[1:] if argv is None else argv))
     return simulate(cfg, args, num_cpus)
 
 
-def supervise(argv: list[str]) -> int:
+def run_in_child(argv: list[str]) -> int:
     """Run the simulation in a child process in a session of its own (Ray's processes join it), so that Ctrl-C
     and SIGTERM, which Ray and Flower do not honour mid-run, stop all of it. The exit code is the child's."""
     env = flower_env()
     env[CHILD_ENV] = "1"
-    install_signal_handlers()
-    child: ProcessGroup | None = None
-    try:
-        child = ProcessGroup("noprop-sim", [sys.executable, "-m", "noprop.server.sim", *argv], env)
-        rc = child.wait()
-        return rc if rc >= 0 else 128 - rc
-    except KeyboardInterrupt as exc:
-        shield_signals()
-        why = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
-        say(PROG, f"{why}: stopping the simulation and Ray")
-        return 130
-    finally:
-        shield_signals()
-        if child is not None:
-            child.stop(10.0)
+    return supervise(PROG, "noprop-sim", [sys.executable, "-m", "noprop.server.sim", *argv], env,
+                     "stopping the simulation and Ray", grace=lambda: 10.0)
 
 
 def simulate(cfg, args: argparse.Namespace, num_cpus: int) -> int:

@@ -644,6 +644,27 @@ def shield_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def supervise(prog: str, name: str, cmd: Sequence[str], env: dict[str, str], stopping: str,
+              grace: Callable[[], float]) -> int:
+    """Run one child process group until it exits (its exit code, signals as 128 + n) or until Ctrl-C / SIGTERM
+    (130); either way the group is stopped, with grace() seconds for it to exit on its own."""
+    install_signal_handlers()
+    child: ProcessGroup | None = None
+    try:
+        child = ProcessGroup(name, list(cmd), env)
+        rc = child.wait()
+        return rc if rc >= 0 else 128 - rc
+    except KeyboardInterrupt as exc:
+        shield_signals()
+        why = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
+        say(prog, f"{why}: {stopping}")
+        return 130
+    finally:
+        shield_signals()
+        if child is not None:
+            child.stop(grace())
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(errors="replace")
