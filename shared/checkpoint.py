@@ -13,31 +13,25 @@ from pathlib import Path
 
 import torch
 
-from noprop.baseline import BackpropChain
+from noprop.continuous import ContinuousConfig
 from noprop.io import atomic_write
-from noprop.model import NoPropConfig, NoPropDT
+from noprop.methods import METHODS, build_model, config_from_dict
+from noprop.model import NoPropConfig
 
 FORMAT = "noprop-fl/checkpoint"
 FORMAT_VERSION = 1
-METHODS = ("dt", "backprop")
+
+__all__ = ["METHODS", "Checkpoint", "CheckpointError", "build_model", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
-def build_model(method: str, cfg: NoPropConfig, embedding_init: torch.Tensor | None = None):
-    if method == "dt":
-        return NoPropDT(cfg, embedding_init)
-    if method == "backprop":
-        return BackpropChain(cfg, embedding_init)
-    raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-
-
 @dataclass
 class Checkpoint:
-    method: str
-    config: NoPropConfig
+    method: str  # a key of noprop.methods.METHODS; selects the config class and the model class
+    config: NoPropConfig | ContinuousConfig  # CTConfig / FMConfig / AdjointConfig for ct / fm / adjoint
     state_dict: dict[str, torch.Tensor]
     data: dict = field(default_factory=dict)  # name, classes, mean, std, input_shape
     metrics: dict = field(default_factory=dict)
@@ -88,6 +82,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if hashlib.sha256(body).hexdigest() != envelope.get("sha256"):
         raise CheckpointError(f"{path} fails its checksum (corrupt or altered): use an earlier checkpoint")
     payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
-    return Checkpoint(method=payload["method"], config=NoPropConfig.from_dict(payload["config"]),
+    if payload["method"] not in METHODS:
+        raise CheckpointError(f"{path} holds a {payload['method']!r} model, which this noprop-fl does not know "
+                              f"(it knows {', '.join(METHODS)}): use a matching noprop-fl")
+    return Checkpoint(method=payload["method"], config=config_from_dict(payload["method"], payload["config"]),
                       state_dict=payload["state_dict"], data=payload["data"], metrics=payload["metrics"],
                       extra=payload["extra"])

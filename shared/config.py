@@ -6,9 +6,14 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from noprop.adjoint import ADJOINT_SOLVERS
+from noprop.continuous import ContinuousConfig
+from noprop.fm import FM_SOLVERS
+from noprop.methods import METHODS as METHOD_SPECS
+from noprop.methods import method
 from noprop.model import HEAD_KINDS, NoPropConfig, parse_embedding
 
-METHODS = ("dt", "backprop")
+METHODS = tuple(METHOD_SPECS)  # dt, ct, fm, adjoint, backprop
 EVAL_MODES = ("deterministic", "stochastic", "both")
 
 
@@ -29,12 +34,15 @@ class TrainConfig:
     embedding: str = "one-hot"
     head: str = "softmax"
     radial_sigma: float = 0.5
-    eta: float = 0.1
+    eta: float | None = None  # None: the paper's value for the method (dt 0.1, ct 1.0)
     clip: float = 1e-4
     max_delta_snr: float | None = None
     channels: tuple[int, int, int] = (32, 64, 128)
     hidden: int = 256
     dropout: float = 0.2
+    steps: int | None = None  # ct / fm / adjoint: integration steps (None: the method's measured default)
+    solver: str | None = None  # fm: euler | heun; adjoint: euler | midpoint | rk4 (None: euler)
+    fm_sigma: float = 0.1  # fm: width of the Gaussian probability path
     lr: float = 1e-3
     weight_decay: float = 1e-3
     batch_size: int = 128
@@ -50,6 +58,17 @@ class TrainConfig:
 
         if self.method not in METHODS:
             raise bad("method", f"use one of {', '.join(METHODS)}")
+        if self.eta is None:
+            self.eta = 1.0 if self.method == "ct" else 0.1
+        if self.steps is not None and self.steps < 1:
+            raise bad("steps", "must be at least 1")
+        if self.steps is not None and not method(self.method).continuous:
+            raise bad("steps", f"applies to ct, fm and adjoint; {self.method} has T blocks (--T)")
+        solvers = {"fm": FM_SOLVERS, "adjoint": ADJOINT_SOLVERS}.get(self.method, ())
+        if self.solver is not None and self.solver not in solvers:
+            raise bad("solver", f"use one of {', '.join(solvers)}" if solvers else "applies to fm and adjoint only")
+        if self.fm_sigma < 0:
+            raise bad("fm_sigma", "must be zero or positive")
         for name in ("epochs", "T", "batch_size", "hidden"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
@@ -82,12 +101,22 @@ class TrainConfig:
             raise ConfigError(str(exc)) from None
         return self
 
-    def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> NoPropConfig:
+    def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> NoPropConfig | ContinuousConfig:
+        """The config of the method's model (NoPropConfig for dt/backprop, CTConfig / FMConfig / AdjointConfig)."""
+        common = {"input_shape": input_shape, "num_classes": num_classes, "embedding": self.embedding,
+                  "head": self.head, "radial_sigma": self.radial_sigma, "channels": self.channels,
+                  "hidden": self.hidden, "dropout": self.dropout}
+        config_class = method(self.method).config_class
         try:
-            return NoPropConfig(input_shape=input_shape, num_classes=num_classes, T=self.T,
-                                embedding=self.embedding, head=self.head, radial_sigma=self.radial_sigma,
-                                eta=self.eta, clip=self.clip, max_delta_snr=self.max_delta_snr,
-                                channels=self.channels, hidden=self.hidden, dropout=self.dropout)
+            if config_class is NoPropConfig:
+                return NoPropConfig(T=self.T, eta=self.eta, clip=self.clip, max_delta_snr=self.max_delta_snr, **common)
+            if self.steps is not None:
+                common["steps"] = self.steps
+            if self.method == "ct":
+                return config_class(eta=self.eta, **common)
+            if self.method == "fm":
+                return config_class(sigma=self.fm_sigma, solver=self.solver or "euler", **common)
+            return config_class(solver=self.solver or "euler", **common)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

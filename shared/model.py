@@ -36,6 +36,16 @@ def parse_embedding(spec: str) -> tuple[str, int | None]:
     return kind, None
 
 
+def embedding_size(spec: str, num_classes: int, input_shape: tuple[int, ...]) -> int:
+    """d of the class embedding: classes (one-hot), D (learned:D) or the image size (prototype)."""
+    kind, dim = parse_embedding(spec)
+    if kind == "one-hot":
+        return num_classes
+    if kind == "learned":
+        return dim
+    return math.prod(input_shape)
+
+
 @dataclass
 class NoPropConfig:
     """Everything needed to rebuild a model; stored in every checkpoint."""
@@ -75,12 +85,7 @@ class NoPropConfig:
 
     @property
     def embedding_dim(self) -> int:
-        kind, dim = parse_embedding(self.embedding)
-        if kind == "one-hot":
-            return self.num_classes
-        if kind == "learned":
-            return dim
-        return math.prod(self.input_shape)
+        return embedding_size(self.embedding, self.num_classes, self.input_shape)
 
     def schedule(self) -> CosineSchedule:
         return CosineSchedule(T=self.T, clip=self.clip, max_delta_snr=self.max_delta_snr)
@@ -148,23 +153,23 @@ def prototype_rows(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_per_c
 
 
 def conv_path(in_channels: int, height: int, width: int, channels: tuple[int, int, int], hidden: int,
-              dropout: float) -> nn.Sequential:
-    """conv-ReLU-pool-drop, conv-ReLU-drop, conv-ReLU-pool-drop, flatten, FC, BN (padding 1)."""
+              dropout: float, batch_norm: bool = True) -> nn.Sequential:
+    """conv-ReLU-pool-drop, conv-ReLU-drop, conv-ReLU-pool-drop, flatten, FC, then BN (DT) or ReLU (CT; padding 1)."""
     c1, c2, c3 = channels
     flat = c3 * (height // 4) * (width // 4)
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
         nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.Dropout(dropout),
         nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
-        nn.Flatten(), nn.Linear(flat, hidden), nn.BatchNorm1d(hidden),
+        nn.Flatten(), nn.Linear(flat, hidden), nn.BatchNorm1d(hidden) if batch_norm else nn.ReLU(),
     )
 
 
-def mlp_path(features: int, hidden: int, dropout: float) -> nn.Sequential:
-    """The x path for flat feature vectors: two layers ending like the conv path (FC, BN)."""
+def mlp_path(features: int, hidden: int, dropout: float, batch_norm: bool = True) -> nn.Sequential:
+    """The x path for flat feature vectors: two layers ending like the conv path (FC, then BN or ReLU)."""
     return nn.Sequential(
         nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden),
+        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden) if batch_norm else nn.ReLU(),
     )
 
 

@@ -1,4 +1,4 @@
-"""noprop-train: train NoProp-DT or the backprop baseline on one machine.
+"""noprop-train: train NoProp-DT, -CT, -FM, the adjoint neural ODE or the backprop baseline on one machine.
 
 Writes into the run folder: metrics.jsonl (a line per epoch), checkpoint.pt (atomic, after every epoch),
 curves.png, and config.json.
@@ -20,9 +20,10 @@ from noprop.config import EVAL_MODES, METHODS, ConfigError, TrainConfig, build_c
 from noprop.data import DatasetError, LabelledData, load_train_test
 from noprop.device import resolve_device
 from noprop.io import append_jsonl, atomic_write_text
+from noprop.methods import make_optimizer
 from noprop.model import parse_embedding, prototype_rows
 from noprop.plots import plot_training_curves
-from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_backprop_epoch
+from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_end_to_end_epoch
 
 
 def parse_channels(text: str) -> tuple[int, int, int]:
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="noprop-train", description=__doc__.splitlines()[0],
                                 argument_default=None)
     p.add_argument("--config", help="TOML file with any of the settings below (flags override it)")
-    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--method", help=f"{', '.join(METHODS)} (default dt)")
     p.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, cifar100, imagefolder:DIR, npz:FILE")
     p.add_argument("--data-root", help="folder holding the datasets (default: $NOPROP_DATA or ./data)")
     p.add_argument("--download", action="store_const", const=True, help="let torchvision download MNIST/CIFAR")
@@ -50,12 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", help="one-hot (default), learned:D, prototype")
     p.add_argument("--head", choices=("softmax", "radial"))
     p.add_argument("--radial-sigma", type=float)
-    p.add_argument("--eta", type=float)
+    p.add_argument("--eta", type=float, help="L2 weight (default: dt 0.1, ct 1.0, the paper's values)")
     p.add_argument("--clip", type=float, help="alpha_bar clip (sets SNR(T)); default 1e-4")
     p.add_argument("--max-delta-snr", type=float, help="cap on SNR(t) - SNR(t-1) in the loss weight")
     p.add_argument("--channels", type=parse_channels, help="conv widths of a block, default 32,64,128")
     p.add_argument("--hidden", type=int)
     p.add_argument("--dropout", type=float)
+    p.add_argument("--steps", type=int, help="ct / fm / adjoint: ODE steps from t=0 to 1 (default 20, measured)")
+    p.add_argument("--solver", help="fm: euler (default) or heun; adjoint: euler (default), midpoint or rk4")
+    p.add_argument("--fm-sigma", type=float, help="fm: width of the Gaussian path (default 0.1)")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int)
@@ -89,14 +93,15 @@ def run(cfg: TrainConfig) -> dict:
         init = prototype_rows(train.x, train.y, train.num_classes, seed=cfg.seed)
     model = build_model(cfg.method, model_cfg, init).to(device)
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
+    length = f"T={cfg.T}" if cfg.method in ("dt", "backprop") else f"{model_cfg.steps} steps"
     print(f"noprop-train: {cfg.method} on {train.name} ({len(train)} train / {len(test)} test, "
-          f"{train.num_classes} classes, input {tuple(train.input_shape)}), T={cfg.T}, embedding {cfg.embedding}, "
+          f"{train.num_classes} classes, input {tuple(train.input_shape)}), {length}, embedding {cfg.embedding}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}; "
           f"writing to {out}")
 
     trainer = BlockTrainer(model, optim) if cfg.method == "dt" else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) \
-        if cfg.method == "backprop" else None
+    optimizer = None if trainer is not None else make_optimizer(cfg.method, model.parameters(), cfg.lr,
+                                                                cfg.weight_decay)
     modes = ("deterministic", "stochastic") if cfg.eval_mode == "both" else (cfg.eval_mode,)
     records = []
     batches = -(-len(train) // cfg.batch_size)
@@ -121,9 +126,11 @@ def run(cfg: TrainConfig) -> dict:
                 def on_batch(parts: dict, bar=bar) -> None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{parts['loss']:.3f}")
-                record["train_loss"] = train_backprop_epoch(model, optimizer, train, cfg.batch_size,
-                                                            on_batch=on_batch)
-            block_passes = cfg.T  # one forward and backward through every block per example
+                parts = train_end_to_end_epoch(model, optimizer, train, cfg.batch_size, on_batch=on_batch)
+            record["train_loss"] = parts.pop("loss")
+            record.update(parts)
+            # block evaluations per example: the whole chain (backprop), every ODE step (adjoint), one (ct, fm)
+            block_passes = {"backprop": cfg.T, "adjoint": model_cfg.T}.get(cfg.method, 1)
         train_time = time.perf_counter() - start
         record["train_time_s"] = round(train_time, 2)
         record["samples_per_s_per_block"] = round(len(train) * block_passes / train_time, 1)

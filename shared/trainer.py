@@ -1,4 +1,4 @@
-"""Local training: NoProp-DT blocks one at a time, and the backprop baseline end to end.
+"""Local training: NoProp-DT blocks one at a time; backprop, NoProp-CT/FM and the adjoint ODE end to end.
 
 The same code trains a whole model on one machine and the owned blocks on a federated client.
 """
@@ -91,23 +91,36 @@ def train_owned_blocks(trainer: BlockTrainer, blocks: Iterable[int], data: Label
     return result
 
 
+def train_end_to_end_epoch(model, optimizer: torch.optim.Optimizer, data: LabelledData, batch_size: int,
+                           generator: torch.Generator | None = None,
+                           on_batch: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+    """One epoch of a model trained with one optimizer (backprop, NoProp-CT/FM, adjoint); mean loss parts.
+
+    model.loss(x, y) returns the loss or (loss, parts dict).
+    """
+    device = next(model.parameters()).device
+    model.train()
+    totals: dict[str, float] = {}
+    n = 0
+    for x, y in data.batches(batch_size, shuffle=True, generator=generator, drop_last=len(data) % batch_size == 1):
+        out = model.loss(x.to(device), y.to(device))
+        loss, parts = out if isinstance(out, tuple) else (out, {"loss": out.item()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v
+        n += 1
+        if on_batch is not None:
+            on_batch(parts)
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
 def train_backprop_epoch(model, optimizer: torch.optim.Optimizer, data: LabelledData, batch_size: int,
                          generator: torch.Generator | None = None,
                          on_batch: Callable[[dict[str, float]], None] | None = None) -> float:
     """One end-to-end epoch of the backprop baseline; returns the mean loss."""
-    device = next(model.parameters()).device
-    model.train()
-    total, n = 0.0, 0
-    for x, y in data.batches(batch_size, shuffle=True, generator=generator, drop_last=len(data) % batch_size == 1):
-        loss = model.loss(x.to(device), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-        n += 1
-        if on_batch is not None:
-            on_batch({"loss": loss.item()})
-    return total / max(n, 1)
+    return train_end_to_end_epoch(model, optimizer, data, batch_size, generator, on_batch).get("loss", 0.0)
 
 
 @torch.no_grad()

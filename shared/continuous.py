@@ -1,0 +1,174 @@
+"""What the continuous-time methods (NoProp-CT, NoProp-FM, the adjoint neural ODE) share.
+
+One network serves every time t in [0, 1], so there are no blocks to own: the config, the block of the
+paper's Figure 6 (right: a sinusoidal time embedding, no batch norm anywhere) and a predictor that
+integrates from t = 0 to 1 in a chosen number of steps live here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noprop.model import HEAD_KINDS, conv_path, embedding_size, mlp_path, parse_embedding
+
+MODES = ("deterministic", "stochastic")
+
+
+@dataclass
+class ContinuousConfig:
+    """The architecture, embedding, head and inference steps; the subclasses add their method's settings."""
+
+    input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for feature vectors
+    num_classes: int
+    embedding: str = "one-hot"  # one-hot | learned:D | prototype
+    head: str = "softmax"  # softmax | radial
+    radial_sigma: float = 0.5
+    steps: int = 20  # integration steps from t = 0 to 1 at inference (the length of an unrolled chain)
+    channels: tuple[int, int, int] = (32, 64, 128)
+    hidden: int = 256
+    dropout: float = 0.2
+    time_dim: int = 64  # sinusoidal embedding of t
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input_shape = tuple(int(s) for s in self.input_shape)
+        self.channels = tuple(int(c) for c in self.channels)
+        if len(self.input_shape) not in (1, 3):
+            raise ValueError(f"input_shape must be (C, H, W) or (F,), got {self.input_shape}")
+        if self.num_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {self.num_classes}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"unknown head {self.head!r}: use softmax or radial")
+        if self.time_dim < 2 or self.time_dim % 2:
+            raise ValueError(f"time_dim must be an even number >= 2, got {self.time_dim}")
+        kind, _ = parse_embedding(self.embedding)
+        if kind == "prototype" and not self.is_image:
+            raise ValueError("prototype embeddings need image inputs (C, H, W)")
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def embedding_dim(self) -> int:
+        return embedding_size(self.embedding, self.num_classes, self.input_shape)
+
+    @property
+    def T(self) -> int:
+        """The inference chain's length: the number of integration steps."""
+        return self.steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**d)
+
+
+def sinusoidal_time_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    """[N] times in [0, 1] -> [N, dim] sin/cos features of t * scale at geometric frequencies (1 .. 1/10^4)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=t.dtype) / half)
+    angles = (t * scale).unsqueeze(-1) * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return sinusoidal_time_embedding(t, self.dim)
+
+
+class TimeConditionedBlock(nn.Module):
+    """Figure 6 (right): logits over classes from (x, z_t, t); no batch norm, so any batch size and t work.
+
+    The x path is split off (features) so that inference, which evaluates the block at many t for the
+    same x, runs the conv path once per image instead of once per step.
+    """
+
+    def __init__(self, cfg: ContinuousConfig):
+        super().__init__()
+        hidden = cfg.hidden
+        if cfg.is_image:
+            c, h, w = cfg.input_shape
+            self.x_path = conv_path(c, h, w, cfg.channels, hidden, cfg.dropout, batch_norm=False)
+        else:
+            self.x_path = mlp_path(cfg.input_shape[0], hidden, cfg.dropout, batch_norm=False)
+        self.z_image_shape: tuple[int, ...] | None = None
+        if parse_embedding(cfg.embedding)[0] == "prototype":
+            self.z_image_shape = cfg.input_shape
+            c, h, w = cfg.input_shape
+            self.z_path = conv_path(c, h, w, cfg.channels, hidden, cfg.dropout, batch_norm=False)
+        else:
+            self.z_path = nn.Sequential(nn.Linear(cfg.embedding_dim, hidden), nn.ReLU())
+        self.t_path = nn.Sequential(TimeEmbedding(cfg.time_dim), nn.Linear(cfg.time_dim, hidden), nn.ReLU())
+        self.fuse = nn.Sequential(
+            nn.Linear(3 * hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, 128), nn.ReLU(),
+            nn.Linear(128, cfg.num_classes),
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.x_path(x)
+
+    def logits(self, features: torch.Tensor, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Logits from x's features, z_t [N, d] and t (a float or [N])."""
+        t = torch.as_tensor(t, device=z.device, dtype=z.dtype).expand(z.shape[0])
+        if self.z_image_shape is not None:
+            z = z.reshape(z.shape[0], *self.z_image_shape)
+        return self.fuse(torch.cat([features, self.z_path(z), self.t_path(t)], dim=1))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        return self.logits(self.features(x), z, t)
+
+
+class ContinuousPredictor:
+    """predict_proba / predict for a model whose forward(x, noise, steps) integrates t from 0 to 1.
+
+    'deterministic' starts at z_0 = 0 and adds no noise (what an export unrolls); 'stochastic' draws z_0
+    and every step's noise. steps overrides the config's number of integration steps.
+    """
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, mode: str = "deterministic", generator: torch.Generator | None = None,
+                      steps: int | None = None) -> torch.Tensor:
+        if mode not in MODES:
+            raise ValueError(f"mode must be deterministic or stochastic, got {mode!r}")
+        steps = steps or self.cfg.steps
+        was_training = self.training
+        self.eval()
+        try:
+            noise = None
+            if mode == "stochastic":
+                d = self.embedding.weight.shape[1]
+                noise = torch.randn(steps + 1, x.shape[0], d, generator=generator).to(x.device, x.dtype)
+            return self(x, noise, steps)
+        finally:
+            self.train(was_training)
+
+    def predict(self, x: torch.Tensor, mode: str = "deterministic", generator: torch.Generator | None = None,
+                steps: int | None = None) -> torch.Tensor:
+        return self.predict_proba(x, mode, generator, steps).argmax(dim=1)
+
+
+def start_state(x: torch.Tensor, embedding: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """z_0: zeros (deterministic) or noise[0]."""
+    if noise is None:
+        return torch.zeros(x.shape[0], embedding.shape[1], device=x.device, dtype=x.dtype)
+    return noise[0]
+
+
+def nearest_embedding_proba(z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """softmax(-||z - u_y||^2): its argmax is the nearest class embedding (a score, not a calibrated probability)."""
+    return F.softmax(-torch.cdist(z, embedding).pow(2), dim=1)

@@ -1,0 +1,68 @@
+"""The training methods by name: which config rebuilds a model, which class it is, which optimizer trains it.
+
+`noprop-train --method`, checkpoints and the benchmarks all look methods up here, so a method is added in
+one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from noprop.adjoint import AdjointConfig, AdjointODE
+from noprop.baseline import BackpropChain
+from noprop.ct import CTConfig, NoPropCT
+from noprop.fm import FMConfig, NoPropFM
+from noprop.model import NoPropConfig, NoPropDT
+
+
+@dataclass(frozen=True)
+class Method:
+    config_class: type
+    model_class: type
+    optimizer: str  # per-block (NoProp-DT's BlockTrainer), adam or adamw (paper's Table 3)
+    description: str
+
+    @property
+    def continuous(self) -> bool:
+        return self.config_class in (CTConfig, FMConfig, AdjointConfig)
+
+
+METHODS: dict[str, Method] = {
+    "dt": Method(NoPropConfig, NoPropDT, "per-block", "NoProp-DT: T blocks, each trained on its own"),
+    "ct": Method(CTConfig, NoPropCT, "adam", "NoProp-CT: one time-conditioned denoiser, learned noise schedule"),
+    "fm": Method(FMConfig, NoPropFM, "adam", "NoProp-FM: flow matching to the label embedding"),
+    "adjoint": Method(AdjointConfig, AdjointODE, "adamw", "neural ODE over the CT block, adjoint gradients"),
+    "backprop": Method(NoPropConfig, BackpropChain, "adamw", "the DT blocks chained and trained end to end"),
+}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def build_model(name: str, cfg, embedding_init: torch.Tensor | None = None) -> nn.Module:
+    """The model of method `name` from its config (and, for prototype embeddings, the initial rows)."""
+    spec = method(name)
+    if not isinstance(cfg, spec.config_class):
+        raise ValueError(f"method {name!r} needs a {spec.config_class.__name__}, got {type(cfg).__name__}")
+    return spec.model_class(cfg, embedding_init)
+
+
+def config_from_dict(name: str, d: dict):
+    return method(name).config_class.from_dict(d)
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The end-to-end optimizer of the paper's Table 3 (Adam for CT/FM, AdamW otherwise); DT uses BlockTrainer."""
+    kind = method(name).optimizer
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"method {name!r} trains block by block (BlockTrainer), not with one optimizer")
