@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchlib import memory_kb, print_result, run_child
 
 VARIANTS = {
     "dt-one-hot": {"method": "dt", "embedding": "one-hot"},
     "dt-learned20": {"method": "dt", "embedding": "learned:20"},
     "backprop-one-hot": {"method": "backprop", "embedding": "one-hot"},
 }
-
-
-def memory_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def run_one(variant: str, args: argparse.Namespace) -> dict:
@@ -75,7 +69,7 @@ def main() -> int:
         plot(results, Path(args.out) / "accuracy.png")
         return 0
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
+        print_result(run_one(args.one, args))
         return 0
 
     results = []
@@ -85,14 +79,10 @@ def main() -> int:
                "--out", args.out]
         cmd += ["--subset", str(args.subset)] if args.subset else []
         cmd += ["--eval-limit", str(args.eval_limit)] if args.eval_limit else []
-        print(f"== {variant}: {' '.join(cmd[1:])}", flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
-        if proc.returncode != 0 or not lines:
-            print(f"{variant} failed (exit {proc.returncode})", file=sys.stderr)
+        result = run_child(cmd, variant)
+        if result is None:
             return 1
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        results.append(result)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "accuracy.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -174,11 +174,10 @@ def test_learns_the_synthetic_task_well_above_chance(method, epochs, lr):
         train_end_to_end_epoch(model, opt, train, 32, generator=torch.Generator().manual_seed(0))
     acc = evaluate_accuracy(model, test, "deterministic")
     assert acc > 0.6, f"{method}: {acc:.3f} (chance 0.25)"
-    # prediction takes no labels, and the same weights give the same answer with labels shuffled away
+    print(f"{method}: test accuracy {acc:.3f}")
+    # prediction takes no labels: nothing on the inference path can read y
     for fn in (model.predict, model.predict_proba, model.forward):
         assert not {"y", "labels", "target"} & set(inspect.signature(fn).parameters)
-    shuffled = test.y[torch.randperm(len(test.y))]
-    assert torch.equal(model.predict(test.x), model.predict(test.x)) and not torch.equal(shuffled, test.y)
 
 
 # -- checkpoints and the CLI ------------------------------------------------------------------------------

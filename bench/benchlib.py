@@ -1,0 +1,41 @@
+"""What the training benchmarks share: memory readings and running one measured cell in a fresh process.
+
+A fresh process per cell makes its peak resident memory (VmHWM) its own: nothing earlier in the
+benchmark's life inflates it. The child prints one line "RESULT <json>"; the parent echoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def memory_kb(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, in kB, from /proc/self/status (0 where there is none)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_child(cmd: list[str], label: str) -> dict | None:
+    """Run cmd (a script invocation that prints a RESULT line); echo its output; its result or None on failure."""
+    print(f"== {label}: {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
+    if proc.returncode != 0 or not lines:
+        print(f"{label} failed (exit {proc.returncode})", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def print_result(result: dict) -> None:
+    """The child's side of run_child."""
+    print("RESULT " + json.dumps(result), flush=True)
