@@ -26,7 +26,7 @@ ADJOINT_SOLVERS = ("euler", "midpoint", "rk4")
 @dataclass
 class AdjointConfig(ContinuousConfig):
     solver: str = "euler"
-    steps: int = 20  # used in training and at inference
+    steps: int = 10  # used in training and at inference; training cost grows linearly with it
 
     def __post_init__(self) -> None:
         super().__post_init__()

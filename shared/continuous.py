@@ -28,7 +28,7 @@ class ContinuousConfig:
     embedding: str = "one-hot"  # one-hot | learned:D | prototype
     head: str = "softmax"  # softmax | radial
     radial_sigma: float = 0.5
-    steps: int = 20  # integration steps from t = 0 to 1 at inference (the length of an unrolled chain)
+    steps: int = 10  # integration steps from t = 0 to 1 at inference (the length of an unrolled chain)
     channels: tuple[int, int, int] = (32, 64, 128)
     hidden: int = 256
     dropout: float = 0.2

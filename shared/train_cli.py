@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=parse_channels, help="conv widths of a block, default 32,64,128")
     p.add_argument("--hidden", type=int)
     p.add_argument("--dropout", type=float)
-    p.add_argument("--steps", type=int, help="ct / fm / adjoint: ODE steps from t=0 to 1 (default 20, measured)")
+    p.add_argument("--steps", type=int, help="ct / fm / adjoint: ODE steps from t=0 to 1 (default 10)")
     p.add_argument("--solver", help="fm: euler (default) or heun; adjoint: euler (default), midpoint or rk4")
     p.add_argument("--fm-sigma", type=float, help="fm: width of the Gaussian path (default 0.1)")
     p.add_argument("--lr", type=float)
