@@ -24,6 +24,15 @@ def memory_kb(field: str) -> int:
     return 0
 
 
+def reset_peak_memory() -> bool:
+    """Make VmHWM restart from the current RSS (Linux 4.0+: write 5 to /proc/self/clear_refs); False if refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def run_child(cmd: list[str], label: str) -> dict | None:
     """Run cmd (a script invocation that prints a RESULT line); echo its output; its result or None on failure."""
     print(f"== {label}: {' '.join(cmd[1:])}", flush=True)

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train as cfg says; returns the last epoch's metrics record."""
+def run(cfg: TrainConfig, on_train_start: Callable[[], None] | None = None) -> dict:
+    """Train as cfg says; returns the last epoch's metrics record.
+
+    on_train_start runs once the data is loaded and the model built (benchmarks reset their memory peak there).
+    """
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -103,6 +107,8 @@ def run(cfg: TrainConfig) -> dict:
     optimizer = None if trainer is not None else make_optimizer(cfg.method, model.parameters(), cfg.lr,
                                                                 cfg.weight_decay)
     modes = ("deterministic", "stochastic") if cfg.eval_mode == "both" else (cfg.eval_mode,)
+    if on_train_start is not None:
+        on_train_start()
     records = []
     batches = -(-len(train) // cfg.batch_size)
     for epoch in range(1, cfg.epochs + 1):
