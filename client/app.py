@@ -1,4 +1,5 @@
 """The noprop-fl ClientApp: answer discovery, train the blocks it is given, evaluate the assembled chain.
+For the one-network methods (ct, fm, adjoint, backprop) a train message carries the whole network (FedAvg).
 
 A node builds only the blocks it was sent (plus the shared embedding and head): it never holds a block it
 does not own while training, and it replies with exactly the keys it received.
@@ -15,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from noprop.client.capacity import available_memory_mb, max_blocks_for_memory, measure_throughput
+from noprop.client.fedavg import train_whole_network
 from noprop.data import LabelledData, load_dataset, partition
 from noprop.device import resolve_device
 from noprop.federation import FederationConfig
@@ -95,6 +97,8 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         run, node = settings(context)
         cfg_record = msg.content["config"]
+        if str(cfg_record.get("method", "dt")) != "dt":  # a one-network method: FedAvg of the whole network
+            return train_whole_network(msg, node.data_split("train"), node.device)
         model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
         blocks = [int(b) for b in cfg_record["blocks"]]
         data = node.data_split("train")

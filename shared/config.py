@@ -10,7 +10,7 @@ from noprop.adjoint import ADJOINT_SOLVERS
 from noprop.continuous import ContinuousConfig
 from noprop.fm import FM_SOLVERS
 from noprop.methods import METHODS as METHOD_SPECS
-from noprop.methods import method
+from noprop.methods import method, model_config
 from noprop.model import HEAD_KINDS, NoPropConfig, parse_embedding
 
 METHODS = tuple(METHOD_SPECS)  # dt, ct, fm, adjoint, backprop
@@ -103,20 +103,12 @@ class TrainConfig:
 
     def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> NoPropConfig | ContinuousConfig:
         """The config of the method's model (NoPropConfig for dt/backprop, CTConfig / FMConfig / AdjointConfig)."""
-        common = {"input_shape": input_shape, "num_classes": num_classes, "embedding": self.embedding,
-                  "head": self.head, "radial_sigma": self.radial_sigma, "channels": self.channels,
-                  "hidden": self.hidden, "dropout": self.dropout}
-        config_class = method(self.method).config_class
         try:
-            if config_class is NoPropConfig:
-                return NoPropConfig(T=self.T, eta=self.eta, clip=self.clip, max_delta_snr=self.max_delta_snr, **common)
-            if self.steps is not None:
-                common["steps"] = self.steps
-            if self.method == "ct":
-                return config_class(eta=self.eta, **common)
-            if self.method == "fm":
-                return config_class(sigma=self.fm_sigma, solver=self.solver or "euler", **common)
-            return config_class(solver=self.solver or "euler", **common)
+            return model_config(self.method, input_shape, num_classes, T=self.T, embedding=self.embedding,
+                                head=self.head, radial_sigma=self.radial_sigma, channels=self.channels,
+                                hidden=self.hidden, dropout=self.dropout, eta=self.eta, clip=self.clip,
+                                max_delta_snr=self.max_delta_snr, steps=self.steps, solver=self.solver,
+                                fm_sigma=self.fm_sigma)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

@@ -121,6 +121,11 @@ class LabelledData:
         """Number of classes of the source, including any absent from this split or subset."""
         return len(self.classes)
 
+    def describe(self) -> dict:
+        """What a checkpoint records of its data: name, class names, normalisation, input shape."""
+        return {"name": self.name, "classes": list(self.classes), "mean": list(self.mean), "std": list(self.std),
+                "input_shape": list(self.input_shape)}
+
     def __len__(self) -> int:
         return int(self.y.shape[0])
 

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from noprop.continuous import ContinuousConfig
+from noprop.methods import METHODS, model_config
 from noprop.model import NoPropConfig, parse_embedding
 
 POLICIES = ("rotate", "replicate")
+# dt: each node trains the blocks it owns; the others are one network that every node trains whole (FedAvg)
+FEDERATED_METHODS = tuple(METHODS)
 
 
 @dataclass
 class FederationConfig:
+    method: str = "dt"  # dt: block ownership; ct | fm | adjoint | backprop: FedAvg of the one network
     num_rounds: int = 5
     T: int = 10
     policy: str = "rotate"
@@ -27,8 +32,11 @@ class FederationConfig:
     weight_decay: float = 1e-3
     embedding: str = "one-hot"
     head: str = "softmax"
-    eta: float = 0.1
+    eta: float = 0.0  # 0 = the method's default (dt 0.1, ct 1.0)
     clip: float = 1e-4
+    steps: int = 0  # ct | fm | adjoint: integration steps at inference (0 = the method's default)
+    solver: str = ""  # fm: euler | heun; adjoint: euler | midpoint | rk4 ("" = euler)
+    fm_sigma: float = 0.1  # fm: width of the Gaussian path
     channels: str = "32,64,128"
     hidden: int = 256
     dropout: float = 0.2
@@ -54,18 +62,29 @@ class FederationConfig:
         for name in ("num_rounds", "T", "min_nodes", "local_epochs", "batch_size", "hidden", "replicas"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
+        if self.method not in FEDERATED_METHODS:
+            raise bad("method", f"use one of {', '.join(FEDERATED_METHODS)}")
         if self.policy not in POLICIES:
             raise bad("policy", f"use one of {', '.join(POLICIES)}")
-        for name in ("lr", "eta", "round_timeout", "join_timeout"):
+        for name in ("lr", "round_timeout", "join_timeout"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be positive")
+        for name in ("eta", "steps", "fm_sigma"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be 0 (the method's default) or positive")
         if self.eval_limit < 0 or self.final_eval_limit < 0:
             raise bad("eval_limit", "must be 0 (all) or a positive number")
         if self.eval_mode not in ("deterministic", "stochastic"):
             raise bad("eval_mode", "use deterministic or stochastic")
         parse_embedding(self.embedding)
         self.channel_tuple()
+        self.model_config((1, 8, 8), 2)  # the method's own checks (solver, steps) fail here, before any process
         return self
+
+    @property
+    def owns_blocks(self) -> bool:
+        """True for NoProp-DT (nodes own blocks); False for methods with one network, trained whole (FedAvg)."""
+        return self.method == "dt"
 
     def channel_tuple(self) -> tuple[int, int, int]:
         parts = tuple(int(p) for p in str(self.channels).split(","))
@@ -73,10 +92,11 @@ class FederationConfig:
             raise ValueError(f"channels={self.channels!r}: give three positive conv widths, e.g. 32,64,128")
         return parts
 
-    def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> NoPropConfig:
-        return NoPropConfig(input_shape=input_shape, num_classes=num_classes, T=self.T, embedding=self.embedding,
-                            head=self.head, eta=self.eta, clip=self.clip, channels=self.channel_tuple(),
-                            hidden=self.hidden, dropout=self.dropout)
+    def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> NoPropConfig | ContinuousConfig:
+        return model_config(self.method, input_shape, num_classes, T=self.T, embedding=self.embedding,
+                            head=self.head, eta=self.eta or None, clip=self.clip, channels=self.channel_tuple(),
+                            hidden=self.hidden, dropout=self.dropout, steps=self.steps or None,
+                            solver=self.solver or None, fm_sigma=self.fm_sigma)
 
     def to_run_config(self) -> dict[str, int | float | str | bool]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}

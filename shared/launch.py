@@ -263,6 +263,8 @@ def config_string(values: dict[str, bool | int | float | str]) -> str:
 # friendly names kept next to the generated ones (--rounds is --num-rounds, --min-clients is --min-nodes)
 FLAG_ALIASES = {"num_rounds": ("--rounds",), "min_nodes": ("--min-clients",)}
 FLAG_HELP = {
+    "method": "dt (each client trains the NoProp blocks it owns) or a one-network method trained whole by every "
+              "client and averaged (FedAvg): ct, fm, adjoint, backprop",
     "num_rounds": "federated rounds",
     "T": "number of NoProp blocks (diffusion steps)",
     "policy": "block ownership policy: rotate (a block moves to another owner each round) or replicate",
@@ -274,7 +276,10 @@ FLAG_HELP = {
     "weight_decay": "AdamW weight decay",
     "embedding": "class embedding: one-hot or learned:D",
     "head": "output head: softmax or radial",
-    "eta": "weight of the denoising loss (the spec's eta)",
+    "eta": "weight of the denoising loss (the spec's eta; 0 = the method's default: dt 0.1, ct 1.0)",
+    "steps": "ct, fm, adjoint: integration steps from t=0 to 1 at inference (0 = the method's default)",
+    "solver": "fm: euler or heun; adjoint: euler, midpoint or rk4 (empty = euler)",
+    "fm_sigma": "fm: width of the Gaussian probability path",
     "clip": "the schedule's alpha-bar clip",
     "channels": "conv widths of a block, three comma-separated numbers",
     "hidden": "hidden width of a block",

@@ -54,6 +54,31 @@ def build_model(name: str, cfg, embedding_init: torch.Tensor | None = None) -> n
     return spec.model_class(cfg, embedding_init)
 
 
+def model_config(name: str, input_shape: tuple[int, ...], num_classes: int, *, T: int = 10,
+                 embedding: str = "one-hot", head: str = "softmax", radial_sigma: float = 0.5,
+                 channels: tuple[int, int, int] = (32, 64, 128), hidden: int = 256, dropout: float = 0.2,
+                 eta: float | None = None, clip: float = 1e-4, max_delta_snr: float | None = None,
+                 steps: int | None = None, solver: str | None = None, fm_sigma: float = 0.1):
+    """The config of method `name`'s model from flat settings (noprop-train's and a federation's).
+
+    None means the method's own default (eta: dt 0.1, ct 1.0; steps: the config class's measured default).
+    Raises ValueError for settings the method rejects.
+    """
+    common = {"input_shape": tuple(input_shape), "num_classes": num_classes, "embedding": embedding,
+              "head": head, "radial_sigma": radial_sigma, "channels": tuple(channels), "hidden": hidden,
+              "dropout": dropout}
+    config_class = method(name).config_class
+    if config_class is NoPropConfig:
+        return NoPropConfig(T=T, eta=0.1 if eta is None else eta, clip=clip, max_delta_snr=max_delta_snr, **common)
+    if steps is not None:
+        common["steps"] = steps
+    if name == "ct":
+        return CTConfig(eta=1.0 if eta is None else eta, **common)
+    if name == "fm":
+        return FMConfig(sigma=fm_sigma, solver=solver or "euler", **common)
+    return config_class(solver=solver or "euler", **common)
+
+
 def config_from_dict(name: str, d: dict):
     return method(name).config_class.from_dict(d)
 

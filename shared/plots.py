@@ -51,8 +51,9 @@ def plot_training_curves(records: list[dict], path: str | Path, title: str = "")
     return save_figure(fig, path)
 
 
-def plot_federated_run(records: list[dict], accuracy_path: str | Path, ownership_path: str | Path) -> None:
-    """Accuracy and mean denoising loss per round; and which node owned each block in each round."""
+def plot_federated_run(records: list[dict], accuracy_path: str | Path, ownership_path: str | Path | None) -> None:
+    """Accuracy and mean loss per round; and which node owned each block in each round (NoProp-DT runs only:
+    FedAvg runs of one network pass ownership_path=None)."""
     import numpy as np
 
     rounds = [r["round"] for r in records]
@@ -63,10 +64,14 @@ def plot_federated_run(records: list[dict], accuracy_path: str | Path, ownership
     ax.set_ylabel("server test accuracy (%)", color="tab:blue")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot(rounds, [r.get("mean_l2", float("nan")) for r in records], marker="s", color="tab:orange")
-    ax2.set_ylabel("mean denoising loss", color="tab:orange")
-    ax2.set_yscale("log")
+    loss_key, loss_label = ("mean_l2", "mean denoising loss") if ownership_path else ("train_loss", "mean train loss")
+    ax2.plot(rounds, [r.get(loss_key) or float("nan") for r in records], marker="s", color="tab:orange")
+    ax2.set_ylabel(loss_label, color="tab:orange")
+    if ownership_path:
+        ax2.set_yscale("log")
     save_figure(fig, accuracy_path)
+    if ownership_path is None:
+        return
 
     nodes = sorted({int(n) for r in records for owners in r["plan"].values() for n in owners})
     index = {n: i for i, n in enumerate(nodes)}

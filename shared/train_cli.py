@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from noprop.checkpoint import Checkpoint, build_model, save_checkpoint
 from noprop.config import EVAL_MODES, METHODS, ConfigError, TrainConfig, build_config
-from noprop.data import DatasetError, LabelledData, load_train_test
+from noprop.data import DatasetError, load_train_test
 from noprop.device import resolve_device
 from noprop.io import append_jsonl, atomic_write_text
 from noprop.methods import make_optimizer
@@ -149,16 +149,11 @@ def run(cfg: TrainConfig, on_train_start: Callable[[], None] | None = None) -> d
         print(f"epoch {epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  test acc {accs}  "
               f"({record['epoch_time_s']:.0f}s)", flush=True)
         save_checkpoint(out / "checkpoint.pt", Checkpoint(
-            method=cfg.method, config=model_cfg, state_dict=model.state_dict(), data=data_info(train),
+            method=cfg.method, config=model_cfg, state_dict=model.state_dict(), data=train.describe(),
             metrics=record, extra={"epoch": epoch, "train_config": cfg.to_dict()}))
         plot_training_curves(records, out / "curves.png", title=f"{cfg.method} on {train.name}")
     print(f"done: checkpoint {out / 'checkpoint.pt'}, metrics {metrics_path}, curves {out / 'curves.png'}")
     return records[-1]
-
-
-def data_info(data: LabelledData) -> dict:
-    return {"name": data.name, "classes": list(data.classes), "mean": list(data.mean), "std": list(data.std),
-            "input_shape": list(data.input_shape)}
 
 
 def main(argv: list[str] | None = None) -> int:

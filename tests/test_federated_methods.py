@@ -1,0 +1,86 @@
+"""The one-network methods (NoProp-CT, NoProp-FM, adjoint, backprop) in a federation: FedAvg of the whole network.
+
+The ClientApp's train handler is called with a constructed FedAvg message; then noprop-sim runs NoProp-FM with
+two virtual clients through Flower's own FedAvg strategy and the run is checked end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MessageType, RecordDict
+from procs import Spawned, quiet_env, script, write_synthetic_npz
+from test_client_app import context, instruction, npz, task_identity  # noqa: F401 - fixtures
+
+from noprop.checkpoint import load_checkpoint
+from noprop.client.app import make_client_app
+from noprop.data import load_dataset
+from noprop.federation import FederationConfig
+from noprop.io import read_jsonl
+from noprop.methods import build_model
+from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state
+
+
+def fedavg_message(method: str, model_cfg, state: dict, epochs: int = 1):
+    config = ConfigRecord({"method": method, "model-config": json.dumps(model_cfg.to_dict()), "local-epochs": epochs,
+                           "lr": 3e-3, "weight-decay": 0.0, "batch-size": 32, "seed": 0, "server-round": 1})
+    return instruction(RecordDict({"arrays": arrays_to_record(state), "config": config}), MessageType.TRAIN)
+
+
+@pytest.mark.parametrize("method", ["ct", "fm"])
+def test_client_trains_the_whole_network_and_returns_every_key(npz, method):  # noqa: F811
+    cfg = FederationConfig(method=method, channels="8,16,16", hidden=32, dropout=0.0, steps=4)
+    model_cfg = cfg.model_config((1, 12, 12), 4)
+    state = to_numpy_state(build_model(method, model_cfg).state_dict())
+    reply = make_client_app()(fedavg_message(method, model_cfg, state), context(npz))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    got = record_to_arrays(reply.content["arrays"])
+    assert set(got) == set(state)  # the whole network: no blocks to own
+    changed = [k for k in state if state[k].dtype.kind == "f" and not np.array_equal(got[k], state[k])]
+    assert len(changed) > len(state) // 2, f"only {len(changed)} of {len(state)} tensors were trained"
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 300 and np.isfinite(metrics["train-loss"])
+
+
+def test_federation_config_rejects_unknown_method_and_bad_solver():
+    with pytest.raises(ValueError, match="method"):
+        FederationConfig(method="ddpm").validate()
+    with pytest.raises(ValueError, match="solver"):
+        FederationConfig(method="fm", solver="rk4").validate()
+    assert FederationConfig(method="ct").model_config((1, 12, 12), 4).eta == 1.0  # the method's own default
+    assert FederationConfig().model_config((1, 12, 12), 4).eta == 0.1
+
+
+def test_sim_fedavg_of_noprop_fm(tmp_path, request):
+    npz_path = write_synthetic_npz(tmp_path / "task.npz")
+    out = tmp_path / "out"
+    sim = Spawned([script("noprop-sim"), "--method", "fm", "--clients", "2", "--partition", "iid", "--rounds", "2",
+                   "--num-cpus", "2", "--dataset", f"npz:{npz_path}", "--out", str(out), "--steps", "5",
+                   "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3", "--dropout", "0",
+                   "--local-epochs", "3", "--eval-limit", "0", "--client-threads", "1"],
+                  tmp_path / "sim.log", quiet_env(tmp_path / "flwr-home"), cwd=tmp_path)
+    request.addfinalizer(sim.cleanup)
+    start = time.monotonic()
+    while sim.proc.poll() is None:
+        if time.monotonic() - start > 300:
+            pytest.fail(f"noprop-sim did not finish within 300s\n{sim.text()[-5000:]}")
+        time.sleep(1.0)
+    log = sim.text()
+    assert sim.proc.returncode == 0, log[-5000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in records] == [1, 2], log[-3000:]
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt.method == "fm" and ckpt.config.steps == 5
+    full_bytes = arrays_to_record(to_numpy_state(ckpt.state_dict)).count_bytes()
+    for r in records:
+        assert len(r["trained_by"]) == 2 and not r["rejected"] and not r["failed"], r
+        assert set(r["bytes_to"].values()) == {full_bytes}, r  # every node gets the whole network
+        assert set(r["bytes_from"].values()) == {full_bytes}, r
+    test = load_dataset(f"npz:{npz_path}", "test")
+    acc = (ckpt.model().predict(test.x) == test.y).float().mean().item()
+    assert acc > 0.5, f"accuracy {acc:.3f} (chance 0.25)\n{log[-3000:]}"
+    assert json.loads((out / "DONE.json").read_text())["method"] == "fm"
+    assert (out / "accuracy.png").exists() and not (out / "ownership.png").exists()
