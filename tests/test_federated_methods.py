@@ -1,7 +1,7 @@
 """The one-network methods (NoProp-CT, NoProp-FM, adjoint, backprop) in a federation: FedAvg of the whole network.
 
 The ClientApp's train handler is called with a constructed FedAvg message; then noprop-sim runs NoProp-FM with
-two virtual clients through Flower's own FedAvg strategy and the run is checked end to end.
+two virtual clients through Flower's own FedAvg strategy, stops after a round, resumes, and is checked end to end.
 """
 
 from __future__ import annotations
@@ -54,14 +54,12 @@ def test_federation_config_rejects_unknown_method_and_bad_solver():
     assert FederationConfig().model_config((1, 12, 12), 4).eta == 0.1
 
 
-def test_sim_fedavg_of_noprop_fm(tmp_path, request):
-    npz_path = write_synthetic_npz(tmp_path / "task.npz")
-    out = tmp_path / "out"
-    sim = Spawned([script("noprop-sim"), "--method", "fm", "--clients", "2", "--partition", "iid", "--rounds", "2",
-                   "--num-cpus", "2", "--dataset", f"npz:{npz_path}", "--out", str(out), "--steps", "5",
+def run_sim(tmp_path, request, out, npz_path, rounds: int, *extra: str) -> str:
+    sim = Spawned([script("noprop-sim"), "--method", "fm", "--clients", "2", "--partition", "iid", "--rounds",
+                   str(rounds), "--num-cpus", "2", "--dataset", f"npz:{npz_path}", "--out", str(out), "--steps", "5",
                    "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3", "--dropout", "0",
-                   "--local-epochs", "3", "--eval-limit", "0", "--client-threads", "1"],
-                  tmp_path / "sim.log", quiet_env(tmp_path / "flwr-home"), cwd=tmp_path)
+                   "--local-epochs", "3", "--eval-limit", "0", "--client-threads", "1", *extra],
+                  tmp_path / f"sim-{rounds}.log", quiet_env(tmp_path / "flwr-home"), cwd=tmp_path)
     request.addfinalizer(sim.cleanup)
     start = time.monotonic()
     while sim.proc.poll() is None:
@@ -70,10 +68,21 @@ def test_sim_fedavg_of_noprop_fm(tmp_path, request):
         time.sleep(1.0)
     log = sim.text()
     assert sim.proc.returncode == 0, log[-5000:]
+    return log
+
+
+def test_sim_fedavg_of_noprop_fm_with_resume(tmp_path, request):
+    """Round 1, stop, then --resume to round 2: FedAvg of the whole FM network, checked end to end."""
+    npz_path = write_synthetic_npz(tmp_path / "task.npz")
+    out = tmp_path / "out"
+    run_sim(tmp_path, request, out, npz_path, 1)
+    assert load_checkpoint(out / "checkpoint.pt").extra["round"] == 1
+    log = run_sim(tmp_path, request, out, npz_path, 2, "--resume")
+    assert "resuming after round 1" in log, log[-3000:]
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2], log[-3000:]
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert ckpt.method == "fm" and ckpt.config.steps == 5
+    assert ckpt.method == "fm" and ckpt.config.steps == 5 and ckpt.extra["round"] == 2
     full_bytes = arrays_to_record(to_numpy_state(ckpt.state_dict)).count_bytes()
     for r in records:
         assert len(r["trained_by"]) == 2 and not r["rejected"] and not r["failed"], r
