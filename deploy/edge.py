@@ -107,6 +107,8 @@ class ModelInfo:
     exporter: str = ""
     opset: int = 0
     quantization: dict = field(default_factory=dict)
+    steps: int = 0  # ct, fm, adjoint: integration steps unrolled into the graph (= T); 0 for dt and backprop
+    solver: str = ""  # ct: ddim | posterior; fm: euler | heun; adjoint: euler | midpoint | rk4
     normalised_in_graph: bool = True
     input_scale: str = INPUT_SCALE
 
@@ -124,7 +126,8 @@ class ModelInfo:
         return self.T + 1, self.embedding_dim
 
     def summary(self) -> str:
-        return (f"{self.method} T={self.T} {self.embedding} {self.precision} {self.mode}, "
+        length = f"{self.steps} {self.solver} steps" if self.steps else f"T={self.T}"
+        return (f"{self.method} {length} {self.embedding} {self.precision} {self.mode}, "
                 f"input {list(self.input_shape)}, {self.num_classes} classes")
 
     def to_metadata(self) -> dict[str, str]:
@@ -153,6 +156,8 @@ class ModelInfo:
         }
         if self.quantization:
             meta["quantization"] = json.dumps(self.quantization, sort_keys=True)
+        if self.steps:
+            meta["steps"], meta["solver"] = str(self.steps), self.solver
         return meta
 
     @classmethod
@@ -189,6 +194,8 @@ class ModelInfo:
                 exporter=meta.get("exporter", ""),
                 opset=int(meta.get("opset", "0")),
                 quantization=json.loads(meta.get("quantization", "{}")),
+                steps=int(meta.get("steps", "0")),
+                solver=meta.get("solver", ""),
                 input_scale=meta.get("input_scale", INPUT_SCALE),
             )
         except (KeyError, ValueError, TypeError) as exc:
@@ -210,6 +217,7 @@ class ModelInfo:
             T=self.T, embedding=self.embedding, embedding_dim=self.embedding_dim, head=self.head,
             mode=self.mode, precision=self.precision, dataset=self.dataset, exporter=self.exporter,
             opset=self.opset, file_name=file_name, file_sha256=file_sha256, file_bytes=file_bytes,
+            steps=self.steps, solver=self.solver,
         )
         sched = self.schedule
         m.schedule.kind = str(sched.get("kind", "cosine"))
@@ -218,6 +226,10 @@ class ModelInfo:
         m.schedule.clip = float(sched.get("clip", 0.0))
         if sched.get("max_delta_snr") is not None:
             m.schedule.max_delta_snr = float(sched["max_delta_snr"])
+        for key in ("gamma0", "gamma1"):
+            if sched.get(key) is not None:
+                setattr(m.schedule, key, float(sched[key]))
+        m.schedule.alpha_bar.extend(float(v) for v in sched.get("alpha_bar", ()))
         m.training_metrics.update(_json_safe(self.training_metrics))
         if self.quantization:
             m.quantization.update(_json_safe(self.quantization))
@@ -772,14 +784,15 @@ def _format_info(model: EdgeModel) -> str:
         except (OSError, ValueError):
             state = "unreadable"
         lines.append(f"  manifest      {manifest.name} ({state})")
-    sched = ", ".join(f"{k}={v}" for k, v in info.schedule.items() if v is not None)
+    sched = ", ".join(f"{k}={_brief(v)}" for k, v in info.schedule.items() if v is not None)
+    length = f"{info.steps} unrolled {info.solver} steps (T={info.T})" if info.steps else f"T={info.T}"
     metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in info.training_metrics.items() if not isinstance(v, dict))
     shape = ", ".join(map(str, info.input_shape))
     rows = [
         ("format", f"{FORMAT} v{FORMAT_VERSION}, noprop-fl {info.noprop_fl_version}, {info.exporter}, "
                    f"opset {info.opset}"),
-        ("method", f"{info.method}, T={info.T}, embedding {info.embedding} (d={info.embedding_dim}), head {info.head}"),
+        ("method", f"{info.method}, {length}, embedding {info.embedding} (d={info.embedding_dim}), head {info.head}"),
         ("schedule", sched),
         ("mode", info.mode + ("  (input noise float32 [T+1, N, d] = "
                               f"[{info.T + 1}, N, {info.embedding_dim}])" if info.mode == "stochastic" else "")),
@@ -794,6 +807,13 @@ def _format_info(model: EdgeModel) -> str:
     ]
     lines += [f"  {k:<13} {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def _brief(value: object) -> str:
+    """A schedule value for `info`: long lists (ct's alpha_bar at every step time) as first .. last."""
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{value[0]:.4g} .. {value[-1]:.4g}] ({len(value)} values)"
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,15 @@ The graph is the whole inference chain (NOPROP_SPEC.md 2, Eq. 3): the input norm
 the schedule's coefficients a_t, b_t, sqrt(c_t) folded in as constants, the class embedding, the output head,
 softmax and argmax.
 
+The continuous-time methods (ct, fm, adjoint: one network shared across t) are exported the same way with
+their integration from t = 0 to 1 unrolled into a chain of `steps` network calls (default: the checkpoint's
+configured steps), so T of the metadata is the step count. NoProp-CT's learned noise schedule is evaluated
+once, here, at the step times t_k = k / steps (in float64, as the PyTorch model does it), and its step
+coefficients enter the graph as constants: the graph holds no part of the schedule's network. NoProp-FM
+(Euler or Heun) and the adjoint ODE (torchdiffeq's fixed-grid solver, traced) need no schedule. In stochastic
+mode ct draws z_0 = noise[0] and adds noise[k + 1] at step k; fm and adjoint only start from z_0 = noise[0]
+(their ODE adds no noise), with the same [T + 1, N, d] input so that every exported model has one contract.
+
 - Input `image`: float32 [N, C, H, W] (or [N, F] for feature models), N dynamic, in RAW pixel scale: values
   in [0, 1], i.e. uint8 / 255, exactly what noprop.data produces before it normalises. The graph normalises
   inside, (image - mean) / std per channel, with the mean and std stored in the checkpoint (the training
@@ -38,6 +47,7 @@ take once the TorchScript exporter is removed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import os
 import warnings
@@ -60,6 +70,7 @@ from noprop.deploy.edge import (
     manifest_path_for,
 )
 from noprop.io import atomic_write, atomic_write_text
+from noprop.methods import method as method_spec
 
 CHECKPOINT_FORMAT = "noprop-fl/checkpoint"
 DEFAULT_OPSET = 17
@@ -87,6 +98,84 @@ class InferenceGraph(nn.Module):
         return probabilities, probabilities.argmax(dim=1)
 
 
+class FrozenStepCoefficients(nn.Module):
+    """NoProp-CT's learned schedule evaluated at export time: the [steps, 3] step coefficients as a constant.
+
+    Stands in for the model's LearnedNoiseSchedule in the exported copy, so that the traced chain reads
+    constants rather than re-running the schedule's network (and its float64 arithmetic) inside the graph.
+    """
+
+    def __init__(self, schedule: nn.Module, steps: int, mode: str):
+        super().__init__()
+        self.steps, self.mode = steps, mode
+        self.register_buffer("coefficients", schedule.step_coefficients(steps, mode).detach().clone())
+
+    def step_coefficients(self, steps: int, mode: str = "deterministic") -> torch.Tensor:
+        if (steps, mode) != (self.steps, self.mode):
+            raise RuntimeError(f"the schedule was frozen for {self.steps} {self.mode} steps, asked for {steps} {mode}")
+        return self.coefficients
+
+
+class UnrolledChain(nn.Module):
+    """A continuous-time model with its step count fixed: forward(x, noise) like a NoProp-DT chain, which the
+    tracer unrolls into `steps` network calls."""
+
+    def __init__(self, model: nn.Module, steps: int):
+        super().__init__()
+        self.model, self.steps = model, steps
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, noise, self.steps)
+
+
+def is_continuous(ckpt: Checkpoint) -> bool:
+    return method_spec(ckpt.method).continuous
+
+
+def export_steps(ckpt: Checkpoint, steps: int | None) -> int | None:
+    """The number of integration steps to unroll (None for dt and backprop, whose T is fixed by their blocks)."""
+    if not is_continuous(ckpt):
+        if steps is not None:
+            raise ExportError(f"--steps applies to ct, fm and adjoint checkpoints; this {ckpt.method} checkpoint "
+                              f"has T={ckpt.config.T} fixed blocks: leave --steps out")
+        return None
+    steps = ckpt.config.steps if steps is None else steps
+    if steps < 1:
+        raise ExportError(f"--steps must be at least 1, got {steps}")
+    return steps
+
+
+def inference_chain(ckpt: Checkpoint, model: nn.Module, steps: int | None, mode: str) -> nn.Module:
+    """What InferenceGraph wraps: forward(x, noise) -> probabilities (a copy; the checkpoint's model is untouched)."""
+    if steps is None:
+        return fold_batchnorm(model)
+    model = copy.deepcopy(model).eval()
+    if ckpt.method == "ct":
+        model.schedule = FrozenStepCoefficients(model.schedule, steps, mode)
+    return UnrolledChain(model, steps)
+
+
+def schedule_metadata(ckpt: Checkpoint, model: nn.Module | None, steps: int | None) -> dict:
+    """The schedule field: dt's cosine settings, ct's learned endpoints and alpha_bar at the step times, or
+    {"kind": "none"} for fm and adjoint (no noise schedule at inference)."""
+    if steps is None:
+        return {"kind": "cosine", **ckpt.config.schedule().to_config()}
+    if ckpt.method != "ct":
+        return {"kind": "none"}
+    schedule = model.schedule
+    with torch.no_grad():
+        grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).to(schedule.gamma0.dtype)
+        alpha_bar = schedule.alpha_bar(grid).double().tolist()
+        return {**schedule.to_config(), "alpha_bar": alpha_bar}
+
+
+def solver_name(ckpt: Checkpoint, mode: str) -> str:
+    """How a continuous chain steps from t_k to t_k+1: ct's DDIM or posterior step, fm's / adjoint's ODE solver."""
+    if ckpt.method == "ct":
+        return "ddim" if mode == "deterministic" else "posterior"
+    return ckpt.config.solver
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of an eval-mode model with every Linear -> BatchNorm1d pair of an nn.Sequential folded into one
     Linear (the BatchNorm becomes an Identity)."""
@@ -106,9 +195,13 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def model_info(ckpt: Checkpoint, mode: str = "deterministic", exporter: str = "torchscript",
-               opset: int = DEFAULT_OPSET) -> ModelInfo:
-    """The metadata of the exported model, from the checkpoint."""
-    cfg = ckpt.config
+               opset: int = DEFAULT_OPSET, steps: int | None = None, model: nn.Module | None = None) -> ModelInfo:
+    """The metadata of the exported model, from the checkpoint (and, for ct, its model's learned schedule).
+
+    steps: the unrolled step count of a continuous model (None: its configured steps); None for dt and backprop.
+    """
+    steps = export_steps(ckpt, steps)
+    cfg = ckpt.config if steps is None else dataclasses.replace(ckpt.config, steps=steps)
     data = ckpt.data or {}
     mean, std = data.get("mean"), data.get("std")
     channels = cfg.input_shape[0]
@@ -123,17 +216,27 @@ def model_info(ckpt: Checkpoint, mode: str = "deterministic", exporter: str = "t
     classes = [str(c) for c in data.get("classes") or range(cfg.num_classes)]
     if len(classes) != cfg.num_classes:
         raise ExportError(f"the checkpoint names {len(classes)} classes but the model has {cfg.num_classes}")
-    schedule = {"kind": "cosine", **cfg.schedule().to_config()}
+    if ckpt.method == "ct" and model is None:
+        model = _build(ckpt)
     return ModelInfo(
         class_names=classes, input_shape=tuple(cfg.input_shape), mean=[float(v) for v in mean],
         std=[float(v) for v in std], T=cfg.T, method=ckpt.method, embedding=cfg.embedding,
-        embedding_dim=cfg.embedding_dim, head=cfg.head, schedule=schedule, mode=mode, precision="fp32",
+        embedding_dim=cfg.embedding_dim, head="nearest-embedding" if ckpt.method == "fm" else cfg.head,
+        schedule=schedule_metadata(ckpt, model, steps), mode=mode, precision="fp32",
         noprop_fl_version=noprop.__version__, dataset=str(data.get("name", "")),
         training_metrics=dict(ckpt.metrics or {}),
         exporter=f"torch {torch.__version__.split('+')[0]} torch.onnx "
                  f"({'TorchScript' if exporter == 'torchscript' else 'dynamo'})",
-        opset=opset,
+        opset=opset, steps=steps or 0, solver=solver_name(ckpt, mode) if steps else "",
     )
+
+
+def _build(ckpt: Checkpoint) -> nn.Module:
+    try:
+        return ckpt.model()
+    except Exception as exc:  # a state dict that does not fit its config
+        raise ExportError(f"the checkpoint's weights do not fit its config ({type(exc).__name__}): "
+                          "the checkpoint is damaged") from None
 
 
 def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
@@ -172,8 +275,12 @@ def _export_dynamo(graph: InferenceGraph, args: tuple, names: list[str], opset: 
 
 
 def export_onnx(ckpt: Checkpoint, out: str | os.PathLike, mode: str = "deterministic", opset: int | None = None,
-                exporter: str = "torchscript", write_manifest: bool = True) -> Path:
-    """Write the checkpoint's inference chain to `out` (atomically) and its manifest beside it."""
+                exporter: str = "torchscript", write_manifest: bool = True, steps: int | None = None) -> Path:
+    """Write the checkpoint's inference chain to `out` (atomically) and its manifest beside it.
+
+    steps: for ct, fm and adjoint, the number of integration steps unrolled into the graph (default: the
+    checkpoint's configured steps); an error for dt and backprop.
+    """
     if mode not in MODES:
         raise ExportError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if exporter not in EXPORTERS:
@@ -182,13 +289,10 @@ def export_onnx(ckpt: Checkpoint, out: str | os.PathLike, mode: str = "determini
         opset = DEFAULT_OPSET if exporter == "torchscript" else DYNAMO_MIN_OPSET
     if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
         raise ExportError(f"the dynamo exporter needs opset >= {DYNAMO_MIN_OPSET}, got {opset}")
-    info = model_info(ckpt, mode, exporter, opset)
-    try:
-        model = ckpt.model()
-    except Exception as exc:  # a state dict that does not fit its config
-        raise ExportError(f"the checkpoint's weights do not fit its config ({type(exc).__name__}): "
-                          "the checkpoint is damaged") from None
-    graph = InferenceGraph(fold_batchnorm(model), info.mean, info.std, info.input_shape).eval()
+    steps = export_steps(ckpt, steps)
+    model = _build(ckpt)
+    info = model_info(ckpt, mode, exporter, opset, steps, model)
+    graph = InferenceGraph(inference_chain(ckpt, model, steps, mode), info.mean, info.std, info.input_shape).eval()
     gen = torch.Generator().manual_seed(0)
     example = torch.rand(2, *info.input_shape, generator=gen)
     names = [INPUT_NAME]
@@ -205,7 +309,8 @@ def export_onnx(ckpt: Checkpoint, out: str | os.PathLike, mode: str = "determini
                           f"{' '.join(str(exc).split())[:200]}){hint}") from None
     set_metadata(proto, info.to_metadata())
     proto.producer_name, proto.producer_version = "noprop-fl", noprop.__version__
-    proto.doc_string = (f"NoProp {info.method} chain, T={info.T}, {info.mode}: input image float32 "
+    length = f"{info.steps} unrolled {info.solver} steps" if info.steps else f"T={info.T}"
+    proto.doc_string = (f"NoProp {info.method} chain, {length}, {info.mode}: input image float32 "
                         f"[N, {', '.join(map(str, info.input_shape))}] raw pixels in [0, 1], normalised in the "
                         "graph; outputs probabilities and label.")
     data = proto.SerializeToString()
@@ -251,12 +356,13 @@ class ExportResult:
     bytes: int
     fp32_bytes: int
     precision: str
+    steps: int | None = None  # ct, fm, adjoint: the unrolled step count
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mode: str = "deterministic",
                       opset: int | None = None, exporter: str = "torchscript", int8: bool = False,
                       calibration: int = 512, data: str | None = None, data_root: str | os.PathLike | None = None,
-                      seed: int = 0, write_manifest: bool = True) -> ExportResult:
+                      seed: int = 0, write_manifest: bool = True, steps: int | None = None) -> ExportResult:
     """noprop-export's work: load, export fp32, optionally quantize to int8 (calibrated on training images)."""
     import tempfile
 
@@ -264,10 +370,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mod
 
     ckpt = load_checkpoint(checkpoint)
     out = Path(out)
+    steps = export_steps(ckpt, steps)  # a bad --steps fails before any work (or calibration data loading)
     if not int8:
-        path = export_onnx(ckpt, out, mode, opset, exporter, write_manifest)
+        path = export_onnx(ckpt, out, mode, opset, exporter, write_manifest, steps)
         size = path.stat().st_size
-        return ExportResult(path, manifest_path_for(path) if write_manifest else None, size, size, "fp32")
+        return ExportResult(path, manifest_path_for(path) if write_manifest else None, size, size, "fp32", steps)
     from noprop.deploy.quantize import calibration_images, quantize_model
 
     dataset = data or (ckpt.data or {}).get("name")
@@ -276,10 +383,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mod
     images = calibration_images(dataset, calibration, root=data_root, seed=seed,
                                 expect_shape=tuple(ckpt.config.input_shape))
     with tempfile.TemporaryDirectory(prefix="noprop-export-") as tmp:
-        fp32 = export_onnx(ckpt, Path(tmp) / "fp32.onnx", mode, opset, exporter, write_manifest=False)
+        fp32 = export_onnx(ckpt, Path(tmp) / "fp32.onnx", mode, opset, exporter, write_manifest=False, steps=steps)
         fp32_bytes = fp32.stat().st_size
         path = quantize_model(fp32, out, images, seed=seed, dataset=dataset)
     if write_manifest:
         write_manifest_file(path)
     return ExportResult(path, manifest_path_for(path) if write_manifest else None, path.stat().st_size,
-                        fp32_bytes, "int8")
+                        fp32_bytes, "int8", steps)

@@ -4,10 +4,12 @@
     noprop-export runs/x/checkpoint.pt -o model.int8.onnx --int8 --calibration 512
     noprop-export runs/x/checkpoint.pt -o model.onnx --mode stochastic
     noprop-export runs/x/checkpoint.pt --manifest-only   # writes runs/x/checkpoint.manifest.json only
+    noprop-export runs/ct/checkpoint.pt -o ct10.onnx --steps 10   # ct / fm / adjoint: unroll 10 ODE steps
 
 The graph takes `image` float32 [N, C, H, W] in raw pixel scale ([0, 1], uint8 / 255) and normalises it
-inside with the checkpoint's mean and std (see noprop.deploy.export). Beside the .onnx goes
-<name>.manifest.json (the ModelManifest of proto/noprop/v1/inference.proto).
+inside with the checkpoint's mean and std (see noprop.deploy.export). NoProp-CT, NoProp-FM and adjoint
+checkpoints are exported with their integration from t = 0 to 1 unrolled into --steps network calls. Beside
+the .onnx goes <name>.manifest.json (the ModelManifest of proto/noprop/v1/inference.proto).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "--int8, beside the checkpoint)")
     p.add_argument("--mode", choices=MODES, default="deterministic",
                    help="deterministic (z_0 = 0, eps = 0; input image only) or stochastic (input noise too)")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="ct, fm, adjoint: integration steps to unroll into the graph (default: the checkpoint's "
+                        "configured steps)")
     p.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel)")
     p.add_argument("--calibration", type=int, default=512, metavar="N",
                    help="training images to calibrate int8 on (default 512)")
@@ -66,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = export_checkpoint(args.checkpoint, out, mode=args.mode, opset=args.opset, exporter=args.exporter,
                                    int8=args.int8, calibration=args.calibration, data=args.data,
-                                   data_root=args.data_root, seed=args.seed, write_manifest=not args.no_manifest)
+                                   data_root=args.data_root, seed=args.seed, write_manifest=not args.no_manifest,
+                                   steps=args.steps)
     except (CheckpointError, DatasetError, ExportError, EdgeError) as exc:
         print(f"noprop-export: error: {exc}", file=sys.stderr)
         return 2
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     size = f"{result.bytes / 1e6:.2f} MB"
     if result.precision == "int8":
         size += f", {100 * result.bytes / result.fp32_bytes:.1f}% of the fp32 {result.fp32_bytes / 1e6:.2f} MB"
-    print(f"noprop-export: wrote {result.path} ({result.precision}, {args.mode}, {size})"
+    steps = f", {result.steps} steps unrolled" if result.steps else ""
+    print(f"noprop-export: wrote {result.path} ({result.precision}, {args.mode}{steps}, {size})"
           + (f" and {result.manifest}" if result.manifest else ""))
     return 0
 

@@ -75,8 +75,9 @@ class AdjointODE(ContinuousPredictor, nn.Module):
             z, _ = odeint_adjoint(dynamics, state, grid, method=self.cfg.solver, options=options,
                                   adjoint_params=tuple(params), adjoint_method=self.cfg.solver,
                                   adjoint_options=options)
-        else:
-            z, _ = odeint(dynamics, state, grid, method=self.cfg.solver, options=options)
+        else:  # no adjoint state needed: z alone is the state (torchdiffeq would flatten a tuple with fixed sizes)
+            features = state[1]
+            z = odeint(lambda t, z: dynamics(t, (z, features))[0], z0, grid, method=self.cfg.solver, options=options)
         return z[-1]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor,
