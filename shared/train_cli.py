@@ -72,11 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(cfg: TrainConfig, on_train_start: Callable[[], None] | None = None) -> dict:
+def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None) -> dict:
     """Train as cfg says; returns the last epoch's metrics record.
 
-    on_train_start runs once the data is loaded and the model built (benchmarks reset their memory peak there).
+    on_event("train_start") runs once data and model are ready, on_event("epoch_trained") after each epoch's
+    training and before its evaluation, on_event("epoch_done") after its checkpoint and plot: benchmarks use
+    them to measure the memory of training alone.
     """
+    def event(name: str) -> None:
+        if on_event is not None:
+            on_event(name)
+
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -107,8 +113,7 @@ def run(cfg: TrainConfig, on_train_start: Callable[[], None] | None = None) -> d
     optimizer = None if trainer is not None else make_optimizer(cfg.method, model.parameters(), cfg.lr,
                                                                 cfg.weight_decay)
     modes = ("deterministic", "stochastic") if cfg.eval_mode == "both" else (cfg.eval_mode,)
-    if on_train_start is not None:
-        on_train_start()
+    event("train_start")
     records = []
     batches = -(-len(train) // cfg.batch_size)
     for epoch in range(1, cfg.epochs + 1):
@@ -138,6 +143,7 @@ def run(cfg: TrainConfig, on_train_start: Callable[[], None] | None = None) -> d
             # block evaluations per example: the whole chain (backprop), every ODE step (adjoint), one (ct, fm)
             block_passes = {"backprop": cfg.T, "adjoint": model_cfg.T}.get(cfg.method, 1)
         train_time = time.perf_counter() - start
+        event("epoch_trained")
         record["train_time_s"] = round(train_time, 2)
         record["samples_per_s_per_block"] = round(len(train) * block_passes / train_time, 1)
         for mode in modes:
@@ -152,6 +158,7 @@ def run(cfg: TrainConfig, on_train_start: Callable[[], None] | None = None) -> d
             method=cfg.method, config=model_cfg, state_dict=model.state_dict(), data=train.describe(),
             metrics=record, extra={"epoch": epoch, "train_config": cfg.to_dict()}))
         plot_training_curves(records, out / "curves.png", title=f"{cfg.method} on {train.name}")
+        event("epoch_done")
     print(f"done: checkpoint {out / 'checkpoint.pt'}, metrics {metrics_path}, curves {out / 'curves.png'}")
     return records[-1]
 
