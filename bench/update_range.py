@@ -105,7 +105,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     top = max(res["max_ratio"] for res in results)
     bound = FederationConfig.max_value_ratio
     lines += ["", f"Largest honest ratio: {top:.2f}. The default bound, max_value_ratio = {bound:g}, leaves a margin "
-                  f"of {bound / top:.0f}x over it; a reply scaled or shifted far out of range is rejected (tests/test_faults.py)."]
+                  f"of {bound / top:.0f}x over it; a reply scaled or shifted far out of range is rejected "
+                  "(tests/test_faults.py)."]
     return "\n".join(lines) + "\n"
 
 
