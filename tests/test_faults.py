@@ -45,7 +45,7 @@ TESTS = Path(__file__).parent
 T = 3
 NUM_CLIENTS = 3
 ROUNDS = 3
-ROUND_TIMEOUT = 60.0
+ROUND_TIMEOUT = 90.0  # an honest reply takes up to ~60 s on a loaded 2-core machine
 SMALL = ["--T", str(T), "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3",
          "--dropout", "0", "--local-epochs", "3", "--eval-limit", "0", "--client-threads", "1"]
 ALIVE, STRAGGLER, VICTIM = 0, 1, 2  # client indices (= partitions)
@@ -281,6 +281,7 @@ def faulty_run(tmp_path_factory) -> FaultyRun:
                 pending.discard(STRAGGLER)
         run.restarted = run.client(VICTIM, "client2-restarted")  # same partition, a new process
         watch(run, lambda: len(run.metrics()) >= 2, ROUND_TIMEOUT + 240, "round 2's metrics line")
+        run.events["straggler_log_at_cont"] = len(straggler.text())
         signal_tree(set(run.events["straggler_tree"]) | tree(straggler), signal.SIGCONT)
         run.events["straggler_continued"] = time.monotonic() - start
 
@@ -304,7 +305,9 @@ def faulty_run(tmp_path_factory) -> FaultyRun:
                 p.snapshot()
             time.sleep(1.0)
         run.events["total_s"] = round(time.monotonic() - start, 1)
-        print(f"\nfaulty federation: {json.dumps({k: v for k, v in run.events.items() if 'tree' not in k})}")
+        shown = {k: round(v, 1) if isinstance(v, float) else v for k, v in run.events.items()
+                 if k not in ("straggler_tree", "server_tree", "metrics_at_kill")}
+        print(f"\nfaulty federation: {json.dumps(shown)}")
         yield run
     finally:
         for p in run.clients:  # a straggler left stopped would ignore SIGTERM
@@ -331,9 +334,9 @@ def test_client_killed_while_training_costs_only_its_own_work(faulty_run):
     assert run.resumed.proc.returncode == 0, run.report()
     r1, r2, r3 = run.metrics()
     assert len(node_ids(r1)) == NUM_CLIENTS and owners_of(r1) == node_ids(r1), r1
-    victim = next(n for n in owners_of(r2) if n not in r2["trained_by"] and n in r2["failed"]) \
-        if r2["failed"] else None
-    assert victim is not None, r2
+    gone = set(r2["failed"]) - owners_of(r3)  # the victim: failed in round 2 and planned out after it
+    assert len(gone) == 1 and gone < owners_of(r2), (r2, r3)
+    victim = gone.pop()
     assert "round 2: training" in run.clients[VICTIM].text() and trained_in(run.clients[VICTIM], 2) is None, \
         "the kill must land while the victim trains"
     # the survivor's update counted; the two faulty nodes' did not
@@ -342,24 +345,27 @@ def test_client_killed_while_training_costs_only_its_own_work(faulty_run):
     trained_blocks = {int(b) for b in r2["block_l2"]}
     assert trained_blocks == {int(b) for b, o in r2["plan"].items() if set(o) & set(r2["trained_by"])}, r2
     # round 3: the dead node is planned out, every block has an owner, the run finishes
-    assert victim not in owners_of(r3) and set(r3["plan"]) == {str(t) for t in range(1, T + 1)}, r3
+    assert victim not in r3["nodes"] and set(r3["plan"]) == {str(t) for t in range(1, T + 1)}, r3
     assert (run.out / "DONE.json").exists()
 
 
 def test_straggler_does_not_hold_the_round_and_its_late_reply_never_counts(faulty_run):
     run = faulty_run
     r1, r2, r3 = run.metrics()
-    straggler_log = run.clients[STRAGGLER].text()
-    late = trained_in(run.clients[STRAGGLER], 2)
+    text = run.clients[STRAGGLER].text()
+    at_cont = run.events["straggler_log_at_cont"]
     stopped_for = run.events["straggler_continued"] - run.events["straggler_stopped"]
-    # it was frozen mid-training: its own clock shows the stop, and it did finish and send its reply afterwards
-    assert late is not None and late >= stopped_for - 5, (late, stopped_for, straggler_log[-2000:])
-    # the round ended at the timeout (or earlier, once Flower saw the node's heartbeats stop), not when it woke
-    assert r2["round_time_s"] < ROUND_TIMEOUT + 40, r2
-    assert stopped_for > r2["round_time_s"] - 30, (stopped_for, r2["round_time_s"])
+    # frozen mid-training (round 2 started, not finished, when the round ended) ...
+    assert "round 2: training" in text[:at_cont] and trained_in(run.clients[STRAGGLER], 2) is None, text[-3000:]
+    # ... the round ended at the timeout (or earlier, once Flower saw its heartbeats stop), not when it woke up
+    assert r2["round_time_s"] < ROUND_TIMEOUT + 60 and stopped_for > r2["round_time_s"] - 30, (r2, stopped_for)
     straggler = next(n for n in r2["failed"] if n in owners_of(r1) and n in owners_of(r3))
     assert straggler not in r2["trained_by"] and str(straggler) not in r2["num_examples"], r2
-    # it is back in round 3 with a fresh message; nothing from it was rejected as stale: the late reply was never read
+    # woken up, its SuperNode sends its (late) round-2 reply, which the server no longer reads ...
+    after = text[at_cont:]
+    late = after.find("ROUND train-2]\n")
+    assert late >= 0 and "Sending: train message" in after[late:after.find("ROUND query-3")], after[:3000]
+    # ... and it trains round 3 from a fresh message; nothing was rejected as stale: the late reply was never read
     assert straggler in r3["trained_by"] and not r3["rejected"], r3
 
 
