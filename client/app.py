@@ -111,11 +111,15 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         optim = OptimConfig(lr=float(cfg_record["lr"]), weight_decay=float(cfg_record["weight-decay"]),
                             batch_size=int(cfg_record["batch-size"]))
         trainer = BlockTrainer(model, optim)
+        rnd = int(cfg_record["round"])
+        print(f"round {rnd}: training block(s) {', '.join(map(str, blocks))} on {len(data)} examples", flush=True)
         start = time.perf_counter()
         losses = train_owned_blocks(trainer, blocks, data, int(cfg_record["local-epochs"]))
         elapsed = time.perf_counter() - start
+        print(f"round {rnd}: trained in {elapsed:.1f}s", flush=True)
         state = to_numpy_state(model.state_dict())
-        metrics = {"num-examples": len(data), "train-time-s": elapsed,
+        # the round stamp lets the server refuse a reply that answers another round (late or replayed)
+        metrics = {"round": rnd, "num-examples": len(data), "train-time-s": elapsed,
                    "samples-per-s-per-block": len(data) * len(blocks) * int(cfg_record["local-epochs"]) / elapsed}
         for t, parts in losses.items():
             metrics[f"loss-block-{t}"] = float(parts["loss"])

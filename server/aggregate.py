@@ -1,9 +1,11 @@
 """Checking and combining the nodes' replies.
 
 A block is averaged over the nodes that owned it this round; the shared embedding and head over every
-reply; weights are example counts. A reply counts only if it holds exactly the keys the node was sent,
-with the right shapes and dtypes and finite values: anything else is rejected whole, so a bad node can
-never half-update the model.
+reply, by example-weighted mean or, as an option against a poisoned node, by Flower's coordinate-wise median
+or trimmed mean. A reply counts only if it answers this round, holds exactly the keys the node was sent
+(its own blocks and the shared tensors), claims no more examples than the node holds, and has the right
+shapes and dtypes and finite values within a bound of the global model's: anything else is rejected whole,
+so a bad node can never half-update the model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
+from noprop.federation import AGGREGATIONS
 from noprop.server.planner import OwnershipPlan
 
 
@@ -34,16 +38,31 @@ class Reply:
     arrays: dict[str, np.ndarray]
     num_examples: int
     metrics: dict = field(default_factory=dict)
+    round: int | None = None  # the round the node says it answers (the client stamps it)
+
+
+def value_bound(reference: np.ndarray, max_value_ratio: float) -> float:
+    """Largest magnitude a reply may hold in a tensor: the ratio times the global tensor's largest magnitude,
+    which counts as at least 1 so that tensors that start at zero (biases, BatchNorm means) may grow."""
+    ref_max = float(np.abs(reference).max()) if reference.size else 0.0
+    return max_value_ratio * max(ref_max, 1.0)
 
 
 def validate_reply(reply: Reply, sent_keys: list[str], reference: dict[str, np.ndarray],
-                   max_examples: int | None = None) -> str | None:
+                   max_examples: int | None = None, expected_round: int | None = None,
+                   max_value_ratio: float | None = None) -> str | None:
     """None if the reply may count, else the reason it may not."""
+    if expected_round is not None and reply.round != expected_round:
+        return f"answers round {reply.round}, not the current round {expected_round} (stale or replayed)"
     got, want = set(reply.arrays), set(sent_keys)
     if got != want:
         extra, missing = sorted(got - want), sorted(want - got)
+        sent_blocks = {block_of_key(k) for k in want}
+        foreign = sorted({b for k in extra if (b := block_of_key(k)) is not None and b not in sent_blocks})
+        if foreign:
+            return f"holds block(s) it was not given: {', '.join(str(b) for b in foreign)}"
         return f"keys differ from what was sent (extra {extra[:3]}, missing {missing[:3]})"
-    if not isinstance(reply.num_examples, int) or reply.num_examples < 1:
+    if not isinstance(reply.num_examples, int) or isinstance(reply.num_examples, bool) or reply.num_examples < 1:
         return f"num-examples {reply.num_examples!r} is not a positive integer"
     if max_examples is not None and reply.num_examples > max_examples:
         return f"num-examples {reply.num_examples} exceeds the {max_examples} the node reported"
@@ -51,8 +70,15 @@ def validate_reply(reply: Reply, sent_keys: list[str], reference: dict[str, np.n
         arr, ref = reply.arrays[key], reference[key]
         if arr.shape != ref.shape or arr.dtype != ref.dtype:
             return f"{key}: got {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}"
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        if not np.issubdtype(arr.dtype, np.floating) or not arr.size:
+            continue
+        if not np.isfinite(arr).all():
             return f"{key}: non-finite values"
+        if max_value_ratio is not None:
+            biggest, bound = float(np.abs(arr).max()), value_bound(ref, max_value_ratio)
+            if biggest > bound:
+                return (f"{key}: values up to {biggest:.3g}, beyond the bound {bound:.3g} ({max_value_ratio:g} x the "
+                        "global tensor's largest magnitude, at least 1)")
     return None
 
 
@@ -66,8 +92,26 @@ def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
     return np.asarray(acc, dtype=arrays[0].dtype)
 
 
-def aggregate(state: dict[str, np.ndarray], plan: OwnershipPlan, replies: list[Reply]) -> dict[str, np.ndarray]:
-    """New global state from validated replies; blocks nobody trained keep their weights."""
+def robust_combine(arrays: list[np.ndarray], method: str, trim_fraction: float) -> np.ndarray:
+    """Coordinate-wise median or trimmed mean (Flower's own functions; example counts play no part, so a node
+    cannot buy weight by claiming more data), cast back to the input dtype (integers rounded)."""
+    results = [([a], 1) for a in arrays]
+    if method == "median":
+        out = aggregate_median(results)[0]
+    else:
+        out = aggregate_trimmed_avg(results, trim_fraction)[0]
+    if np.issubdtype(arrays[0].dtype, np.integer):
+        out = np.rint(out)
+    return np.asarray(out, dtype=arrays[0].dtype)
+
+
+def aggregate(state: dict[str, np.ndarray], plan: OwnershipPlan, replies: list[Reply], method: str = "mean",
+              trim_fraction: float = 0.2) -> dict[str, np.ndarray]:
+    """New global state from validated replies; blocks nobody trained keep their weights. ``method`` applies
+    to the shared tensors (embedding and head), which every node trains; a block has its one or few owners
+    and is always their weighted mean."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}: use one of {', '.join(AGGREGATIONS)}")
     new = dict(state)
     if not replies:
         return new
@@ -77,6 +121,11 @@ def aggregate(state: dict[str, np.ndarray], plan: OwnershipPlan, replies: list[R
             contributing = replies
         else:
             contributing = [r for r in replies if r.node_id in plan.owners.get(block, ()) and key in r.arrays]
-        if contributing:
-            new[key] = weighted_mean([r.arrays[key] for r in contributing], [r.num_examples for r in contributing])
+        if not contributing:
+            continue
+        arrays = [r.arrays[key] for r in contributing]
+        if block is None and method != "mean":
+            new[key] = robust_combine(arrays, method, trim_fraction)
+        else:
+            new[key] = weighted_mean(arrays, [r.num_examples for r in contributing])
     return new

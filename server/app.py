@@ -3,12 +3,26 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.app_utils import start_parent_process_monitor
 
 from noprop.federation import FederationConfig
 from noprop.server.fedavg import run_fedavg
 from noprop.server.rounds import main_loop
+
+
+def end_with_superexec() -> None:
+    """Flower starts flwr-serverapp in a session of its own and without --parent-pid, so when noprop-server is
+    killed (SIGKILL: no cleanup) and its SuperLink and SuperExec go, the ServerApp would live on and keep writing
+    OUT while a restarted server resumes there. Flower's own parent monitor (SIGINT once the parent is gone, then
+    Flower's graceful exit) ends it with its SuperExec instead."""
+    if Path(sys.argv[0]).name == "flwr-serverapp" and os.getppid() != 1:
+        start_parent_process_monitor(os.getppid())
 
 
 def make_server_app(overrides: dict | None = None) -> ServerApp:
@@ -17,6 +31,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        end_with_superexec()
         cfg = FederationConfig.from_run_config({**dict(context.run_config), **(overrides or {})})
         run = main_loop if cfg.owns_blocks else run_fedavg  # NoProp-DT owns blocks; the others are one network
         run(grid, cfg, log=lambda line: print(line, flush=True))

@@ -46,7 +46,7 @@ from noprop.launch import (
     format_address,
     install_signal_handlers,
     is_loopback,
-    port_free,
+    port_free_soon,
     raise_if_interrupted,
     run_quiet,
     say,
@@ -141,10 +141,14 @@ def prepare(args: argparse.Namespace) -> Plan:
     if not args.startup_timeout > 0:
         raise LaunchError("--startup-timeout must be positive")
     for what, h, port in (("--port", host, args.port), ("--control-port", "127.0.0.1", args.control_port)):
-        if not port_free(h, port):
+        if not port_free_soon(h, port):
             raise LaunchError(f"{what} {port} on {h} is in use (another noprop-server or SuperLink?): pass a free "
                               f"{what}")
     check_dataset(cfg)
+    if cfg.resume:
+        note = check_in_subprocess("noprop.server.launcher:check_resume", {"out": cfg.out})["note"]
+        if note:
+            say(PROG, f"WARNING: {note}")
     state = Path(args.state_dir).expanduser().resolve() if args.state_dir else Path(cfg.out) / ".flower"
     return Plan(cfg=cfg, overrides=overrides, host=host, port=args.port, control_port=args.control_port,
                 state=state, verbose=args.verbose, startup_timeout=args.startup_timeout)
@@ -168,6 +172,21 @@ def check_eval_data(payload: dict) -> dict:
     except (OSError, ValueError) as exc:
         raise LaunchError(f"--dataset {spec} cannot be read: {exc}") from None
     return {"examples": len(data)}
+
+
+def check_resume(payload: dict) -> dict:
+    """--resume: OUT's checkpoint (or the previous one, if the latest is torn or corrupt) must load, so that a run
+    that cannot resume fails here with one line rather than inside the ServerApp."""
+    from noprop.checkpoint import CheckpointError, load_latest_checkpoint, previous_path
+
+    path = Path(str(payload["out"])) / "checkpoint.pt"
+    if not path.exists() and not previous_path(path).exists():
+        return {"note": ""}  # nothing to resume: the run starts at round 1 (the ServerApp says so)
+    try:
+        _, _, note = load_latest_checkpoint(path)
+    except CheckpointError as exc:
+        raise LaunchError(f"--resume: {exc}") from None
+    return {"note": note or ""}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,6 +306,9 @@ def round_line(record: dict, num_rounds: int) -> str:
     failed = record.get("failed")
     if failed:
         parts.append(f"no reply from node(s) {', '.join(str(n) for n in failed)}")
+    rejected = record.get("rejected")
+    if isinstance(rejected, dict):
+        parts += [f"reply of node {node} rejected: {why}" for node, why in rejected.items()]
     return ", ".join(parts)
 
 

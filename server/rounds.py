@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +12,10 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from noprop.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from noprop.checkpoint import Checkpoint, CheckpointError, load_latest_checkpoint, previous_path, save_checkpoint
 from noprop.data import load_dataset
 from noprop.federation import FederationConfig
-from noprop.io import append_jsonl, atomic_write_text, read_jsonl
+from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.model import NoPropDT, parse_embedding
 from noprop.plots import plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
@@ -32,6 +33,7 @@ class RunState:
     round: int = 0  # last completed round
     records: list[dict] = field(default_factory=list)
     capacities: dict[int, NodeCapacity] = field(default_factory=dict)
+    ownership: list[dict] = field(default_factory=list)  # each completed round's plan (block -> node ids)
 
 
 class NoPropFederation:
@@ -51,21 +53,36 @@ class NoPropFederation:
         self.state = RunState()
         torch.manual_seed(cfg.seed)
         model = NoPropDT(self.model_cfg)
-        if cfg.resume and self.ckpt_path.exists():
-            ckpt = load_checkpoint(self.ckpt_path)
-            if ckpt.config != self.model_cfg:
-                raise FederationError(f"{self.ckpt_path} was trained with another model config: use a new --out "
-                                      "or the original settings")
-            model.load_state_dict(ckpt.state_dict)
-            self.state.round = int(ckpt.extra["round"])
-            self.state.records = [r for r in read_jsonl(self.metrics_path) if r["round"] <= self.state.round] \
-                if self.metrics_path.exists() else []
-            self.log(f"resuming after round {self.state.round} from {self.ckpt_path}")
+        if cfg.resume and (self.ckpt_path.exists() or previous_path(self.ckpt_path).exists()):
+            self.resume(model)
         else:
+            if cfg.resume:
+                self.log(f"no checkpoint in {self.out} to resume from: starting at round 1")
             self.metrics_path.unlink(missing_ok=True)
         self.model = model
         self.global_state = to_numpy_state(model.state_dict())
         self.model_cfg_json = json.dumps(self.model_cfg.to_dict())
+
+    def resume(self, model: NoPropDT) -> None:
+        """Continue after the last round the checkpoint holds (the previous checkpoint if the latest is torn or
+        corrupt); metrics lines of later rounds (written before the crash, not in the checkpoint) are dropped."""
+        try:
+            ckpt, path, note = load_latest_checkpoint(self.ckpt_path)
+        except CheckpointError as exc:
+            raise FederationError(str(exc)) from None
+        if note:
+            self.log(f"WARNING: {note}")
+        if ckpt.config != self.model_cfg:
+            raise FederationError(f"{path} was trained with another model config: use a new --out or the original "
+                                  "settings")
+        model.load_state_dict(ckpt.state_dict)
+        self.state.round = int(ckpt.extra["round"])
+        self.state.ownership = list(ckpt.extra.get("ownership", []))
+        records = read_jsonl(self.metrics_path) if self.metrics_path.exists() else []
+        self.state.records = [r for r in records if r.get("round", 0) <= self.state.round]
+        if len(self.state.records) != len(records):
+            write_jsonl(self.metrics_path, self.state.records)
+        self.log(f"resuming after round {self.state.round} from {path}")
 
     # -- the run -------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -91,7 +108,7 @@ class NoPropFederation:
         except PlanError as exc:
             raise FederationError(str(exc)) from None
         replies, record = self.train(plan, rnd)  # only replies that passed validation
-        self.global_state = aggregate(self.global_state, plan, replies)
+        self.global_state = aggregate(self.global_state, plan, replies, self.cfg.aggregation, self.cfg.trim_fraction)
         self.model.load_state_dict(to_torch_state(self.global_state))
         record["accuracy"] = self.evaluate(self.cfg.eval_limit)
         if self.cfg.client_eval:
@@ -100,12 +117,14 @@ class NoPropFederation:
         record["round_time_s"] = round(time.perf_counter() - start, 2)
         self.state.round = rnd
         self.state.records.append(record)
+        self.state.ownership.append(record["plan"])
         append_jsonl(self.metrics_path, record)
         self.save(record)
         trained = sum(1 for t in plan.owners if any(n in plan.owners[t] for n in record["trained_by"]))
+        rejected = f"  rejected from node(s) {', '.join(record['rejected'])}" if record["rejected"] else ""
         self.log(f"round {rnd}/{self.cfg.num_rounds}  accuracy {100 * record['accuracy']:.2f}%  "
                  f"nodes {len(record['trained_by'])}/{len(plan.assignments)}  blocks trained {trained}/{self.cfg.T}  "
-                 f"mean denoising loss {record['mean_l2']:.4f}  {record['round_time_s']:.1f}s")
+                 f"mean denoising loss {record['mean_l2']:.4f}  {record['round_time_s']:.1f}s{rejected}")
         return record
 
     def wait_for_nodes(self, first: bool) -> list[int]:
@@ -146,12 +165,20 @@ class NoPropFederation:
             if msg.has_error():
                 self.log(f"node {node}: discovery failed: {msg.error.reason}")
                 continue
-            c = msg.content["capacity"]
-            known[node] = NodeCapacity(node_id=node, max_blocks=int(c["max-blocks"]), throughput=float(c["throughput"]),
-                                       num_examples=int(c["num-examples"]), device=str(c["device"]),
-                                       memory_mb=float(c["memory-mb"]))
-            self.log(f"node {node}: {c['device']}, {int(c['num-examples'])} examples of {c['data']}, "
-                     f"{float(c['throughput']):.0f} samples/s per block, holds up to {int(c['max-blocks'])} blocks")
+            try:
+                c = msg.content["capacity"]
+                cap = NodeCapacity(node_id=node, max_blocks=int(c["max-blocks"]), throughput=float(c["throughput"]),
+                                   num_examples=int(c["num-examples"]), device=str(c["device"]),
+                                   memory_mb=float(c["memory-mb"]))
+                if not (cap.max_blocks >= 1 and cap.num_examples >= 1 and math.isfinite(cap.throughput)
+                        and cap.throughput > 0):
+                    raise ValueError("max-blocks, num-examples and throughput must be positive")
+            except Exception as exc:  # noqa: BLE001 - a malformed answer must not stop the run
+                self.log(f"node {node}: discovery reply rejected: {type(exc).__name__}: {exc}")
+                continue
+            known[node] = cap
+            self.log(f"node {node}: {c['device']}, {cap.num_examples} examples of {c.get('data', '?')}, "
+                     f"{cap.throughput:.0f} samples/s per block, holds up to {cap.max_blocks} blocks")
 
     def train(self, plan: OwnershipPlan, rnd: int) -> tuple[list[Reply], dict]:
         """Send each node its blocks; return the replies that passed validation and the round's record."""
@@ -183,18 +210,18 @@ class NoPropFederation:
                 failed.append(node)
                 self.log(f"node {node}: training failed: {msg.error.reason}")
                 continue
-            record = msg.content["arrays"]
-            metrics = msg.content["metrics"]
-            reply = Reply(node_id=node, arrays=record_to_arrays(record), num_examples=int(metrics["num-examples"]),
-                          metrics=dict(metrics))
-            bytes_from[str(node)] = record.count_bytes()
-            cap = self.state.capacities.get(node)
-            problem = validate_reply(reply, keys or [], self.global_state,
-                                     max_examples=cap.num_examples if cap else None)
+            reply, problem = parse_train_reply(msg, node, plan.blocks_of(node))
+            if reply is not None:
+                bytes_from[str(node)] = msg.content["arrays"].count_bytes()
+                cap = self.state.capacities.get(node)
+                problem = validate_reply(reply, keys or [], self.global_state,
+                                         max_examples=cap.num_examples if cap else None, expected_round=rnd,
+                                         max_value_ratio=cfg.max_value_ratio)
             if problem:
                 rejected[node] = problem
                 self.log(f"node {node}: reply rejected: {problem}")
                 continue
+            metrics = reply.metrics
             replies.append(reply)
             for t in plan.blocks_of(node):
                 losses.setdefault(t, []).append(float(metrics[f"l2-block-{t}"]))
@@ -211,7 +238,8 @@ class NoPropFederation:
             "block_l2": block_l2, "mean_l2": sum(block_l2.values()) / max(len(block_l2), 1),
             "bytes_to": bytes_to, "bytes_from": bytes_from,
             "num_examples": {str(r.node_id): r.num_examples for r in replies},
-            "client_train_time_s": {str(r.node_id): round(float(r.metrics["train-time-s"]), 2) for r in replies},
+            "client_train_time_s": {str(r.node_id): round(float(r.metrics.get("train-time-s", 0.0)), 2)
+                                    for r in replies},
         }
         return replies, record
 
@@ -242,7 +270,7 @@ class NoPropFederation:
             method="dt", config=self.model_cfg, state_dict=self.model.state_dict(), data=info,
             metrics={"accuracy": record["accuracy"], "round": record["round"]},
             extra={"round": record["round"], "federation": self.cfg.to_run_config(),
-                   "ownership": [r["plan"] for r in self.state.records]}))
+                   "ownership": list(self.state.ownership)}), keep_previous=True)
 
     def finish(self) -> dict:
         final_acc = self.evaluate(self.cfg.final_eval_limit)
@@ -254,6 +282,24 @@ class NoPropFederation:
         self.log(f"done: final accuracy {100 * final_acc:.2f}% on {n} test examples ({self.cfg.eval_mode}); "
                  f"checkpoint {self.ckpt_path}, plots {self.out / 'accuracy.png'}, {self.out / 'ownership.png'}")
         return done
+
+
+def parse_train_reply(msg: Message, node: int, blocks: tuple[int, ...]) -> tuple[Reply | None, str | None]:
+    """A train reply's parts, or the reason it is malformed (a reply is the sender's word: never trust its layout)."""
+    try:
+        record = msg.content["arrays"]
+        metrics = dict(msg.content["metrics"])
+        arrays = record_to_arrays(record)
+    except Exception as exc:  # noqa: BLE001 - missing or wrong records arrive in several exception types
+        return None, f"malformed reply ({type(exc).__name__}: {exc})"
+    num_examples = metrics.get("num-examples")
+    stamp = metrics.get("round")
+    missing = [f"l2-block-{t}" for t in blocks if not isinstance(metrics.get(f"l2-block-{t}"), int | float)]
+    if missing:
+        return None, f"malformed reply: metrics {', '.join(missing)} missing"
+    reply = Reply(node_id=node, arrays=arrays, num_examples=num_examples,  # type: ignore[arg-type] - validated next
+                  metrics=metrics, round=stamp if isinstance(stamp, int) else None)
+    return reply, None
 
 
 def main_loop(grid: Grid, cfg: FederationConfig, log=print) -> dict:

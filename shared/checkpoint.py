@@ -43,8 +43,35 @@ class Checkpoint:
         return model.to(device).eval()
 
 
-def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
-    """Atomic write, with a SHA-256 of the payload so that a torn or altered file is detected on load."""
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where save_checkpoint(keep_previous=True) keeps the one before: checkpoint.pt -> checkpoint.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _rotate(path: Path) -> None:
+    """Make the current checkpoint the previous one, atomically (a hard link renamed over the old previous),
+    so that at every instant both names hold a whole checkpoint. A current file that fails its checks is not
+    kept: it would push out a good previous one."""
+    if not path.is_file():
+        return
+    try:
+        load_checkpoint(path)
+    except CheckpointError:
+        return
+    prev = previous_path(path)
+    link = path.with_name(f".{prev.name}.{os.getpid()}.link")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # no hard links here (some network file systems): copy
+        atomic_write(link, lambda f: f.write(path.read_bytes()))
+    os.replace(link, prev)
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, keep_previous: bool = False) -> Path:
+    """Atomic write, with a SHA-256 of the payload so that a torn or altered file is detected on load.
+    keep_previous: the checkpoint being replaced (if it is sound) becomes previous_path(path) first."""
     payload = {
         "method": ckpt.method,
         "config": ckpt.config.to_dict(),
@@ -60,6 +87,8 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
                 "payload": body}
     out = io.BytesIO()
     torch.save(envelope, out)
+    if keep_previous:
+        _rotate(Path(path))
     return atomic_write(path, lambda f: f.write(out.getvalue()))
 
 
@@ -78,8 +107,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if envelope.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint version {envelope.get('version')}, this noprop-fl reads "
                               f"{FORMAT_VERSION}: use a matching noprop-fl")
-    body = envelope["payload"]
-    if hashlib.sha256(body).hexdigest() != envelope.get("sha256"):
+    body = envelope.get("payload")
+    if not isinstance(body, bytes) or hashlib.sha256(body).hexdigest() != envelope.get("sha256"):
         raise CheckpointError(f"{path} fails its checksum (corrupt or altered): use an earlier checkpoint")
     payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     if payload["method"] not in METHODS:
@@ -88,3 +117,27 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(method=payload["method"], config=config_from_dict(payload["method"], payload["config"]),
                       state_dict=payload["state_dict"], data=payload["data"], metrics=payload["metrics"],
                       extra=payload["extra"])
+
+
+def load_latest_checkpoint(path: str | os.PathLike) -> tuple[Checkpoint, Path, str | None]:
+    """The checkpoint at path or, if that one is missing, torn or corrupt, the previous one. Returns it, the file
+    it came from and, when the previous one was used, a message saying why. Both unusable: CheckpointError
+    naming both problems."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path), path, None
+    except CheckpointError as exc:
+        latest_problem = _problem(exc)
+    prev = previous_path(path)
+    try:
+        ckpt = load_checkpoint(prev)
+    except CheckpointError as exc:
+        raise CheckpointError(f"no usable checkpoint: {latest_problem}; {_problem(exc)}: start again without "
+                              "resuming, or with another output folder") from None
+    return ckpt, prev, f"{latest_problem}; using the previous checkpoint {prev}"
+
+
+def _problem(exc: CheckpointError) -> str:
+    """The what of a CheckpointError message, without its advice (the text after the last ': ')."""
+    text = str(exc)
+    return text.rsplit(": ", 1)[0] if ": " in text else text

@@ -16,6 +16,7 @@ from noprop.model import NoPropConfig, parse_embedding
 POLICIES = ("rotate", "replicate")
 # dt: each node trains the blocks it owns; the others are one network that every node trains whole (FedAvg)
 FEDERATED_METHODS = tuple(METHODS)
+AGGREGATIONS = ("mean", "median", "trimmed-mean")  # of the shared embedding and head
 
 
 @dataclass
@@ -54,6 +55,10 @@ class FederationConfig:
     round_timeout: float = 900.0  # seconds a round waits for replies
     join_timeout: float = 300.0  # seconds the first round waits for min_nodes
     client_threads: int = 0  # torch threads per client process (0 = torch's default)
+    aggregation: str = "mean"  # of the shared embedding and head: mean | median | trimmed-mean
+    trim_fraction: float = 0.2  # trimmed-mean: share of replies cut at each end, per coordinate
+    max_value_ratio: float = 50.0  # a reply value may be at most this many times the global tensor's largest
+    # magnitude (at least 1); measured on Fashion-MNIST, honest updates stay below 3 (BENCHMARKS.md)
 
     def validate(self) -> FederationConfig:
         def bad(name: str, why: str) -> ValueError:
@@ -76,6 +81,12 @@ class FederationConfig:
             raise bad("eval_limit", "must be 0 (all) or a positive number")
         if self.eval_mode not in ("deterministic", "stochastic"):
             raise bad("eval_mode", "use deterministic or stochastic")
+        if self.aggregation not in AGGREGATIONS:
+            raise bad("aggregation", f"use one of {', '.join(AGGREGATIONS)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise bad("trim_fraction", "must be at least 0 and below 0.5 (the share cut at each end)")
+        if not self.max_value_ratio > 1:
+            raise bad("max_value_ratio", "must be above 1 (a bound relative to the global model's values)")
         parse_embedding(self.embedding)
         self.channel_tuple()
         self.model_config((1, 8, 8), 2)  # the method's own checks (solver, steps) fail here, before any process

@@ -203,6 +203,17 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def port_free_soon(host: str, port: int, wait: float = 8.0) -> bool:
+    """port_free, allowing a server that is still shutting down (a killed noprop-server's SuperLink exits a few
+    seconds after its launcher) up to ``wait`` s to let go of the port."""
+    deadline = time.monotonic() + wait
+    while not port_free(host, port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS considers free right now (the usual small race applies)."""
     with socket.socket(_family(host), socket.SOCK_STREAM) as s:
@@ -299,6 +310,11 @@ FLAG_HELP = {
     "round_timeout": "seconds a round waits for replies; later replies are dropped and the node planned out",
     "join_timeout": "seconds the first round waits for --min-clients clients",
     "client_threads": "torch threads per client process (0 = torch's default)",
+    "aggregation": "how the shared embedding and head are combined: mean (weighted by examples), or median / "
+                   "trimmed-mean (coordinate-wise, robust to a few poisoned nodes; need 3+ replies to differ)",
+    "trim_fraction": "trimmed-mean: share of the replies cut at each end of every coordinate",
+    "max_value_ratio": "reject a reply holding a value above this many times the largest magnitude of the same "
+                       "global tensor (at least 1)",
 }
 PATH_FIELDS = ("out", "data_root")  # resolved to absolute paths: Flower's processes run elsewhere
 DATASET_FIELDS = ("dataset", "client_data")  # npz:FILE / imagefolder:DIR specs get an absolute path

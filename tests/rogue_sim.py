@@ -1,0 +1,105 @@
+"""A federation with a rogue node, on Flower's simulation engine: the real noprop ServerApp, and a ClientApp that
+is noprop's own wrapped so that the node holding partition 0 tampers each train reply it sends, one way per
+round (TAMPERS). Run by tests/test_faults.py as a script (Ray lives and dies with this process):
+
+    python tests/rogue_sim.py OUT NPZ
+
+Each tampered reply is recorded in OUT/rogue.jsonl (round, node id, what was done) for the test to match against
+the server's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TAMPERS = ("foreign-block", "stale-round", "huge-count", "out-of-range")
+ROGUE_PARTITION = 0
+NUM_NODES = 3
+T = 3
+SETTINGS = {"T": T, "channels": "8,16,16", "hidden": 64, "batch-size": 32, "lr": 3e-3, "dropout": 0.0,
+            "local-epochs": 3, "eval-limit": 0, "client-threads": 1, "num-rounds": len(TAMPERS),
+            "min-nodes": NUM_NODES, "aggregation": "median"}
+
+
+def tamper(arrays: dict[str, np.ndarray], metrics: dict, kind: str, rnd: int, blocks: list[int]) -> None:
+    """Spoil one train reply in place, the way a poisoned or buggy node would."""
+    if kind == "foreign-block":  # also send a block it was not given (its own block's tensors, renamed)
+        own, foreign = blocks[0], next(t for t in range(1, T + 1) if t not in blocks)
+        for key in [k for k in arrays if k.startswith(f"blocks.{own}.")]:
+            arrays[key.replace(f"blocks.{own}.", f"blocks.{foreign}.", 1)] = arrays[key].copy()
+    elif kind == "stale-round":  # replay an answer to the previous round
+        metrics["round"] = rnd - 1
+    elif kind == "huge-count":  # buy weight in the mean
+        metrics["num-examples"] = 10**9
+    elif kind == "out-of-range":  # a scaled head (model replacement / boosting)
+        key = next(k for k in arrays if k.startswith("head.") and k.endswith("weight"))
+        arrays[key] = (arrays[key] * 1e4 + 1e3).astype(arrays[key].dtype)
+    else:
+        raise ValueError(kind)
+
+
+def make_rogue_client_app(overrides: dict, log_path: Path):
+    from flwr.app import Message, MetricRecord
+    from flwr.clientapp import ClientApp
+
+    from noprop.client.app import make_client_app
+    from noprop.io import append_jsonl
+    from noprop.records import arrays_to_record, record_to_arrays
+
+    honest = make_client_app(overrides)
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context):
+        return honest(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context):
+        return honest(msg, context)
+
+    @app.train()
+    def train(msg: Message, context):
+        reply = honest(msg, context)
+        if int(context.node_config["partition-id"]) != ROGUE_PARTITION:
+            return reply
+        config = msg.content["config"]
+        rnd, blocks = int(config["round"]), [int(b) for b in config["blocks"]]
+        kind = TAMPERS[(rnd - 1) % len(TAMPERS)]
+        arrays = record_to_arrays(reply.content["arrays"])
+        metrics = dict(reply.content["metrics"])
+        tamper(arrays, metrics, kind, rnd, blocks)
+        reply.content["arrays"] = arrays_to_record(arrays)
+        reply.content["metrics"] = MetricRecord(metrics)
+        append_jsonl(log_path, {"round": rnd, "node": int(context.node_id), "tamper": kind})
+        print(f"rogue node {context.node_id}: round {rnd}: {kind}", flush=True)
+        return reply
+
+    return app
+
+
+def main(out: str, npz: str) -> int:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from noprop.launch import apply_flower_env
+
+    apply_flower_env(out_dir / ".flower" / "flwr-home")  # before flwr and Ray are imported
+    from flwr.simulation import run_simulation
+
+    from noprop.server.app import make_server_app
+    from noprop.server.sim import _shutdown_ray, backend_config
+
+    overrides = {**SETTINGS, "out": str(out_dir), "dataset": f"npz:{npz}"}
+    try:
+        run_simulation(server_app=make_server_app(overrides),
+                       client_app=make_rogue_client_app(overrides, out_dir / "rogue.jsonl"),
+                       num_supernodes=NUM_NODES, backend_config=backend_config(2, 1.0))
+    finally:
+        _shutdown_ray()
+    return 0 if (out_dir / "DONE.json").exists() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
