@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_security(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+def check_security(args: argparse.Namespace, host: str) -> tuple[Path | None, Path | None]:
     """(root certificate, node private key) from the flags; raises LaunchError."""
     if args.root_certificate and args.insecure:
         raise LaunchError("--root-certificate and --insecure contradict each other: pass one")
@@ -93,6 +93,9 @@ def check_security(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
                           "server's --certificates were signed with), or --insecure for an unencrypted connection")
     if args.key and not args.root_certificate:
         raise LaunchError("--key needs --root-certificate: Flower's SuperNode authentication runs over TLS")
+    if args.insecure and not is_loopback(host):
+        say(PROG, f"WARNING: --insecure to {host}: the connection is not encrypted; anyone on the way can read the "
+                  "model and the updates (use --root-certificate)")
     root = check_root_certificate(args.root_certificate) if args.root_certificate else None
     key = check_node_key(args.key)[0] if args.key else None
     return root, key
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         host, port = parse_address(args.server, DEFAULT_FLEET_PORT, "--server")
-        root_certificate, key = check_security(args)
+        root_certificate, key = check_security(args, host)
         if not args.wait >= 0:
             raise LaunchError("--wait must be 0 or more seconds")
         config = node_config(args)
@@ -209,9 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     env = flower_env(flwr_home, threads=threads)
     if root_certificate is None:
         security = ["--insecure"]
-        if not is_loopback(host):
-            say(PROG, f"WARNING: the connection to {server} is not encrypted (--insecure): anyone on the way can read "
-                      "the model and the updates")
     else:
         security = ["--root-certificates", str(root_certificate)]
     if key is not None:  # Flower derives the public key from the private one (--auth-supernode-public-key is

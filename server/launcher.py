@@ -33,8 +33,15 @@ from pathlib import Path
 import tomli_w
 
 import noprop
-from noprop.certs import authorized_keys, certificate_names, check_server_certificates, load_certificate
+from noprop.certs import (
+    authorized_keys,
+    certificate_names,
+    check_server_certificates,
+    key_fingerprint,
+    load_certificate,
+)
 from noprop.federation import FederationConfig
+from noprop.io import atomic_write_text
 from noprop.launch import (
     Interrupted,
     LaunchError,
@@ -67,6 +74,7 @@ SERVER_APP = "noprop.server.app:app"
 CLIENT_APP = "noprop.client.app:app"
 STATUS_POLL_S = 30.0  # `flwr ls` costs ~2 s of CPU; the log stream ending is the prompt signal
 CLI_TIMEOUT_S = 120.0
+NODE_KEYS_RECORD = "node-keys.json"  # in --state-dir: the node id each --authorized-keys key was registered as
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +179,10 @@ def check_security(args: argparse.Namespace, host: str) -> tuple[dict[str, Path]
     if args.authorized_keys and not args.certificates:
         raise LaunchError("--authorized-keys needs --certificates: Flower's SuperNode authentication runs over TLS")
     if not args.certificates:
+        if not is_loopback(host):
+            say(PROG, f"WARNING: --insecure on --host {host}: the Fleet API is reachable beyond this machine without "
+                      "TLS; traffic is not encrypted and anyone who reaches it can join the federation and see the "
+                      "model (use --certificates DIR from noprop-certs)")
         return None, []
     tls = check_server_certificates(args.certificates)
     names = certificate_names(load_certificate(tls["cert"], "--certificates"))
@@ -245,6 +257,14 @@ def write_connection(flwr_home: Path, control_address: str, root_certificate: Pa
         connection["root-certificates"] = str(root_certificate)
     path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
     return path
+
+
+def cli_error(res) -> str | None:
+    """None if a `flwr ... --format json` call succeeded, else its error message."""
+    info = parse_cli_json(res.stdout) or {}
+    if res.returncode == 0 and info.get("success"):
+        return None
+    return str(info.get("error-message") or res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}")
 
 
 def parse_cli_json(text: str) -> dict | None:
@@ -407,10 +427,6 @@ class Server:
             time.sleep(0.5)
         self.say(f"SuperLink up after {time.monotonic() - start:.1f}s (pid {self.superlink.pid})")
         write_connection(p.flwr_home, p.control_address, p.tls["ca"] if p.tls else None)
-        if p.tls is None and not is_loopback(p.host):
-            self.say(f"WARNING: the Fleet API on {p.fleet_address} is reachable beyond this machine without TLS: "
-                     "traffic is not encrypted and anyone who reaches it can join the federation and see the model "
-                     "(use --certificates DIR from noprop-certs)")
         if p.node_keys:
             self.register_node_keys()
 
@@ -429,22 +445,42 @@ class Server:
             return False
 
     def register_node_keys(self) -> None:
-        """`flwr supernode register` for every --authorized-keys file; one the SuperLink already holds (a reused
-        --state-dir) counts as registered."""
-        registered = []
-        for path in self.plan.node_keys:
+        """Make the SuperLink's registered nodes match --authorized-keys: `flwr supernode register` each new key,
+        `flwr supernode unregister` the node of each key removed since the last start with this --state-dir
+        (STATE/node-keys.json remembers which node each key became; the SuperLink database outlives a restart)."""
+        p = self.plan
+        record_path = p.state / NODE_KEYS_RECORD
+        record = read_done(record_path)  # {fingerprint: {"name": ..., "node_id": ...}}
+        current = {key_fingerprint(path): path for path in p.node_keys}
+        lines = []
+        for fingerprint, entry in list(record.items()):
+            if fingerprint in current:
+                continue
+            res = self.flwr("supernode", "unregister", str(entry["node_id"]), CONNECTION, "--format", "json")
+            detail = cli_error(res)
+            if detail and "not found" not in detail.lower() and "already deleted" not in detail.lower():
+                raise LaunchError(f"unregistering node {entry['node_id']} (key {entry['name']}, no longer in "
+                                  f"--authorized-keys) failed: {detail}")
+            del record[fingerprint]
+            atomic_write_text(record_path, json.dumps(record, indent=1))
+            lines.append(f"{entry['name']} removed (node {entry['node_id']} unregistered)")
+        for fingerprint, path in current.items():
+            if fingerprint in record:
+                lines.append(f"{path.stem} (node {record[fingerprint]['node_id']})")
+                continue
             res = self.flwr("supernode", "register", str(path), CONNECTION, "--format", "json")
-            info = parse_cli_json(res.stdout) or {}
-            if res.returncode == 0 and info.get("success"):
-                registered.append(f"{path.stem} (node {info.get('node-id')})")
+            detail = cli_error(res)
+            if detail and "already in use" in detail.lower():  # registered before this record existed
+                lines.append(f"{path.stem} (registered before, node unknown)")
                 continue
-            detail = str(info.get("error-message") or res.stderr.strip() or res.stdout.strip())
-            if "already in use" in detail.lower():
-                registered.append(f"{path.stem} (already registered)")
-                continue
-            raise LaunchError(f"registering the node key {path} failed (exit {res.returncode}): {detail}")
-        self.say(f"SuperNode authentication: {len(registered)} node key(s) registered: {', '.join(registered)}; "
-                 "other SuperNodes are refused")
+            if detail:
+                raise LaunchError(f"registering the node key {path} failed: {detail}")
+            node_id = int((parse_cli_json(res.stdout) or {})["node-id"])
+            record[fingerprint] = {"name": path.stem, "node_id": node_id}
+            atomic_write_text(record_path, json.dumps(record, indent=1))
+            lines.append(f"{path.stem} (node {node_id})")
+        self.say(f"SuperNode authentication: {len(current)} node key(s) registered: {', '.join(lines)}; other "
+                 "SuperNodes are refused")
 
     # -- the flwr CLI --------------------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = CLI_TIMEOUT_S):

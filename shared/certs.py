@@ -19,7 +19,9 @@ For production, use certificates from your own CA: noprop-server only needs the 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 import re
 import socket
@@ -258,6 +260,14 @@ def load_node_public_key(path: Path, what: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
+def key_fingerprint(path: Path) -> str:
+    """``SHA256:...`` of an OpenSSH public key file (its comment ignored), as ssh-keygen -l prints it."""
+    raw = load_node_public_key(path, "--authorized-keys").public_bytes(serialization.Encoding.OpenSSH,
+                                                                       serialization.PublicFormat.OpenSSH)
+    blob = base64.b64decode(raw.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
 def authorized_keys(folder: str | Path) -> list[Path]:
     """Every DIR/*.pub, each checked; at least one."""
     folder = Path(folder).expanduser().resolve()
@@ -267,13 +277,12 @@ def authorized_keys(folder: str | Path) -> list[Path]:
     if not keys:
         raise LaunchError(f"--authorized-keys {folder} holds no *.pub file: make node keys with noprop-certs DIR "
                           "--clients N and pass DIR/clients")
-    seen: dict[bytes, Path] = {}
+    seen: dict[str, Path] = {}
     for path in keys:
-        raw = load_node_public_key(path, "--authorized-keys").public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        if raw in seen:
-            raise LaunchError(f"--authorized-keys: {path} and {seen[raw]} hold the same key: remove one")
-        seen[raw] = path
+        fingerprint = key_fingerprint(path)
+        if fingerprint in seen:
+            raise LaunchError(f"--authorized-keys: {path} and {seen[fingerprint]} hold the same key: remove one")
+        seen[fingerprint] = path
     return keys
 
 
