@@ -1,10 +1,12 @@
 """`noprop-client`: a Flower SuperNode with this device's data and limits as its node config.
 
 It checks locally first (partition, data spec: the dataset is loaded once, so a wrong path fails here with one
-line; the server's address answers), then starts `flower-supernode --insecure --superlink HOST:PORT --host
-127.0.0.1 --port P --node-config "data=... partition-id=i num-partitions=n ..."` with telemetry and update checks
-off. The SuperNode runs the installed noprop ClientApp for every message the server sends. Ctrl-C / SIGTERM
-stop it (the whole process group); otherwise the exit code is the SuperNode's.
+line; the server's address answers and, with --root-certificate, completes a TLS handshake whose certificate that
+CA trusts; the --key pair matches), then starts `flower-supernode --root-certificates CA | --insecure
+[--auth-supernode-private-key KEY] --superlink HOST:PORT --host 127.0.0.1 --port P --node-config "data=...
+partition-id=i num-partitions=n ..."` with telemetry and update checks off. The SuperNode runs the installed
+noprop ClientApp for every message the server sends. Ctrl-C / SIGTERM stop it (the whole process group); otherwise
+the exit code is the SuperNode's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from noprop.certs import check_node_key, check_root_certificate, speaks_tls, tls_handshake
 from noprop.launch import (
     LaunchError,
     OneLineParser,
@@ -64,14 +67,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads for training (default: the run's client-threads)")
     p.add_argument("--port", type=int, default=None, metavar="P",
                    help="local port of the SuperNode's runtime API on 127.0.0.1 (default: a free one)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a server that is not on this machine without TLS (unencrypted connection)")
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="Flower home of this node: the apps it receives are unpacked here (default: $FLWR_HOME or "
                         "~/.flwr)")
     p.add_argument("--wait", type=float, default=10.0, metavar="S",
                    help="seconds to wait for the server to answer before giving up (default 10)")
+    sec = p.add_argument_group("security (one of --root-certificate and --insecure is required)")
+    sec.add_argument("--root-certificate", default=None, metavar="FILE",
+                     help="connect with TLS, trusting the server certificates this CA signed (noprop-certs DIR: "
+                          "DIR/ca.crt)")
+    sec.add_argument("--insecure", action="store_true",
+                     help="connect without TLS (unencrypted; the server must run with --insecure too)")
+    sec.add_argument("--key", default=None, metavar="FILE",
+                     help="this node's private key, with FILE.pub beside it (noprop-certs DIR --clients N: "
+                          "DIR/clients/clientI), for a server with --authorized-keys; needs --root-certificate")
     return p
+
+
+def check_security(args: argparse.Namespace, host: str) -> tuple[Path | None, Path | None]:
+    """(root certificate, node private key) from the flags; raises LaunchError."""
+    if args.root_certificate and args.insecure:
+        raise LaunchError("--root-certificate and --insecure contradict each other: pass one")
+    if not args.root_certificate and not args.insecure:
+        raise LaunchError("pass --root-certificate FILE for TLS (the ca.crt made by noprop-certs, the one the "
+                          "server's --certificates were signed with), or --insecure for an unencrypted connection")
+    if args.key and not args.root_certificate:
+        raise LaunchError("--key needs --root-certificate: Flower's SuperNode authentication runs over TLS")
+    if args.insecure and not is_loopback(host):
+        say(PROG, f"WARNING: --insecure to {host}: the connection is not encrypted; anyone on the way can read the "
+                  "model and the updates (use --root-certificate)")
+    root = check_root_certificate(args.root_certificate) if args.root_certificate else None
+    key = check_node_key(args.key)[0] if args.key else None
+    return root, key
 
 
 def parse_partition(text: str) -> tuple[int, int]:
@@ -151,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         host, port = parse_address(args.server, DEFAULT_FLEET_PORT, "--server")
-        if not is_loopback(host) and not args.insecure:
-            raise LaunchError(f"--server {args.server} is another machine and TLS is not available yet (issue 6): "
-                              "add --insecure to connect unencrypted")
+        root_certificate, key = check_security(args, host)
         if not args.wait >= 0:
             raise LaunchError("--wait must be 0 or more seconds")
         config = node_config(args)
@@ -168,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         if reason is not None:
             raise LaunchError(f"no server answers at {server} ({reason}) after {args.wait:.0f}s: start noprop-server "
                               "first, or check --server")
+        if root_certificate is not None:
+            reason = tls_handshake(host, port, root_certificate)
+            if reason is not None:
+                raise LaunchError(f"TLS with the server at {server} failed: {reason} (--root-certificate "
+                                  f"{root_certificate} must be the CA that signed the server's certificate, and that "
+                                  f"certificate must name {host})")
+        elif speaks_tls(host, port):
+            raise LaunchError(f"the server at {server} uses TLS: pass --root-certificate FILE (the ca.crt that signed "
+                              "its certificate) instead of --insecure")
     except LaunchError as exc:
         return fail(PROG, str(exc))
     except KeyboardInterrupt:
@@ -176,13 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     threads = int(config.get("threads", 0)) or None
     flwr_home = Path(args.state_dir).expanduser().resolve() if args.state_dir else None
     env = flower_env(flwr_home, threads=threads)
-    cmd = [flower_command("flower-supernode"), "--insecure", "--superlink", server,
+    if root_certificate is None:
+        security = ["--insecure"]
+    else:
+        security = ["--root-certificates", str(root_certificate)]
+    if key is not None:  # Flower derives the public key from the private one (--auth-supernode-public-key is
+        security += ["--auth-supernode-private-key", str(key)]  # deprecated in 1.39); check_node_key matched them
+    cmd = [flower_command("flower-supernode"), *security, "--superlink", server,
            "--host", "127.0.0.1", "--port", str(local_port), "--node-config", config_string(config)]
     share = f"partition {config['partition-id']}/{config['num-partitions']}"
     if "partition-type" in config:
         share += f" ({config['partition-type']})"
     size = f"{examples} examples" if config.get("partition-type", "iid") == "iid" else "size set by the run's seed"
-    say(PROG, f"joining the federation at {server}: data {config['data']}, {share}, {size}")
+    mode = "no TLS" if root_certificate is None else "TLS"
+    if key is not None:
+        mode += f", node key {key.name}"
+    say(PROG, f"joining the federation at {server} ({mode}): data {config['data']}, {share}, {size}")
     say(PROG, f"starting a Flower SuperNode (runtime API on 127.0.0.1:{local_port}); Ctrl-C stops it")
     # a connected SuperNode unregisters and exits in ~2.5 s on SIGTERM; one whose server is gone keeps retrying
     # instead, so then there is nothing to wait for

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Federated quickstart on one machine: a noprop-server and CLIENTS noprop-client processes on 127.0.0.1
-# train NoProp-DT on Fashion-MNIST (IID partitions); prints accuracy per round and the final accuracy.
+# train NoProp-DT on Fashion-MNIST (IID partitions) over TLS (a development CA and server certificate made by
+# noprop-certs in $OUT/certs, new each run); prints accuracy per round and the final accuracy.
 # Needs the venv and the data (`make quickstart` does both first). Everything it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,9 @@ BIN=${BIN:-.venv/bin}
 
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 LOGS="$OUT/logs"
+CERTS="$OUT/certs"
 mkdir -p "$LOGS"
+"$BIN/noprop-certs" "$CERTS" --force > "$LOGS/certs.log"
 
 pids=()
 cleanup() {
@@ -44,11 +47,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "[quickstart] interrupted: stopping everything"; exit 130' INT TERM
 
-echo "[quickstart] noprop-server + $CLIENTS noprop-client processes on 127.0.0.1 (Fashion-MNIST, $PARTITION_TYPE);" \
-     "client logs in $LOGS"
+echo "[quickstart] noprop-server + $CLIENTS noprop-client processes on 127.0.0.1 (Fashion-MNIST, $PARTITION_TYPE," \
+     "TLS with $CERTS); client logs in $LOGS"
 "$BIN/noprop-server" --port "$PORT" --control-port "$CONTROL_PORT" --dataset fashion-mnist --data-root "$DATA" \
-  --out "$OUT" --min-clients "$CLIENTS" --client-threads "$THREADS_PER_CLIENT" "${RUN_FLAGS[@]}" \
-  ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"} &
+  --out "$OUT" --min-clients "$CLIENTS" --client-threads "$THREADS_PER_CLIENT" --certificates "$CERTS" \
+  "${RUN_FLAGS[@]}" ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"} &
 server=$!
 pids+=("$server")
 
@@ -56,7 +59,7 @@ clients=()
 for i in $(seq 0 $((CLIENTS - 1))); do
   "$BIN/noprop-client" --server "127.0.0.1:$PORT" --data fashion-mnist --data-root "$DATA" \
     --partition "$i/$CLIENTS" --partition-type "$PARTITION_TYPE" --threads "$THREADS_PER_CLIENT" --wait 180 \
-    --state-dir "$OUT/.flower/node$i" > "$LOGS/client$i.log" 2>&1 &
+    --root-certificate "$CERTS/ca.crt" --state-dir "$OUT/.flower/node$i" > "$LOGS/client$i.log" 2>&1 &
   pids+=("$!")
   clients+=("$!")
 done

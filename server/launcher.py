@@ -4,7 +4,9 @@ What it does, in order:
 1. checks the run settings (FederationConfig, one flag per field) and the evaluation dataset;
 2. starts `flower-superlink` with the gRPC Fleet API (clients) on HOST:PORT (127.0.0.1:9092 by default)
    and its HTTP Control API on 127.0.0.1:CONTROL_PORT, state under --state-dir, no per-run dependency
-   installation, telemetry and update checks off;
+   installation, telemetry and update checks off; with TLS (--certificates DIR from noprop-certs) or, only when
+   asked for, without (--insecure); with --authorized-keys, SuperNode authentication on and every key in that
+   folder registered through the Control API before the run is submitted;
 3. writes a Flower app (STATE/app/pyproject.toml: the components noprop.server.app:app and
    noprop.client.app:app, whose code comes from the installed package, and the run settings as
    [tool.flwr.app.config]) and a connection in $FLWR_HOME/config.toml, and submits the run with `flwr run`;
@@ -20,6 +22,7 @@ import argparse
 import contextlib
 import json
 import signal
+import ssl
 import sys
 import time
 import urllib.error
@@ -30,7 +33,15 @@ from pathlib import Path
 import tomli_w
 
 import noprop
+from noprop.certs import (
+    authorized_keys,
+    certificate_names,
+    check_server_certificates,
+    key_fingerprint,
+    load_certificate,
+)
 from noprop.federation import FederationConfig
+from noprop.io import atomic_write_text
 from noprop.launch import (
     Interrupted,
     LaunchError,
@@ -63,6 +74,7 @@ SERVER_APP = "noprop.server.app:app"
 CLIENT_APP = "noprop.client.app:app"
 STATUS_POLL_S = 30.0  # `flwr ls` costs ~2 s of CPU; the log stream ending is the prompt signal
 CLI_TIMEOUT_S = 120.0
+NODE_KEYS_RECORD = "node-keys.json"  # in --state-dir: the node id each --authorized-keys key was registered as
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,12 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     net = p.add_argument_group("network and state")
     net.add_argument("--host", default="127.0.0.1",
                      help="address the Fleet API (the clients' side) listens on (default 127.0.0.1: this machine "
-                          "only; 0.0.0.0 = every interface, needs --insecure until TLS exists)")
+                          "only; 0.0.0.0 = every interface)")
     net.add_argument("--port", type=int, default=9092, help="Fleet API port (default 9092)")
     net.add_argument("--control-port", type=int, default=9093,
                      help="port of the SuperLink's HTTP Control API, always on 127.0.0.1 (default 9093)")
-    net.add_argument("--insecure", action="store_true",
-                     help="allow a non-loopback --host without TLS (unencrypted, unauthenticated connections)")
+    sec = p.add_argument_group("security (one of --certificates and --insecure is required)")
+    sec.add_argument("--certificates", default=None, metavar="DIR",
+                     help="TLS for the Fleet and Control APIs with DIR/ca.crt, DIR/server.crt, DIR/server.key (made by "
+                          "noprop-certs DIR --host NAME); clients pass --root-certificate DIR/ca.crt")
+    sec.add_argument("--insecure", action="store_true",
+                     help="no TLS: unencrypted, unauthenticated connections (for a federation on one machine)")
+    sec.add_argument("--authorized-keys", default=None, metavar="DIR",
+                     help="only SuperNodes holding the private key of a DIR/*.pub may join (Flower's SuperNode "
+                          "authentication; needs --certificates); clients pass --key")
     net.add_argument("--state-dir", default=None,
                      help="SuperLink database, Flower home, generated app and logs (default OUT/.flower)")
     net.add_argument("--startup-timeout", type=float, default=120.0,
@@ -102,6 +121,8 @@ class Plan:
     state: Path
     verbose: bool
     startup_timeout: float
+    tls: dict[str, Path] | None = None  # ca, cert, key (check_server_certificates); None = --insecure
+    node_keys: tuple[Path, ...] = ()  # --authorized-keys: the *.pub files to register
 
     @property
     def fleet_address(self) -> str:
@@ -134,10 +155,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     check_port(args.control_port, "--control-port")
     if args.port == args.control_port:
         raise LaunchError(f"--port and --control-port are both {args.port}: use two different ports")
-    if not is_loopback(host) and not args.insecure:
-        raise LaunchError(f"--host {host} opens the Fleet API to the network and TLS is not available yet "
-                          "(issue 6): add --insecure to accept unencrypted, unauthenticated clients, or use "
-                          "--host 127.0.0.1")
+    tls, node_keys = check_security(args, host)
     if not args.startup_timeout > 0:
         raise LaunchError("--startup-timeout must be positive")
     for what, h, port in (("--port", host, args.port), ("--control-port", "127.0.0.1", args.control_port)):
@@ -151,7 +169,31 @@ def prepare(args: argparse.Namespace) -> Plan:
             say(PROG, f"WARNING: {note}")
     state = Path(args.state_dir).expanduser().resolve() if args.state_dir else Path(cfg.out) / ".flower"
     return Plan(cfg=cfg, overrides=overrides, host=host, port=args.port, control_port=args.control_port,
-                state=state, verbose=args.verbose, startup_timeout=args.startup_timeout)
+                state=state, verbose=args.verbose, startup_timeout=args.startup_timeout, tls=tls,
+                node_keys=tuple(node_keys))
+
+
+def check_security(args: argparse.Namespace, host: str) -> tuple[dict[str, Path] | None, list[Path]]:
+    """TLS files and node keys from --certificates / --insecure / --authorized-keys; raises LaunchError."""
+    if args.certificates and args.insecure:
+        raise LaunchError("--certificates and --insecure contradict each other: pass one")
+    if not args.certificates and not args.insecure:
+        raise LaunchError("pass --certificates DIR for TLS (make DIR with: noprop-certs DIR --host NAME), or "
+                          "--insecure for unencrypted connections")
+    if args.authorized_keys and not args.certificates:
+        raise LaunchError("--authorized-keys needs --certificates: Flower's SuperNode authentication runs over TLS")
+    if not args.certificates:
+        if not is_loopback(host):
+            say(PROG, f"WARNING: --insecure on --host {host}: the Fleet API is reachable beyond this machine without "
+                      "TLS; traffic is not encrypted and anyone who reaches it can join the federation and see the "
+                      "model (use --certificates DIR from noprop-certs)")
+        return None, []
+    tls = check_server_certificates(args.certificates)
+    names = certificate_names(load_certificate(tls["cert"], "--certificates"))
+    if host not in ("0.0.0.0", "::") and host not in names:
+        say(PROG, f"WARNING: --host {host} is not among the names in {tls['cert']} ({', '.join(names)}): clients "
+                  f"that connect to {host} will refuse it; make one with noprop-certs DIR --host {host}")
+    return tls, authorized_keys(args.authorized_keys) if args.authorized_keys else []
 
 
 def check_dataset(cfg: FederationConfig) -> int:
@@ -222,13 +264,26 @@ def write_app(app_dir: Path, cfg: FederationConfig) -> Path:
     return path
 
 
-def write_connection(flwr_home: Path, control_address: str) -> Path:
-    """$FLWR_HOME/config.toml with one SuperLink connection, the default, used by every `flwr` call."""
+def write_connection(flwr_home: Path, control_address: str, root_certificate: Path | None = None) -> Path:
+    """$FLWR_HOME/config.toml with one SuperLink connection, the default, used by every `flwr` call: TLS checked
+    against ``root_certificate``, or plain HTTP without one."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
-                                                 CONNECTION: {"address": control_address, "insecure": True}}}))
+    connection: dict[str, str | bool] = {"address": control_address}
+    if root_certificate is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(root_certificate)
+    path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
     return path
+
+
+def cli_error(res) -> str | None:
+    """None if a `flwr ... --format json` call succeeded, else its error message."""
+    info = parse_cli_json(res.stdout) or {}
+    if res.returncode == 0 and info.get("success"):
+        return None
+    return str(info.get("error-message") or res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}")
 
 
 def parse_cli_json(text: str) -> dict | None:
@@ -358,15 +413,25 @@ class Server:
     def start_superlink(self) -> None:
         p = self.plan
         p.state.mkdir(parents=True, exist_ok=True)
-        cmd = [flower_command("flower-superlink"), "--insecure",
+        if p.tls is None:
+            security = ["--insecure"]
+        else:
+            security = ["--ssl-ca-certfile", str(p.tls["ca"]), "--ssl-certfile", str(p.tls["cert"]),
+                        "--ssl-keyfile", str(p.tls["key"])]
+            if p.node_keys:
+                security.append("--enable-supernode-auth")
+        cmd = [flower_command("flower-superlink"), *security,
                "--fleet-api-address", p.fleet_address,
                "--host", "127.0.0.1", "--port", str(p.control_port),
                "--database", str(p.state / "superlink.db"),
                "--disable-runtime-dependency-installation"]
         with open(self.superlink_log, "a") as f:
             f.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        mode = "no TLS (--insecure)" if p.tls is None else f"TLS with {p.tls['cert']}"
+        if p.node_keys:
+            mode += ", SuperNode authentication"
         self.say(f"starting the Flower SuperLink: Fleet API (clients, gRPC) on {p.fleet_address}, Control API "
-                 f"on {p.control_address}; log {self.superlink_log}")
+                 f"on {p.control_address}; {mode}; log {self.superlink_log}")
         self.superlink = ProcessGroup("flower-superlink", cmd, self.env, log_path=self.superlink_log)
         start = time.monotonic()
         deadline = start + p.startup_timeout
@@ -383,17 +448,61 @@ class Server:
                                   f"{self.superlink_log}")
             time.sleep(0.5)
         self.say(f"SuperLink up after {time.monotonic() - start:.1f}s (pid {self.superlink.pid})")
-        if not is_loopback(p.host):
-            self.say(f"WARNING: the Fleet API on {p.fleet_address} is not encrypted and not authenticated: anyone "
-                     "who reaches it can join the federation and see the model (TLS: issue 6)")
+        write_connection(p.flwr_home, p.control_address, p.tls["ca"] if p.tls else None)
+        if p.node_keys:
+            self.register_node_keys()
 
     def _healthy(self) -> bool:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # loopback: never a proxy
+        scheme = "http"
+        if self.plan.tls is not None:
+            scheme = "https"
+            handlers.append(urllib.request.HTTPSHandler(
+                context=ssl.create_default_context(cafile=str(self.plan.tls["ca"]))))
+        opener = urllib.request.build_opener(*handlers)
         try:
-            with opener.open(f"http://{self.plan.control_address}/health", timeout=2.0) as res:
+            with opener.open(f"{scheme}://{self.plan.control_address}/health", timeout=2.0) as res:
                 return res.status == 200
         except (urllib.error.URLError, OSError, ValueError):
             return False
+
+    def register_node_keys(self) -> None:
+        """Make the SuperLink's registered nodes match --authorized-keys: `flwr supernode register` each new key,
+        `flwr supernode unregister` the node of each key removed since the last start with this --state-dir
+        (STATE/node-keys.json remembers which node each key became; the SuperLink database outlives a restart)."""
+        p = self.plan
+        record_path = p.state / NODE_KEYS_RECORD
+        record = read_done(record_path)  # {fingerprint: {"name": ..., "node_id": ...}}
+        current = {key_fingerprint(path): path for path in p.node_keys}
+        lines = []
+        for fingerprint, entry in list(record.items()):
+            if fingerprint in current:
+                continue
+            res = self.flwr("supernode", "unregister", str(entry["node_id"]), CONNECTION, "--format", "json")
+            detail = cli_error(res)
+            if detail and "not found" not in detail.lower() and "already deleted" not in detail.lower():
+                raise LaunchError(f"unregistering node {entry['node_id']} (key {entry['name']}, no longer in "
+                                  f"--authorized-keys) failed: {detail}")
+            del record[fingerprint]
+            atomic_write_text(record_path, json.dumps(record, indent=1))
+            lines.append(f"{entry['name']} removed (node {entry['node_id']} unregistered)")
+        for fingerprint, path in current.items():
+            if fingerprint in record:
+                lines.append(f"{path.stem} (node {record[fingerprint]['node_id']})")
+                continue
+            res = self.flwr("supernode", "register", str(path), CONNECTION, "--format", "json")
+            detail = cli_error(res)
+            if detail and "already in use" in detail.lower():  # registered before this record existed
+                lines.append(f"{path.stem} (registered before, node unknown)")
+                continue
+            if detail:
+                raise LaunchError(f"registering the node key {path} failed: {detail}")
+            node_id = int((parse_cli_json(res.stdout) or {})["node-id"])
+            record[fingerprint] = {"name": path.stem, "node_id": node_id}
+            atomic_write_text(record_path, json.dumps(record, indent=1))
+            lines.append(f"{path.stem} (node {node_id})")
+        self.say(f"SuperNode authentication: {len(current)} node key(s) registered: {', '.join(lines)}; other "
+                 "SuperNodes are refused")
 
     # -- the flwr CLI --------------------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = CLI_TIMEOUT_S):
@@ -402,7 +511,6 @@ class Server:
     def submit(self) -> str:
         p = self.plan
         write_app(p.app_dir, p.cfg)
-        write_connection(p.flwr_home, p.control_address)
         run_config = p.state / "run-config.toml"
         run_config.write_text(tomli_w.dumps(
             {k.replace("_", "-"): v for k, v in p.cfg.to_run_config().items()
@@ -496,10 +604,12 @@ class Server:
         self.say(f"run {run_id} submitted: {cfg.num_rounds} rounds, T={cfg.T}, policy {cfg.policy}, evaluating "
                  f"on {cfg.dataset}; output in {p.out}")
         hint_host = p.host if p.host not in ("0.0.0.0", "::") else "THIS-MACHINE"
+        security = " --insecure" if p.tls is None else f" --root-certificate {p.tls['ca']}"
+        if p.node_keys:
+            security += " --key NODE-KEY"
         self.say(f"waiting for at least {cfg.min_nodes} clients; start each with: noprop-client --server "
                  f"{format_address(hint_host, p.port)} --data {cfg.client_data or cfg.dataset} --partition "
-                 f"I/{cfg.min_nodes}"
-                 + ("" if is_loopback(p.host) else " --insecure"))
+                 f"I/{cfg.min_nodes}{security}")
         status, details = self.follow()
         if status == "finished:completed":
             done = read_done(p.out / "DONE.json")

@@ -10,13 +10,17 @@ from pathlib import Path
 from typing import IO
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through a temporary file in the same folder, fsync it, then rename over path."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], mode: int | None = None) -> Path:
+    """Write through a temporary file in the same folder, fsync it, then rename over path. The file is created
+    0600 (mkstemp), so a secret is never readable by others, even for a moment; ``mode`` is set before the
+    rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -32,8 +36,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), mode)
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

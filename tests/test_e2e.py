@@ -49,13 +49,13 @@ class Federation:
         fleet, control = two_ports()
         self.server = Spawned(
             [script("noprop-server"), "--port", str(fleet), "--control-port", str(control), "--rounds", str(rounds),
-             "--min-clients", str(NUM_CLIENTS), "--dataset", f"npz:{npz}", "--out", str(self.out), *SMALL,
-             *(extra or [])],
+             "--min-clients", str(NUM_CLIENTS), "--dataset", f"npz:{npz}", "--out", str(self.out), "--insecure",
+             *SMALL, *(extra or [])],
             tmp / "server.log", quiet_env(), cwd=tmp)
         self.clients = [
             Spawned([script("noprop-client"), "--server", f"127.0.0.1:{fleet}", "--data", f"npz:{npz}",
                      "--partition", f"{i}/{NUM_CLIENTS}", "--threads", "1", "--wait", "120",
-                     "--state-dir", str(tmp / f"node{i}")],
+                     "--state-dir", str(tmp / f"node{i}"), "--insecure"],
                     tmp / f"client{i}.log", quiet_env(tmp / f"node{i}"), cwd=tmp)
             for i in range(NUM_CLIENTS)
         ]
@@ -172,7 +172,8 @@ def test_killed_client_does_not_stop_the_run(killed_run):
 def test_ctrl_c_stops_the_server_and_leaves_nothing(tmp_path, npz, request):
     fleet, control = two_ports()
     server = Spawned([script("noprop-server"), "--port", str(fleet), "--control-port", str(control),
-                      "--min-clients", "1", "--dataset", f"npz:{npz}", "--out", str(tmp_path / "out"), *SMALL],
+                      "--min-clients", "1", "--dataset", f"npz:{npz}", "--out", str(tmp_path / "out"), "--insecure",
+                      *SMALL],
                      tmp_path / "server.log", quiet_env(), cwd=tmp_path)
     request.addfinalizer(server.cleanup)
     wait_for(lambda: "waiting for at least" in server.text() or server.proc.poll() is not None, 180,

@@ -153,14 +153,14 @@ def one_line_exit_2(main, argv, capsys) -> str:
     (["--round-timeout", "-1"], "round-timeout"),
     (["--bogus-flag"], "--bogus-flag"),
     (["--round", "3"], "--round"),  # no abbreviations
-    (["--host", "0.0.0.0"], "--insecure"),
+    (["--authorized-keys", "/tmp"], "needs --certificates"),
     (["--port", "70000"], "out of range"),
     (["--dataset", "npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
     (["--config", "/nonexistent/run.toml"], "does not exist"),
 ])
 def test_server_bad_values_are_one_line_and_exit_2(argv, message, capsys, tmp_path, npz):
     ports = ["--port", str(free_port()), "--control-port", str(free_port())]
-    base = [*ports, "--out", str(tmp_path / "out"), "--dataset", f"npz:{npz}"]
+    base = [*ports, "--out", str(tmp_path / "out"), "--dataset", f"npz:{npz}", "--insecure"]
     err = one_line_exit_2(server_launcher.main, [*base, *argv], capsys)
     assert err.startswith("noprop-server: error:") and message in err, err
 
@@ -168,7 +168,7 @@ def test_server_bad_values_are_one_line_and_exit_2(argv, message, capsys, tmp_pa
 def test_server_rejects_unknown_toml_key_and_busy_port(capsys, tmp_path, npz):
     toml = tmp_path / "run.toml"
     toml.write_text("roundz = 3\n")
-    base = ["--out", str(tmp_path / "out"), "--dataset", f"npz:{npz}"]
+    base = ["--out", str(tmp_path / "out"), "--dataset", f"npz:{npz}", "--insecure"]
     err = one_line_exit_2(server_launcher.main, [*base, "--config", str(toml)], capsys)
     assert "unknown key 'roundz'" in err
     import socket
@@ -188,17 +188,17 @@ def test_server_rejects_unknown_toml_key_and_busy_port(capsys, tmp_path, npz):
     (["--partition-type", "dirichlet:-1"], "alpha"),
     (["--max-blocks", "-2"], "max-blocks"),
     (["--device", "tpu"], "device"),
-    (["--server", "10.1.2.3:9092"], "--insecure"),
+    (["--key", "/nonexistent/client0"], "needs --root-certificate"),
     (["--server", "127.0.0.1:notaport"], "port"),
 ])
 def test_client_bad_values_are_one_line_and_exit_2(argv, message, capsys, npz):
-    base = ["--server", f"127.0.0.1:{free_port()}", "--data", f"npz:{npz}", "--wait", "0"]
+    base = ["--server", f"127.0.0.1:{free_port()}", "--data", f"npz:{npz}", "--wait", "0", "--insecure"]
     err = one_line_exit_2(client_launcher.main, [*base, *argv], capsys)
     assert err.startswith("noprop-client: error:") and message in err, err
 
 
 def test_client_with_missing_data_fails_before_anything_starts(capsys, tmp_path):
-    err = one_line_exit_2(client_launcher.main, ["--server", f"127.0.0.1:{free_port()}", "--data",
+    err = one_line_exit_2(client_launcher.main, ["--server", f"127.0.0.1:{free_port()}", "--insecure", "--data",
                                                  f"npz:{tmp_path / 'missing.npz'}"], capsys)
     assert "missing.npz" in err
 
@@ -207,7 +207,7 @@ def test_client_with_unreachable_server_exits_quickly_with_one_line(tmp_path, np
     port = free_port()  # nothing listens there
     start = time.monotonic()
     res = subprocess.run([script("noprop-client"), "--server", f"127.0.0.1:{port}", "--data", f"npz:{npz}",
-                          "--partition", "0/2", "--wait", "2", "--state-dir", str(tmp_path / "home")],
+                          "--partition", "0/2", "--wait", "2", "--state-dir", str(tmp_path / "home"), "--insecure"],
                          capture_output=True, text=True, env=quiet_env(), timeout=120)
     elapsed = time.monotonic() - start
     assert res.returncode == 2, res.stderr
