@@ -196,6 +196,8 @@ BAD_INPUT: list[Row] = [
                          ("serve", ["--port", "0"]))],
     Row("edge-serve-no-workers", ["noprop-edge", "serve", "{onnx}", "--port", "0", "--workers", "0"], None, 2,
         "need at least 1 worker"),
+    Row("edge-serve-cap-below-workers", ["noprop-edge", "serve", "{onnx}", "--port", "0", "--workers", "4",
+                                         "--max-concurrent", "2"], None, 2, "--max-concurrent at least --workers"),
     Row("edge-eval-image-shape", ["noprop-edge", "eval", "{onnx}", "--data", "{tmp}/wide.npz"],
         images_npz("wide.npz", 20), 2, "has shape [64, 20, 20] but the model takes [N, ...] of [1, 12, 12]"),
     Row("edge-query-server-not-answering", ["noprop-edge", "query", "127.0.0.1:{closed_port}", "--info",
