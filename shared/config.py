@@ -137,8 +137,23 @@ def load_toml(path: str | Path) -> dict:
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        check_toml_type(name, value, f"config file {path}: key {key!r}")
         values[name] = tuple(value) if name == "channels" else value
     return values
+
+
+def check_toml_type(name: str, value: object, where: str) -> None:
+    """TOML values carry a type: one of the wrong type (epochs = "five") is a ConfigError here, not a crash later."""
+    if name == "channels":
+        if not (isinstance(value, list) and all(type(v) is int for v in value)):
+            raise ConfigError(f"{where} must be a list of three integers like [32, 64, 128], not {value!r}")
+        return
+    declared = str(next(f.type for f in fields(TrainConfig) if f.name == name)).replace(" ", "").split("|")
+    kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+    allowed = [k for k in kinds if k in declared]
+    ok = any(isinstance(value, kinds[k]) for k in allowed) and (type(value) is not bool or "bool" in allowed)
+    if allowed and not ok:
+        raise ConfigError(f"{where} must be {' or '.join(allowed)}, not {value!r}")
 
 
 def build_config(toml_path: str | Path | None, overrides: dict) -> TrainConfig:
