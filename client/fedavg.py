@@ -35,7 +35,7 @@ def train_whole_network(msg: Message, data: LabelledData, device: torch.device) 
     start = time.perf_counter()
     losses = [train_end_to_end_epoch(model, optimizer, data, int(config["batch-size"])).get("loss", float("nan"))
               for _ in range(int(config["local-epochs"]))]
-    metrics = MetricRecord({"num-examples": len(data), "train-loss": float(losses[-1]),
+    metrics = MetricRecord({"round": rnd, "num-examples": len(data), "train-loss": float(losses[-1]),
                             "train-time-s": time.perf_counter() - start})
     state = to_numpy_state(model.state_dict())
     return Message(RecordDict({"arrays": arrays_to_record(state, list(received)), "metrics": metrics}), reply_to=msg)

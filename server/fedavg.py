@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from noprop.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from noprop.data import load_dataset
@@ -32,29 +32,37 @@ from noprop.server.rounds import FederationError
 from noprop.trainer import evaluate_accuracy
 
 
-class CheckedFedAvg(FedAvg):
-    """Flower's FedAvg, with every reply checked like a block owner's and the traffic of each node recorded.
+class CheckedReplies:
+    """A mixin for Flower's FedAvg family: every reply is checked like a block owner's and each node's traffic
+    is recorded.
 
-    A reply that fails the checks (keys, shapes, dtypes, finite values, example count) is dropped whole and
-    logged by node id before FedAvg averages the rest.
+    A reply that fails the checks (round stamp, keys, shapes, dtypes, finite values, values within
+    max_value_ratio of the global model's) is dropped whole and logged by node id before the strategy combines
+    the rest.
     """
 
-    def __init__(self, log=print, **kwargs):
+    def __init__(self, log=print, round_offset: int = 0, max_value_ratio: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.log = log
+        self.round_offset = round_offset
+        self.max_value_ratio = max_value_ratio
         self.reference: dict = {}
         self.round_record: dict = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self.begin_round(arrays, msgs)
+        return msgs
+
+    def begin_round(self, arrays: ArrayRecord, msgs: list[Message]) -> None:
+        """Remember what was sent this round: the reference the replies are checked against, and the traffic."""
         self.reference = record_to_arrays(arrays)
         self.round_record = {"sent_to": sorted(m.metadata.dst_node_id for m in msgs),
                              "bytes_to": {str(m.metadata.dst_node_id): m.content[self.arrayrecord_key].count_bytes()
                                           for m in msgs},
                              "bytes_from": {}, "num_examples": {}, "client_train_time_s": {},
                              "client_train_loss": {}, "rejected": {}, "failed": []}
-        return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         rec = self.round_record
@@ -72,8 +80,10 @@ class CheckedFedAvg(FedAvg):
                     or "num-examples" not in metrics:
                 problem = "reply lacks its arrays or its num-examples"
             else:
-                reply = Reply(node_id=node, arrays=record_to_arrays(arrays), num_examples=metrics["num-examples"])
-                problem = validate_reply(reply, keys, self.reference)
+                reply = Reply(node_id=node, arrays=record_to_arrays(arrays), num_examples=metrics["num-examples"],
+                              round=int(metrics["round"]) if "round" in metrics else None)
+                problem = validate_reply(reply, keys, self.reference, expected_round=self.round_offset + server_round,
+                                         max_value_ratio=self.max_value_ratio)
             if problem:
                 rec["rejected"][str(node)] = problem
                 self.log(f"node {node}: reply rejected: {problem}")
@@ -91,6 +101,19 @@ class CheckedFedAvg(FedAvg):
         if not accepted:
             return None, None  # FedAvg keeps the previous global arrays
         return super().aggregate_train(server_round, accepted)
+
+
+STRATEGIES = {"mean": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg}  # by --aggregation
+
+
+def checked_strategy(cfg: FederationConfig, round_offset: int, log=print) -> FedAvg:
+    """Flower's FedAvg (or FedMedian / FedTrimmedAvg, per --aggregation) with CheckedReplies, on every node."""
+    base = STRATEGIES[cfg.aggregation]
+    kwargs = {"beta": cfg.trim_fraction} if base is FedTrimmedAvg else {}
+    strategy_class = type(f"Checked{base.__name__}", (CheckedReplies, base), {})
+    return strategy_class(log=log, round_offset=round_offset, max_value_ratio=cfg.max_value_ratio,
+                          fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
+                          **kwargs)
 
 
 class FedAvgFederation:
@@ -133,8 +156,7 @@ class FedAvgFederation:
         remaining = cfg.num_rounds - self.done_rounds
         if remaining > 0:
             self.wait_for_nodes()
-            strategy = CheckedFedAvg(log=self.log, fraction_train=1.0, fraction_evaluate=0.0,
-                                     min_train_nodes=1, min_available_nodes=1)
+            strategy = checked_strategy(cfg, self.done_rounds, self.log)
             train_config = ConfigRecord({
                 "method": cfg.method, "model-config": json.dumps(self.model_cfg.to_dict()),
                 "local-epochs": cfg.local_epochs, "lr": cfg.lr, "weight-decay": cfg.weight_decay,

@@ -93,3 +93,41 @@ def test_sim_fedavg_of_noprop_fm_with_resume(tmp_path, request):
     assert acc > 0.5, f"accuracy {acc:.3f} (chance 0.25)\n{log[-3000:]}"
     assert json.loads((out / "DONE.json").read_text())["method"] == "fm"
     assert (out / "accuracy.png").exists() and not (out / "ownership.png").exists()
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median"])
+def test_fedavg_rejects_tampered_replies_by_node_id(aggregation):
+    """The FedAvg path checks replies like block owners' before Flower's strategy combines them."""
+    from flwr.app import Message, MetricRecord
+
+    from noprop.server.fedavg import checked_strategy
+
+    cfg = FederationConfig(method="fm", channels="8,16,16", hidden=32, aggregation=aggregation)
+    model_cfg = cfg.model_config((1, 12, 12), 4)
+    state = to_numpy_state(build_model("fm", model_cfg).state_dict())
+    strategy = checked_strategy(cfg, round_offset=2, log=lambda line: None)
+    sent = {node: instruction(RecordDict({"arrays": arrays_to_record(state), "config": ConfigRecord({})}),
+                              MessageType.TRAIN) for node in (11, 12, 13, 14, 15)}
+    for node, msg in sent.items():
+        msg.metadata.__dict__["_dst_node_id"] = node
+    strategy.begin_round(arrays_to_record(state), list(sent.values()))
+
+    def reply(node: int, arrays: dict, rnd: int = 3, count: int = 100) -> Message:
+        out = Message(RecordDict({"arrays": arrays_to_record(arrays),
+                                  "metrics": MetricRecord({"round": rnd, "num-examples": count})}),
+                      reply_to=sent[node])
+        out.metadata.__dict__["_src_node_id"] = node
+        return out
+
+    key = next(k for k in state if k.startswith("block.") and state[k].dtype == np.float32)
+    honest = {k: v.copy() for k, v in state.items()}
+    honest[key] = honest[key] + np.float32(0.01)
+    boosted = {**honest, key: honest[key] * np.float32(1e4) + np.float32(1e3)}
+    missing = {k: v for k, v in honest.items() if k != key}
+    arrays, _ = strategy.aggregate_train(1, [reply(11, honest), reply(12, honest), reply(13, boosted),
+                                             reply(14, honest, rnd=2), reply(15, missing)])
+    rejected = strategy.round_record["rejected"]
+    assert set(rejected) == {"13", "14", "15"}, rejected
+    assert "beyond the bound" in rejected["13"] and "round 2" in rejected["14"] and "missing" in rejected["15"]
+    assert strategy.round_record["num_examples"] == {"11": 100, "12": 100}
+    np.testing.assert_allclose(arrays[key].numpy(), honest[key], rtol=1e-6)  # only the honest replies count
