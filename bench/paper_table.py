@@ -49,6 +49,7 @@ def run_cell(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(method=args.method, embedding=args.embedding, dataset=args.dataset, data_root=args.data_root,
                       epochs=args.epochs, subset=args.subset, eval_limit=args.eval_limit, seed=args.seed,
                       threads=args.threads, eval_mode="both", out=str(run_dir),
+                      channels=tuple(int(c) for c in args.channels.split(",")),
                       steps=args.steps if args.method in CONTINUOUS else None).validate()
     rss_before = memory_kb("VmRSS")  # torch imported, data not yet loaded
     mem: dict = {"reset": True, "training_kb": 0, "train_cpu_s": 0.0}
@@ -80,6 +81,7 @@ def run_cell(args: argparse.Namespace) -> dict:
     result = {
         "dataset": args.dataset, "method": args.method, "embedding": args.embedding,
         "budget": {"epochs": args.epochs, "subset": args.subset, "threads": args.threads, "seed": args.seed,
+                   "channels": args.channels,
                    "eval_limit": args.eval_limit, "steps": getattr(model.cfg, "steps", None),
                    "T": model.cfg.T},
         "train_acc": evaluate_accuracy(model, train, "deterministic", seed=args.seed),
@@ -131,7 +133,8 @@ def report(out: Path, datasets: list[str], methods: list[str], embeddings: list[
         any_cell = next(iter(cells.values()))["budget"]
         lines = [f"**{dataset}**: {any_cell['epochs']} epochs, "
                  f"{'all' if not any_cell['subset'] else any_cell['subset']} training examples, "
-                 f"{any_cell['threads']} thread(s), seed {any_cell['seed']}"
+                 f"{any_cell['threads']} thread(s), seed {any_cell['seed']}, conv widths "
+                 f"{any_cell.get('channels', '32,64,128')}"
                  + ("" if len(budgets) == 1 else " (WARNING: the cells' budgets differ)"),
                  "",
                  "| method | train % | test % det / sto | train s / epoch, wall (CPU) | peak RSS MB (training's own) "
@@ -164,6 +167,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels", default="32,64,128", help="conv widths of every method's block (default: full size)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps of ct / fm / adjoint (default: the method's)")
     p.add_argument("--sweep-steps", default="1,5,20,100", help="test accuracy at these step counts ('' for none)")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -203,7 +207,7 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--one", "--dataset", dataset, "--method", method,
                        "--embedding", embedding, "--data-root", args.data_root, "--epochs", str(args.epochs),
                        "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(out),
-                       "--sweep-steps", args.sweep_steps]
+                       "--sweep-steps", args.sweep_steps, "--channels", args.channels]
                 for flag, value in (("--subset", args.subset), ("--eval-limit", args.eval_limit),
                                     ("--steps", args.steps)):
                     cmd += [flag, str(value)] if value else []
