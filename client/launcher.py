@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                    grace=lambda: 6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
     if rc != 130:
         say(PROG, f"the SuperNode exited with code {rc}")
+    if rc not in (0, 130) and key is not None:
+        say(PROG, f"if it said \"Failed to activate SuperNode\", the server does not accept this node's key: put "
+                  f"{key.name}.pub in the server's --authorized-keys folder (read when noprop-server starts)")
     return rc
 
 
