@@ -6,16 +6,13 @@ HTTP/2 in the clear), while clients that trust another CA and a client whose key
 from __future__ import annotations
 
 import re
-import select
 import shutil
-import socket
 import subprocess
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from procs import Spawned, cleanup_all, quiet_env, script, wait_for, write_synthetic_npz
+from procs import Relay, Spawned, cleanup_all, quiet_env, script, wait_for, write_synthetic_npz
 
 from noprop.certs import authorized_keys, check_server_certificates
 from noprop.client import launcher as client_launcher
@@ -193,63 +190,6 @@ def test_client_security_flags(case, certs, npz, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------------------
 # Real federations on loopback
-
-
-class Relay:
-    """A TCP relay on 127.0.0.1 in front of ``target`` that records every byte of every connection, each way."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections: list[dict[str, bytearray]] = []
-        self.lock = threading.Lock()
-        self.closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closing:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            record = {"up": bytearray(), "down": bytearray()}
-            with self.lock:
-                self.connections.append(record)
-            threading.Thread(target=self._pump, args=(client, record), daemon=True).start()
-
-    def _pump(self, client: socket.socket, record: dict[str, bytearray]) -> None:
-        try:
-            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
-        except OSError:
-            client.close()
-            return
-        peers = {client: (server, "up"), server: (client, "down")}
-        with client, server:
-            while not self.closing:
-                readable, _, _ = select.select(list(peers), [], [], 0.5)
-                for sock in readable:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
-                        data = b""
-                    if not data:
-                        return
-                    other, direction = peers[sock]
-                    with self.lock:
-                        record[direction] += data
-                    try:
-                        other.sendall(data)
-                    except OSError:
-                        return
-
-    def streams(self, direction: str) -> list[bytes]:
-        with self.lock:
-            return [bytes(c[direction]) for c in self.connections if c[direction]]
-
-    def close(self) -> None:
-        self.closing = True
-        self.listener.close()
 
 
 def start_server(tmp: Path, npz: Path, security: list[str], min_clients: int) -> tuple[Spawned, int, Path]:
