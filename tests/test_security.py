@@ -5,16 +5,19 @@ HTTP/2 in the clear), while clients that trust another CA and a client whose key
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from procs import Relay, Spawned, cleanup_all, quiet_env, script, wait_for, write_synthetic_npz
 
-from noprop.certs import authorized_keys, check_server_certificates
+from noprop.certs import authorized_keys, check_server_certificates, speaks_tls, tls_handshake
 from noprop.client import launcher as client_launcher
 from noprop.io import read_jsonl
 from noprop.launch import free_port
@@ -381,3 +384,41 @@ def test_plain_text_beyond_loopback_needs_insecure_and_warns(npz, tmp_path, caps
     out = capsys.readouterr().out
     assert code == 2 and "WARNING" in out and "not encrypted" in out, out
 
+
+
+def test_client_tls_probe_tells_trusted_untrusted_and_plain_servers_apart(certs, other_ca):
+    """noprop-client's check before it starts a SuperNode, against a TLS server holding noprop-certs' server
+    certificate (Python's ssl here; the federation test above meets Flower's) and a plain TCP server."""
+    import ssl as ssl_module
+
+    context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "server.crt", certs / "server.key")
+    context.set_alpn_protocols(["h2"])
+    tls_listener, plain_listener = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+
+    def serve(listener: socket.socket, wrap: bool) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                if wrap:
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)  # until the client closes
+                else:
+                    conn.recv(1024)
+                    conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")  # an HTTP/2 frame, as gRPC would answer
+
+    for listener, wrap in ((tls_listener, True), (plain_listener, False)):
+        threading.Thread(target=serve, args=(listener, wrap), daemon=True).start()
+    tls_port, plain_port = tls_listener.getsockname()[1], plain_listener.getsockname()[1]
+    try:
+        assert tls_handshake("127.0.0.1", tls_port, certs / "ca.crt") is None
+        assert tls_handshake("localhost", tls_port, certs / "ca.crt") is None
+        assert "not trusted" in tls_handshake("127.0.0.1", tls_port, other_ca / "ca.crt")
+        assert "no TLS handshake" in tls_handshake("127.0.0.1", plain_port, certs / "ca.crt")
+        assert speaks_tls("127.0.0.1", tls_port) and not speaks_tls("127.0.0.1", plain_port)
+    finally:
+        tls_listener.close()
+        plain_listener.close()
