@@ -195,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                               "first, or check --server")
         if root_certificate is not None:
             reason = tls_handshake(host, port, root_certificate)
-            if reason is not None:
+            if reason is not None and "not trusted" in reason:
                 raise LaunchError(f"TLS with the server at {server} failed: {reason} (--root-certificate "
                                   f"{root_certificate} must be the CA that signed the server's certificate, and that "
                                   f"certificate must name {host})")
+            if reason is not None:
+                raise LaunchError(f"TLS with the server at {server} failed: {reason}")
         elif speaks_tls(host, port):
             raise LaunchError(f"the server at {server} uses TLS: pass --root-certificate FILE (the ca.crt that signed "
                               "its certificate) instead of --insecure")
@@ -233,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                    grace=lambda: 6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
     if rc != 130:
         say(PROG, f"the SuperNode exited with code {rc}")
+    if rc not in (0, 130) and key is not None:
+        say(PROG, f"if it said \"Failed to activate SuperNode\", the server does not accept this node's key: put "
+                  f"{key.name}.pub in the server's --authorized-keys folder (read when noprop-server starts)")
     return rc
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -152,3 +155,61 @@ def cleanup_all(spawned: list[Spawned], grace: float = 20.0) -> None:
     deadline = time.monotonic() + grace
     for p in spawned:
         p.cleanup(max(0.0, deadline - time.monotonic()))
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of 127.0.0.1:``target_port`` that records every byte of every connection,
+    each way (``streams("up")``: client to server); a test points a client at ``port`` to watch or cut its link."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[dict[str, bytearray]] = []
+        self.lock = threading.Lock()
+        self.closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            record = {"up": bytearray(), "down": bytearray()}
+            with self.lock:
+                self.connections.append(record)
+            threading.Thread(target=self._pump, args=(client, record), daemon=True).start()
+
+    def _pump(self, client: socket.socket, record: dict[str, bytearray]) -> None:
+        try:
+            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        except OSError:
+            client.close()
+            return
+        peers = {client: (server, "up"), server: (client, "down")}
+        with client, server:
+            while not self.closing:
+                readable, _, _ = select.select(list(peers), [], [], 0.5)
+                for sock in readable:
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        return
+                    other, direction = peers[sock]
+                    with self.lock:
+                        record[direction] += data
+                    try:
+                        other.sendall(data)
+                    except OSError:
+                        return
+
+    def streams(self, direction: str) -> list[bytes]:
+        with self.lock:
+            return [bytes(c[direction]) for c in self.connections if c[direction]]
+
+    def close(self) -> None:
+        self.closing = True
+        self.listener.close()

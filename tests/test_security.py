@@ -5,8 +5,8 @@ HTTP/2 in the clear), while clients that trust another CA and a client whose key
 
 from __future__ import annotations
 
+import contextlib
 import re
-import select
 import shutil
 import socket
 import subprocess
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from procs import Spawned, cleanup_all, quiet_env, script, wait_for, write_synthetic_npz
+from procs import Relay, Spawned, cleanup_all, quiet_env, script, wait_for, write_synthetic_npz
 
-from noprop.certs import authorized_keys, check_server_certificates
+from noprop.certs import authorized_keys, check_server_certificates, speaks_tls, tls_handshake
 from noprop.client import launcher as client_launcher
 from noprop.io import read_jsonl
 from noprop.launch import free_port
@@ -193,63 +193,6 @@ def test_client_security_flags(case, certs, npz, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------------------
 # Real federations on loopback
-
-
-class Relay:
-    """A TCP relay on 127.0.0.1 in front of ``target`` that records every byte of every connection, each way."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections: list[dict[str, bytearray]] = []
-        self.lock = threading.Lock()
-        self.closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closing:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            record = {"up": bytearray(), "down": bytearray()}
-            with self.lock:
-                self.connections.append(record)
-            threading.Thread(target=self._pump, args=(client, record), daemon=True).start()
-
-    def _pump(self, client: socket.socket, record: dict[str, bytearray]) -> None:
-        try:
-            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
-        except OSError:
-            client.close()
-            return
-        peers = {client: (server, "up"), server: (client, "down")}
-        with client, server:
-            while not self.closing:
-                readable, _, _ = select.select(list(peers), [], [], 0.5)
-                for sock in readable:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
-                        data = b""
-                    if not data:
-                        return
-                    other, direction = peers[sock]
-                    with self.lock:
-                        record[direction] += data
-                    try:
-                        other.sendall(data)
-                    except OSError:
-                        return
-
-    def streams(self, direction: str) -> list[bytes]:
-        with self.lock:
-            return [bytes(c[direction]) for c in self.connections if c[direction]]
-
-    def close(self) -> None:
-        self.closing = True
-        self.listener.close()
 
 
 def start_server(tmp: Path, npz: Path, security: list[str], min_clients: int) -> tuple[Spawned, int, Path]:
@@ -441,3 +384,41 @@ def test_plain_text_beyond_loopback_needs_insecure_and_warns(npz, tmp_path, caps
     out = capsys.readouterr().out
     assert code == 2 and "WARNING" in out and "not encrypted" in out, out
 
+
+
+def test_client_tls_probe_tells_trusted_untrusted_and_plain_servers_apart(certs, other_ca):
+    """noprop-client's check before it starts a SuperNode, against a TLS server holding noprop-certs' server
+    certificate (Python's ssl here; the federation test above meets Flower's) and a plain TCP server."""
+    import ssl as ssl_module
+
+    context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "server.crt", certs / "server.key")
+    context.set_alpn_protocols(["h2"])
+    tls_listener, plain_listener = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+
+    def serve(listener: socket.socket, wrap: bool) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                if wrap:
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)  # until the client closes
+                else:
+                    conn.recv(1024)
+                    conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")  # an HTTP/2 frame, as gRPC would answer
+
+    for listener, wrap in ((tls_listener, True), (plain_listener, False)):
+        threading.Thread(target=serve, args=(listener, wrap), daemon=True).start()
+    tls_port, plain_port = tls_listener.getsockname()[1], plain_listener.getsockname()[1]
+    try:
+        assert tls_handshake("127.0.0.1", tls_port, certs / "ca.crt") is None
+        assert tls_handshake("localhost", tls_port, certs / "ca.crt") is None
+        assert "not trusted" in tls_handshake("127.0.0.1", tls_port, other_ca / "ca.crt")
+        assert "no TLS handshake" in tls_handshake("127.0.0.1", plain_port, certs / "ca.crt")
+        assert speaks_tls("127.0.0.1", tls_port) and not speaks_tls("127.0.0.1", plain_port)
+    finally:
+        tls_listener.close()
+        plain_listener.close()
