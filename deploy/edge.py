@@ -821,8 +821,17 @@ def _brief(value: object) -> str:
     return str(value)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``noprop-edge: error: ...``, exit 2), not usage + error.
+    (noprop.launch has the same class; this file stays importable on its own, without the noprop package.)"""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="noprop-edge", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="noprop-edge", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp: argparse.ArgumentParser) -> None:

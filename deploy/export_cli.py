@@ -29,10 +29,11 @@ from noprop.deploy.export import (
     export_checkpoint,
     write_checkpoint_manifest,
 )
+from noprop.launch import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="noprop-export", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="noprop-export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint.pt written by noprop-train or noprop-server")
     p.add_argument("-o", "--output", help="the .onnx file to write (default: model.onnx, or model.int8.onnx with "
                                           "--int8, beside the checkpoint)")

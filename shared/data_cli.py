@@ -23,10 +23,11 @@ from noprop.data import (
     fetch_dataset,
     load_train_test,
 )
+from noprop.launch import OneLineParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="noprop-data", description="Fetch and inspect noprop-fl datasets.")
+    p = OneLineParser(prog="noprop-data", description="Fetch and inspect noprop-fl datasets.")
     sub = p.add_subparsers(dest="command", required=True)
     root_help = "data folder (default: $NOPROP_DATA, else ./data)"
 

@@ -21,6 +21,7 @@ from noprop.config import EVAL_MODES, METHODS, ConfigError, TrainConfig, build_c
 from noprop.data import DatasetError, load_train_test
 from noprop.device import resolve_device
 from noprop.io import append_jsonl, atomic_write_text
+from noprop.launch import OneLineParser
 from noprop.methods import make_optimizer
 from noprop.model import parse_embedding, prototype_rows
 from noprop.plots import plot_training_curves
@@ -38,7 +39,7 @@ def parse_channels(text: str) -> tuple[int, int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="noprop-train", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="noprop-train", description=__doc__.splitlines()[0],
                                 argument_default=None)
     p.add_argument("--config", help="TOML file with any of the settings below (flags override it)")
     p.add_argument("--method", help=f"{', '.join(METHODS)} (default dt)")
