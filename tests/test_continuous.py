@@ -92,6 +92,24 @@ def test_ct_steps_carry_the_marginal_when_the_denoiser_is_exact():
         assert det[k, 2] == 0 and c > 0
 
 
+@pytest.mark.parametrize("head", ["softmax", "radial"])
+@pytest.mark.parametrize("embedding", ["one-hot", "learned:20", "prototype"])
+def test_ct_oracle_denoiser_through_the_inference_chain_and_head_gives_every_label(embedding, head):
+    """The denoiser replaced by the true u_y: the chain ends at z_1 ~ q(z_1 | y) and the head must read y.
+
+    The CE trains the head once per batch on exactly that z_1; a head that starts as a random map from
+    embeddings to classes capped CT at the share of classes it happened to get right (76% on the synthetic
+    task) however well the denoiser learned. Checked on an untrained model, in both inference modes.
+    """
+    data = synthetic_data(64)
+    model = small_model("ct", embedding, data, head=head, steps=10)
+    W = model.embedding.weight.detach()
+    model.denoise = lambda features, z, t: W[data.y]  # the oracle; forward() calls it at every step
+    for mode in ("deterministic", "stochastic"):
+        pred = model.predict(data.x, mode, torch.Generator().manual_seed(0))
+        assert torch.equal(pred, data.y), (mode, (pred == data.y).float().mean().item())
+
+
 # -- flow matching ----------------------------------------------------------------------------------------
 
 
@@ -165,15 +183,17 @@ def test_adjoint_gradients_match_backprop_through_the_solver():
 # -- learning the synthetic task, predictions without labels ----------------------------------------------
 
 
-@pytest.mark.parametrize("method, epochs, lr", [("ct", 6, 3e-3), ("fm", 3, 3e-3), ("adjoint", 3, 3e-3)])
-def test_learns_the_synthetic_task_well_above_chance(method, epochs, lr):
+@pytest.mark.parametrize("method, epochs, lr, floor", [("ct", 6, 3e-3, 0.9), ("fm", 3, 3e-3, 0.6),
+                                                      ("adjoint", 3, 3e-3, 0.6)])
+def test_learns_the_synthetic_task_well_above_chance(method, epochs, lr, floor):
+    """CT's floor is 0.9: with a randomly initialised head it stalled at 0.76 (measured), FM reaches 1.0."""
     train, test = synthetic_data(512, seed=1), synthetic_data(400, seed=2)
     model = small_model(method, steps=10)
     opt = make_optimizer(method, model.parameters(), lr, 1e-3)
     for _ in range(epochs):
         train_end_to_end_epoch(model, opt, train, 32, generator=torch.Generator().manual_seed(0))
     acc = evaluate_accuracy(model, test, "deterministic")
-    assert acc > 0.6, f"{method}: {acc:.3f} (chance 0.25)"
+    assert acc >= floor, f"{method}: {acc:.3f} (chance 0.25)"
     print(f"{method}: test accuracy {acc:.3f}")
     # prediction takes no labels: nothing on the inference path can read y
     for fn in (model.predict, model.predict_proba, model.forward):
