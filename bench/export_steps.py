@@ -1,9 +1,10 @@
 """Continuous methods on the edge: accuracy, file size and latency against the number of unrolled ODE steps.
 
-Trains NoProp-CT and NoProp-FM for one epoch on a Fashion-MNIST subset with noprop-train (one process each),
-then exports each checkpoint with noprop-export at every step count of --steps and runs the .onnx files in
-onnxruntime through noprop.deploy.edge: test accuracy (deterministic, raw IDX test images), file size, export
-time and batch-1 latency (p50 / p95 over --runs single-image calls after a warm-up, --threads threads), and
+Trains NoProp-CT (one-hot and learned:20) and NoProp-FM for one epoch on a Fashion-MNIST subset with
+noprop-train (one process each), then exports each checkpoint with noprop-export at every step count of
+--steps and runs the .onnx files in onnxruntime through noprop.deploy.edge: test accuracy (deterministic, raw
+IDX test images), file size, export time and batch-1 latency (min / p50 / p95 over --runs single-image calls
+after a warm-up, --threads threads), and
 the same for the int8 file of noprop-export --int8. The PyTorch model is evaluated at the same step counts as
 a check (label agreement with the ONNX file).
 
@@ -11,7 +12,7 @@ a check (label agreement with the ONNX file).
     .venv/bin/python bench/export_steps.py --report     # the table again, from OUT/results.json
 
 Writes OUT/results.json (default bench/results/export_steps), OUT/accuracy_vs_steps.png and the run folders
-OUT/<method>/ of noprop-train (checkpoints and .onnx files are not committed).
+OUT/<variant>/ of noprop-train (checkpoints and .onnx files are not committed).
 """
 
 from __future__ import annotations
@@ -27,21 +28,26 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("ct", "fm")
+VARIANTS = ("ct", "ct:learned:20", "fm")  # method[:embedding]; one-hot when no embedding is given
 
 
-def train(method: str, args: argparse.Namespace, out: Path) -> Path:
+def variant_name(variant: str) -> str:
+    return variant.replace(":", "-").replace("-learned-", "-learned")
+
+
+def train(variant: str, args: argparse.Namespace, out: Path) -> Path:
     """One epoch of noprop-train in its own process; returns the checkpoint."""
-    run = out / method
+    method, _, embedding = variant.partition(":")
+    run = out / variant_name(variant)
     ckpt = run / "checkpoint.pt"
     if args.reuse and ckpt.is_file():
-        print(f"== {method}: reusing {ckpt}", flush=True)
+        print(f"== {variant}: reusing {ckpt}", flush=True)
         return ckpt
     cmd = [sys.executable, "-m", "noprop.train_cli", "--method", method, "--dataset", args.dataset,
            "--data-root", args.data_root, "--subset", str(args.subset), "--epochs", "1",
            "--channels", args.channels, "--eval-limit", str(args.eval_limit), "--threads", str(args.threads),
-           "--seed", str(args.seed), "--out", str(run)]
-    print(f"== {method}: noprop-train {' '.join(cmd[3:])}", flush=True)
+           "--seed", str(args.seed), "--out", str(run), "--embedding", embedding or "one-hot"]
+    print(f"== {variant}: noprop-train {' '.join(cmd[3:])}", flush=True)
     subprocess.run(cmd, check=True)
     return ckpt
 
@@ -58,7 +64,7 @@ def latency_ms(model, image: np.ndarray, runs: int) -> tuple[float, float, float
     return float(np.min(times) * 1e3), float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3)
 
 
-def measure(method: str, ckpt_path: Path, args: argparse.Namespace) -> dict:
+def measure(variant: str, ckpt_path: Path, args: argparse.Namespace) -> dict:
     import torch
 
     from noprop.checkpoint import load_checkpoint
@@ -68,12 +74,13 @@ def measure(method: str, ckpt_path: Path, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(ckpt_path)
     model = ckpt.model()
+    name = variant_name(variant)
     rows = []
     with tempfile.TemporaryDirectory(prefix="export-steps-") as tmp:
         x = y = None
         for steps in args.steps:
             start = time.perf_counter()
-            result = export_checkpoint(ckpt_path, Path(tmp) / f"{method}-{steps}.onnx", steps=steps,
+            result = export_checkpoint(ckpt_path, Path(tmp) / f"{name}-{steps}.onnx", steps=steps,
                                        write_manifest=False)
             export_s = time.perf_counter() - start
             edge = EdgeModel(result.path, threads=args.threads)
@@ -88,7 +95,7 @@ def measure(method: str, ckpt_path: Path, args: argparse.Namespace) -> dict:
             fastest, p50, p95 = latency_ms(edge, x[:1], args.runs)
             int8 = {}
             if args.calibration:
-                q = export_checkpoint(ckpt_path, Path(tmp) / f"{method}-{steps}.int8.onnx", steps=steps, int8=True,
+                q = export_checkpoint(ckpt_path, Path(tmp) / f"{name}-{steps}.int8.onnx", steps=steps, int8=True,
                                       calibration=args.calibration, data_root=args.data_root, write_manifest=False)
                 q_edge = EdgeModel(q.path, threads=args.threads)
                 _, q50, _ = latency_ms(q_edge, x[:1], args.runs)
@@ -101,15 +108,16 @@ def measure(method: str, ckpt_path: Path, args: argparse.Namespace) -> dict:
                    "latency_ms_min": round(fastest, 3), "latency_ms_p50": round(p50, 3),
                    "latency_ms_p95": round(p95, 3), **int8}
             rows.append(row)
-            print(f"{method} steps {steps:>3}: accuracy {100 * row['accuracy']:.2f}% (torch "
+            print(f"{name} steps {steps:>3}: accuracy {100 * row['accuracy']:.2f}% (torch "
                   f"{100 * row['torch_accuracy']:.2f}%, agreement {100 * row['label_agreement']:.2f}%), "
                   f"{row['bytes'] / 1e6:.2f} MB, {row['nodes']} nodes, batch-1 p50 {p50:.2f} ms, "
                   f"export {export_s:.1f} s" + (f"; int8 {100 * int8['int8_accuracy']:.2f}%, "
                                                  f"{int8['int8_bytes'] / 1e6:.2f} MB, p50 "
                                                  f"{int8['int8_latency_ms_p50']:.2f} ms" if int8 else ""), flush=True)
     metrics = json.loads((ckpt_path.parent / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"method": method, "configured_steps": ckpt.config.steps, "train_metrics": metrics,
-            "parameters": sum(p.numel() for p in model.parameters()), "examples": int(len(y)), "rows": rows}
+    return {"method": name, "embedding": ckpt.config.embedding, "configured_steps": ckpt.config.steps,
+            "train_metrics": metrics, "parameters": sum(p.numel() for p in model.parameters()),
+            "examples": int(len(y)), "rows": rows}
 
 
 def _node_count(path: Path) -> int:
@@ -165,12 +173,12 @@ def main() -> int:
     p.add_argument("--channels", default="16,32,64")
     p.add_argument("--eval-limit", type=int, default=2000, help="test images")
     p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 5, 10, 20, 50])
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="method[:embedding], comma-separated")
     p.add_argument("--runs", type=int, default=200, help="timed batch-1 calls per step count")
     p.add_argument("--calibration", type=int, default=256, help="int8: calibration images (0: no int8)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reuse", action="store_true", help="reuse OUT/<method>/checkpoint.pt when present")
+    p.add_argument("--reuse", action="store_true", help="reuse OUT/<variant>/checkpoint.pt when present")
     p.add_argument("--out", default="bench/results/export_steps")
     p.add_argument("--report", action="store_true", help="only print the table and redraw the plot")
     args = p.parse_args()
@@ -185,9 +193,9 @@ def main() -> int:
     results = {"settings": {k: v for k, v in vars(args).items() if k != "report"},
                "machine": {"python": platform.python_version(), "cpu_count": __import__("os").cpu_count()},
                "methods": []}
-    for method in args.methods.split(","):
-        ckpt = train(method, args, out)
-        results["methods"].append(measure(method, ckpt, args))
+    for variant in args.variants.split(","):
+        ckpt = train(variant, args, out)
+        results["methods"].append(measure(variant, ckpt, args))
         results["wall_s"] = round(time.perf_counter() - start, 1)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     import onnxruntime
