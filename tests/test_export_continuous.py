@@ -22,7 +22,7 @@ from noprop.deploy import export_cli
 from noprop.deploy.edge import EdgeModel, ModelInfo, file_sha256, manifest_path_for
 from noprop.deploy.export import ExportError, export_checkpoint, export_onnx, read_metadata
 from noprop.methods import build_model, config_from_dict, make_optimizer
-from noprop.model import prototype_rows
+from noprop.model import NoPropConfig, prototype_rows
 from noprop.proto import inference_pb2
 from noprop.trainer import evaluate_accuracy, train_end_to_end_epoch
 
@@ -100,7 +100,7 @@ def ct(folder):
     ("fm", "one-hot", "softmax", "stochastic", {"steps": 5}),
     ("fm", "learned:20", "radial", "deterministic", {"steps": 4, "solver": "heun"}),
     ("fm", "prototype", "softmax", "deterministic", {"steps": 3}),
-    ("adjoint", "learned:20", "radial", "deterministic", {"steps": 4, "solver": "rk4"}),
+    ("adjoint", "learned:20", "radial", "deterministic", {"steps": 3, "solver": "midpoint"}),
 ])
 def test_onnx_matches_pytorch_at_the_same_step_count(folder, method, embedding, head, mode, settings):
     _, ckpt = continuous_checkpoint(folder, method, embedding, head, **settings)
@@ -228,10 +228,10 @@ def test_int8_quantization_of_an_unrolled_chain(ct, folder):
 
 
 def test_bad_steps_are_one_line_errors(ct, folder, capsys):
-    from test_export import tiny_checkpoint
-
-    path, _ = ct
-    dt_path, dt = tiny_checkpoint(folder, "dt", epochs=1)
+    path, ckpt = ct
+    dt_cfg = NoPropConfig(**{**SMALL, "T": 2})  # untrained: only its method matters here
+    dt = Checkpoint(method="dt", config=dt_cfg, state_dict=build_model("dt", dt_cfg).state_dict(), data=ckpt.data)
+    dt_path = save_checkpoint(folder / "dt-untrained.pt", dt)
     cases = [
         ([str(path), "-o", str(folder / "x.onnx"), "--steps", "0"], "--steps must be at least 1"),
         ([str(dt_path), "-o", str(folder / "x.onnx"), "--steps", "5"], "--steps applies to ct, fm and adjoint"),
