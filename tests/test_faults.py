@@ -355,16 +355,19 @@ def test_straggler_does_not_hold_the_round_and_its_late_reply_never_counts(fault
     text = run.clients[STRAGGLER].text()
     at_cont = run.events["straggler_log_at_cont"]
     stopped_for = run.events["straggler_continued"] - run.events["straggler_stopped"]
-    # frozen mid-training (round 2 started, not finished, when the round ended) ...
-    assert "round 2: training" in text[:at_cont] and trained_in(run.clients[STRAGGLER], 2) is None, text[-3000:]
+    # frozen mid-training: round 2 started, not finished, when the round ended ...
+    assert "round 2: training" in text[:at_cont] and "round 2: trained" not in text[:at_cont], text[-3000:]
+    late_training = trained_in(run.clients[STRAGGLER], 2)
+    if late_training is not None:  # it finished after SIGCONT (else Flower stopped the task): its clock shows the stop
+        assert late_training >= stopped_for - 5, (late_training, stopped_for)
     # ... the round ended at the timeout (or earlier, once Flower saw its heartbeats stop), not when it woke up
     assert r2["round_time_s"] < ROUND_TIMEOUT + 60 and stopped_for > r2["round_time_s"] - 30, (r2, stopped_for)
     straggler = next(n for n in r2["failed"] if n in owners_of(r1) and n in owners_of(r3))
     assert straggler not in r2["trained_by"] and str(straggler) not in r2["num_examples"], r2
-    # woken up, its SuperNode sends its (late) round-2 reply, which the server no longer reads ...
+    # woken up, its SuperNode sends a late round-2 reply (nothing was logged while it was stopped), which the
+    # server no longer reads ...
     after = text[at_cont:]
-    late = after.find("ROUND train-2]\n")
-    assert late >= 0 and "Sending: train message" in after[late:after.find("ROUND query-3")], after[:3000]
+    assert "ROUND train-2]" in after and "Sending: train message" in after.split("ROUND train-3]")[0], after[:3000]
     # ... and it trains round 3 from a fresh message; nothing was rejected as stale: the late reply was never read
     assert straggler in r3["trained_by"] and not r3["rejected"], r3
 
