@@ -360,8 +360,9 @@ def test_straggler_does_not_hold_the_round_and_its_late_reply_never_counts(fault
     late_training = trained_in(run.clients[STRAGGLER], 2)
     if late_training is not None:  # it finished after SIGCONT (else Flower stopped the task): its clock shows the stop
         assert late_training >= stopped_for - 5, (late_training, stopped_for)
-    # ... the round ended at the timeout (or earlier, once Flower saw its heartbeats stop), not when it woke up
-    assert r2["round_time_s"] < ROUND_TIMEOUT + 60 and stopped_for > r2["round_time_s"] - 30, (r2, stopped_for)
+    # ... and the round ended at the timeout (plus discovery, evaluation and checkpoint time), while it was still
+    # stopped (the test wakes it only after round 2's metrics line)
+    assert r2["round_time_s"] < ROUND_TIMEOUT + 60, r2
     straggler = next(n for n in r2["failed"] if n in owners_of(r1) and n in owners_of(r3))
     assert straggler not in r2["trained_by"] and str(straggler) not in r2["num_examples"], r2
     # woken up, its SuperNode sends a late round-2 reply (nothing was logged while it was stopped), which the
