@@ -376,12 +376,14 @@ def test_straggler_does_not_hold_the_round_and_its_late_reply_never_counts(fault
 def test_restarted_client_joins_again_and_gets_blocks(faulty_run):
     run = faulty_run
     r1, r2, r3 = run.metrics()
+    text = run.restarted.text()
+    # it registered as a new node and the server sent it blocks of round 3 (before the server was killed) ...
+    got = re.findall(r"round 3: training block\(s\) ([0-9, ]+) on", text)
+    assert got and re.search(r"round 3: trained in", text), run.report()
+    assert re.search(r"SuperNode ID: (\d+)", text).group(1) not in {str(n) for n in node_ids(r1)}, text[:3000]
+    # ... and when it made it back in time after the server restart, it trained the completed round 3 too
     newcomers = owners_of(r3) - node_ids(r1)
-    assert len(newcomers) == 1, (r1, r3)
-    newcomer = newcomers.pop()
-    assert newcomer in r3["trained_by"], r3
-    blocks = [b for b, owners in r3["plan"].items() if newcomer in owners]
-    assert blocks and f"round 3: training block(s) {', '.join(blocks)}" in run.restarted.text(), run.report()
+    assert len(newcomers) <= 1 and newcomers <= set(r3["trained_by"]), r3
 
 
 def test_server_killed_mid_run_resumes_with_history_and_accuracy(faulty_run):
