@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 from flwr.app import Context
@@ -22,7 +24,16 @@ def end_with_superexec() -> None:
     OUT while a restarted server resumes there. Flower's own parent monitor (SIGINT once the parent is gone, then
     Flower's graceful exit) ends it with its SuperExec instead."""
     if Path(sys.argv[0]).name == "flwr-serverapp" and os.getppid() != 1:
-        start_parent_process_monitor(os.getppid())
+        parent = os.getppid()
+        start_parent_process_monitor(parent)
+
+        def force_exit() -> None:  # Flower's graceful exit can hang on a SuperLink that is gone: 10 s, then out
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            time.sleep(10.0)
+            os._exit(1)
+
+        threading.Thread(target=force_exit, daemon=True).start()
 
 
 def make_server_app(overrides: dict | None = None) -> ServerApp:

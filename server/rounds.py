@@ -160,8 +160,10 @@ class NoPropFederation:
         msgs = [Message(RecordDict({"config": content}), n, MessageType.QUERY, group_id=f"query-{rnd}")
                 for n in new]
         replies = self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout)
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            # an error reply made by the SuperLink (node unavailable) comes from the SuperLink, not the node
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
                 self.log(f"node {node}: discovery failed: {msg.error.reason}")
                 continue

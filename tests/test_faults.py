@@ -98,7 +98,7 @@ def test_resume_with_both_checkpoints_bad_is_one_line_exit_2(tmp_path):
     (out / "checkpoint.pt").write_bytes(b"\x80torn")
     (out / "checkpoint.prev.pt").write_bytes(b"")
     fleet, control = free_port(), free_port()
-    res = subprocess.run([script("noprop-server"), "--resume", "--dataset", f"npz:{npz}", "--out", str(out),
+    res = subprocess.run([script("noprop-server"), "--insecure", "--resume", "--dataset", f"npz:{npz}", "--out", str(out),
                           "--port", str(fleet), "--control-port", str(control), *SMALL],
                          capture_output=True, text=True, env=quiet_env(), timeout=300)
     assert res.returncode == 2, res.stderr
@@ -210,12 +210,12 @@ class FaultyRun:
     events: dict = field(default_factory=dict)
 
     def server_cmd(self, *extra: str) -> list[str]:
-        return [script("noprop-server"), "--port", str(self.fleet), "--control-port", str(self.control),
+        return [script("noprop-server"), "--insecure", "--port", str(self.fleet), "--control-port", str(self.control),
                 "--rounds", str(ROUNDS), "--min-clients", str(NUM_CLIENTS), "--dataset", f"npz:{self.npz}",
                 "--out", str(self.out), "--round-timeout", str(ROUND_TIMEOUT), *SMALL, *extra]
 
     def client(self, i: int, name: str) -> Spawned:
-        return Spawned([script("noprop-client"), "--server", f"127.0.0.1:{self.fleet}", "--data", f"npz:{self.npz}",
+        return Spawned([script("noprop-client"), "--insecure", "--server", f"127.0.0.1:{self.fleet}", "--data", f"npz:{self.npz}",
                         "--partition", f"{i}/{NUM_CLIENTS}", "--threads", "1", "--wait", "180",
                         "--state-dir", str(self.tmp / f"node{i}")],
                        self.tmp / f"{name}.log", quiet_env(self.tmp / f"node{i}"), cwd=self.tmp)
@@ -355,16 +355,20 @@ def test_straggler_does_not_hold_the_round_and_its_late_reply_never_counts(fault
     text = run.clients[STRAGGLER].text()
     at_cont = run.events["straggler_log_at_cont"]
     stopped_for = run.events["straggler_continued"] - run.events["straggler_stopped"]
-    # frozen mid-training (round 2 started, not finished, when the round ended) ...
-    assert "round 2: training" in text[:at_cont] and trained_in(run.clients[STRAGGLER], 2) is None, text[-3000:]
-    # ... the round ended at the timeout (or earlier, once Flower saw its heartbeats stop), not when it woke up
-    assert r2["round_time_s"] < ROUND_TIMEOUT + 60 and stopped_for > r2["round_time_s"] - 30, (r2, stopped_for)
+    # frozen mid-training: round 2 started, not finished, when the round ended ...
+    assert "round 2: training" in text[:at_cont] and "round 2: trained" not in text[:at_cont], text[-3000:]
+    late_training = trained_in(run.clients[STRAGGLER], 2)
+    if late_training is not None:  # it finished after SIGCONT (else Flower stopped the task): its clock shows the stop
+        assert late_training >= stopped_for - 5, (late_training, stopped_for)
+    # ... and the round ended at the timeout (plus discovery, evaluation and checkpoint time), while it was still
+    # stopped (the test wakes it only after round 2's metrics line)
+    assert r2["round_time_s"] < ROUND_TIMEOUT + 60, r2
     straggler = next(n for n in r2["failed"] if n in owners_of(r1) and n in owners_of(r3))
     assert straggler not in r2["trained_by"] and str(straggler) not in r2["num_examples"], r2
-    # woken up, its SuperNode sends its (late) round-2 reply, which the server no longer reads ...
+    # woken up, its SuperNode sends a late round-2 reply (nothing was logged while it was stopped), which the
+    # server no longer reads ...
     after = text[at_cont:]
-    late = after.find("ROUND train-2]\n")
-    assert late >= 0 and "Sending: train message" in after[late:after.find("ROUND query-3")], after[:3000]
+    assert "ROUND train-2]" in after and "Sending: train message" in after.split("ROUND train-3]")[0], after[:3000]
     # ... and it trains round 3 from a fresh message; nothing was rejected as stale: the late reply was never read
     assert straggler in r3["trained_by"] and not r3["rejected"], r3
 
@@ -372,12 +376,14 @@ def test_straggler_does_not_hold_the_round_and_its_late_reply_never_counts(fault
 def test_restarted_client_joins_again_and_gets_blocks(faulty_run):
     run = faulty_run
     r1, r2, r3 = run.metrics()
+    text = run.restarted.text()
+    # it registered as a new node and the server sent it blocks of round 3 (before the server was killed) ...
+    got = re.findall(r"round 3: training block\(s\) ([0-9, ]+) on", text)
+    assert got and re.search(r"round 3: trained in", text), run.report()
+    assert re.search(r"SuperNode ID: (\d+)", text).group(1) not in {str(n) for n in node_ids(r1)}, text[:3000]
+    # ... and when it made it back in time after the server restart, it trained the completed round 3 too
     newcomers = owners_of(r3) - node_ids(r1)
-    assert len(newcomers) == 1, (r1, r3)
-    newcomer = newcomers.pop()
-    assert newcomer in r3["trained_by"], r3
-    blocks = [b for b, owners in r3["plan"].items() if newcomer in owners]
-    assert blocks and f"round 3: training block(s) {', '.join(blocks)}" in run.restarted.text(), run.report()
+    assert len(newcomers) <= 1 and newcomers <= set(r3["trained_by"]), r3
 
 
 def test_server_killed_mid_run_resumes_with_history_and_accuracy(faulty_run):
