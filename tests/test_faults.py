@@ -98,7 +98,8 @@ def test_resume_with_both_checkpoints_bad_is_one_line_exit_2(tmp_path):
     (out / "checkpoint.pt").write_bytes(b"\x80torn")
     (out / "checkpoint.prev.pt").write_bytes(b"")
     fleet, control = free_port(), free_port()
-    res = subprocess.run([script("noprop-server"), "--insecure", "--resume", "--dataset", f"npz:{npz}", "--out", str(out),
+    res = subprocess.run([script("noprop-server"), "--insecure", "--resume", "--dataset", f"npz:{npz}",
+                          "--out", str(out),
                           "--port", str(fleet), "--control-port", str(control), *SMALL],
                          capture_output=True, text=True, env=quiet_env(), timeout=300)
     assert res.returncode == 2, res.stderr
@@ -215,7 +216,8 @@ class FaultyRun:
                 "--out", str(self.out), "--round-timeout", str(ROUND_TIMEOUT), *SMALL, *extra]
 
     def client(self, i: int, name: str) -> Spawned:
-        return Spawned([script("noprop-client"), "--insecure", "--server", f"127.0.0.1:{self.fleet}", "--data", f"npz:{self.npz}",
+        return Spawned([script("noprop-client"), "--insecure", "--server", f"127.0.0.1:{self.fleet}",
+                        "--data", f"npz:{self.npz}",
                         "--partition", f"{i}/{NUM_CLIENTS}", "--threads", "1", "--wait", "180",
                         "--state-dir", str(self.tmp / f"node{i}")],
                        self.tmp / f"{name}.log", quiet_env(self.tmp / f"node{i}"), cwd=self.tmp)
