@@ -17,7 +17,6 @@ from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from noprop.continuous import ContinuousConfig, ContinuousPredictor, TimeConditionedBlock, start_state
-from noprop.model import ClassEmbedding, OutputHead, parse_embedding
 
 # fixed-grid torchdiffeq solvers: the step count, not a tolerance, sets the cost (as in the paper's T = 1000)
 ADJOINT_SOLVERS = ("euler", "midpoint", "rk4")
@@ -54,12 +53,7 @@ class AdjointODE(ContinuousPredictor, nn.Module):
 
     def __init__(self, cfg: AdjointConfig, embedding_init: torch.Tensor | None = None):
         super().__init__()
-        self.cfg = cfg
-        kind, _ = parse_embedding(cfg.embedding)
-        d = cfg.embedding_dim
-        self.embedding = ClassEmbedding(kind, cfg.num_classes, d, embedding_init)
-        self.block = TimeConditionedBlock(cfg)
-        self.head = OutputHead(d, cfg.num_classes, cfg.head, cfg.radial_sigma)
+        self.build_shared_parts(cfg, embedding_init)
 
     def solve(self, x: torch.Tensor, z0: torch.Tensor, steps: int, adjoint: bool) -> torch.Tensor:
         """z_1 from z_0 by `steps` fixed steps; adjoint=True for training gradients by the adjoint method."""

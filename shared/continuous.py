@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop.model import HEAD_KINDS, conv_path, embedding_size, mlp_path, parse_embedding
+from noprop.model import (
+    ClassEmbedding,
+    OutputHead,
+    conv_path,
+    embedding_size,
+    mlp_path,
+    normalise_and_check,
+    parse_embedding,
+)
 
 MODES = ("deterministic", "stochastic")
 
@@ -36,21 +44,11 @@ class ContinuousConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.input_shape = tuple(int(s) for s in self.input_shape)
-        self.channels = tuple(int(c) for c in self.channels)
-        if len(self.input_shape) not in (1, 3):
-            raise ValueError(f"input_shape must be (C, H, W) or (F,), got {self.input_shape}")
-        if self.num_classes < 2:
-            raise ValueError(f"need at least 2 classes, got {self.num_classes}")
+        normalise_and_check(self)
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.head not in HEAD_KINDS:
-            raise ValueError(f"unknown head {self.head!r}: use softmax or radial")
         if self.time_dim < 2 or self.time_dim % 2:
             raise ValueError(f"time_dim must be an even number >= 2, got {self.time_dim}")
-        kind, _ = parse_embedding(self.embedding)
-        if kind == "prototype" and not self.is_image:
-            raise ValueError("prototype embeddings need image inputs (C, H, W)")
 
     @property
     def is_image(self) -> bool:
@@ -139,6 +137,15 @@ class ContinuousPredictor:
     'deterministic' starts at z_0 = 0 and adds no noise (what an export unrolls); 'stochastic' draws z_0
     and every step's noise. steps overrides the config's number of integration steps.
     """
+
+    def build_shared_parts(self, cfg: ContinuousConfig, embedding_init: torch.Tensor | None) -> None:
+        """The parts every one-network model has: its config, the class embedding, the time-conditioned
+        block and the output head (call after nn.Module.__init__)."""
+        self.cfg = cfg
+        kind, _ = parse_embedding(cfg.embedding)
+        self.embedding = ClassEmbedding(kind, cfg.num_classes, cfg.embedding_dim, embedding_init)
+        self.block = TimeConditionedBlock(cfg)
+        self.head = OutputHead(cfg.embedding_dim, cfg.num_classes, cfg.head, cfg.radial_sigma)
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, mode: str = "deterministic", generator: torch.Generator | None = None,

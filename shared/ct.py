@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop.continuous import ContinuousConfig, ContinuousPredictor, TimeConditionedBlock, start_state
-from noprop.model import ClassEmbedding, OutputHead, parse_embedding
+from noprop.continuous import ContinuousConfig, ContinuousPredictor, start_state
 from noprop.schedule import LearnedNoiseSchedule
 
 
@@ -39,13 +38,8 @@ class NoPropCT(ContinuousPredictor, nn.Module):
 
     def __init__(self, cfg: CTConfig, embedding_init: torch.Tensor | None = None):
         super().__init__()
-        self.cfg = cfg
-        kind, _ = parse_embedding(cfg.embedding)
-        d = cfg.embedding_dim
-        self.embedding = ClassEmbedding(kind, cfg.num_classes, d, embedding_init)
-        self.block = TimeConditionedBlock(cfg)
+        self.build_shared_parts(cfg, embedding_init)
         self.schedule = LearnedNoiseSchedule(cfg.gamma0, cfg.gamma1)
-        self.head = OutputHead(d, cfg.num_classes, cfg.head, cfg.radial_sigma)
         self._init_head_as_nearest_embedding()
 
     @torch.no_grad()

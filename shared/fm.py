@@ -18,11 +18,9 @@ from torch import nn
 from noprop.continuous import (
     ContinuousConfig,
     ContinuousPredictor,
-    TimeConditionedBlock,
     nearest_embedding_proba,
     start_state,
 )
-from noprop.model import ClassEmbedding, OutputHead, parse_embedding
 
 FM_SOLVERS = ("euler", "heun")
 
@@ -46,12 +44,7 @@ class NoPropFM(ContinuousPredictor, nn.Module):
 
     def __init__(self, cfg: FMConfig, embedding_init: torch.Tensor | None = None):
         super().__init__()
-        self.cfg = cfg
-        kind, _ = parse_embedding(cfg.embedding)
-        d = cfg.embedding_dim
-        self.embedding = ClassEmbedding(kind, cfg.num_classes, d, embedding_init)
-        self.block = TimeConditionedBlock(cfg)
-        self.head = OutputHead(d, cfg.num_classes, cfg.head, cfg.radial_sigma)
+        self.build_shared_parts(cfg, embedding_init)
 
     @property
     def uses_anchor_loss(self) -> bool:

@@ -46,6 +46,22 @@ def embedding_size(spec: str, num_classes: int, input_shape: tuple[int, ...]) ->
     return math.prod(input_shape)
 
 
+def normalise_and_check(cfg) -> None:
+    """What every model config shares: tuples from lists (JSON), and the input, class count, head and
+    embedding checked (NoPropConfig here, noprop.continuous.ContinuousConfig for the one-network methods)."""
+    cfg.input_shape = tuple(int(s) for s in cfg.input_shape)
+    cfg.channels = tuple(int(c) for c in cfg.channels)
+    if len(cfg.input_shape) not in (1, 3):
+        raise ValueError(f"input_shape must be (C, H, W) or (F,), got {cfg.input_shape}")
+    if cfg.num_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {cfg.num_classes}")
+    if cfg.head not in HEAD_KINDS:
+        raise ValueError(f"unknown head {cfg.head!r}: use softmax or radial")
+    kind, _ = parse_embedding(cfg.embedding)
+    if kind == "prototype" and len(cfg.input_shape) != 3:
+        raise ValueError("prototype embeddings need image inputs (C, H, W)")
+
+
 @dataclass
 class NoPropConfig:
     """Everything needed to rebuild a model; stored in every checkpoint."""
@@ -65,19 +81,9 @@ class NoPropConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.input_shape = tuple(int(s) for s in self.input_shape)
-        self.channels = tuple(int(c) for c in self.channels)
-        if len(self.input_shape) not in (1, 3):
-            raise ValueError(f"input_shape must be (C, H, W) or (F,), got {self.input_shape}")
-        if self.num_classes < 2:
-            raise ValueError(f"need at least 2 classes, got {self.num_classes}")
+        normalise_and_check(self)
         if self.T < 1:
             raise ValueError(f"T must be at least 1, got {self.T}")
-        if self.head not in HEAD_KINDS:
-            raise ValueError(f"unknown head {self.head!r}: use softmax or radial")
-        kind, _ = parse_embedding(self.embedding)
-        if kind == "prototype" and not self.is_image:
-            raise ValueError("prototype embeddings need image inputs (C, H, W)")
 
     @property
     def is_image(self) -> bool:
