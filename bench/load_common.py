@@ -4,9 +4,11 @@ process tree sampled from /proc, and a trend over the samples. Linux only (/proc
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -150,3 +152,20 @@ def slope_mb_per_min(t: np.ndarray, mb: np.ndarray) -> float:
 
 def percentile_ms(seconds: np.ndarray, q: float) -> float:
     return float(np.percentile(seconds, q) * 1e3)
+
+
+def run_or_report(args, run, markdown, succeeded) -> int:
+    """A load benchmark's main: --report re-prints the markdown of the saved JSON; otherwise run, save the
+    result atomically, print the markdown; exit 0 only when the run succeeded."""
+    path = Path(args.json)
+    if args.report:
+        print(markdown(json.loads(path.read_text())))
+        return 0
+    from noprop.io import atomic_write_text
+
+    result = run(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    print(f"\nwrote {path}", file=sys.stderr)
+    return 0 if succeeded(result) else 1

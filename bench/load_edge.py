@@ -21,7 +21,6 @@ CPU), and the markdown table printed.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import queue
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_common import MemorySampler, machine, percentile_ms, slope_mb_per_min, uptime  # noqa: E402
+from load_common import MemorySampler, machine, percentile_ms, run_or_report, slope_mb_per_min, uptime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -264,19 +263,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    path = Path(args.json)
-    if args.report:
-        print(markdown(json.loads(path.read_text())))
-        return 0
-    from noprop.io import atomic_write_text
-
-    result = run(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"\nwrote {path}", file=sys.stderr)
-    return 0 if result["errors"] == 0 else 1
+    return run_or_report(build_parser().parse_args(argv), run, markdown, lambda result: result["errors"] == 0)
 
 
 if __name__ == "__main__":

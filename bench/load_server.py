@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_common import MemorySampler, descendants, machine, process_name, uptime  # noqa: E402
+from load_common import MemorySampler, descendants, machine, process_name, run_or_report, uptime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -220,19 +220,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    path = Path(args.json)
-    if args.report:
-        print(markdown(json.loads(path.read_text())))
-        return 0
-    from noprop.io import atomic_write_text
-
-    result = run(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"\nwrote {path}", file=sys.stderr)
-    return 0 if result["exit_code"] == 0 else 1
+    return run_or_report(build_parser().parse_args(argv), run, markdown, lambda result: result["exit_code"] == 0)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from torch import nn
 
 from noprop.model import (
     ClassEmbedding,
+    ModelShape,
     OutputHead,
     conv_path,
-    embedding_size,
     mlp_path,
     normalise_and_check,
     parse_embedding,
@@ -28,7 +28,7 @@ MODES = ("deterministic", "stochastic")
 
 
 @dataclass
-class ContinuousConfig:
+class ContinuousConfig(ModelShape):
     """The architecture, embedding, head and inference steps; the subclasses add their method's settings."""
 
     input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for feature vectors
@@ -49,14 +49,6 @@ class ContinuousConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.time_dim < 2 or self.time_dim % 2:
             raise ValueError(f"time_dim must be an even number >= 2, got {self.time_dim}")
-
-    @property
-    def is_image(self) -> bool:
-        return len(self.input_shape) == 3
-
-    @property
-    def embedding_dim(self) -> int:
-        return embedding_size(self.embedding, self.num_classes, self.input_shape)
 
     @property
     def T(self) -> int:

@@ -46,6 +46,18 @@ def embedding_size(spec: str, num_classes: int, input_shape: tuple[int, ...]) ->
     return math.prod(input_shape)
 
 
+class ModelShape:
+    """What every model config derives from its input shape, class count and embedding."""
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def embedding_dim(self) -> int:
+        return embedding_size(self.embedding, self.num_classes, self.input_shape)
+
+
 def normalise_and_check(cfg) -> None:
     """What every model config shares: tuples from lists (JSON), and the input, class count, head and
     embedding checked (NoPropConfig here, noprop.continuous.ContinuousConfig for the one-network methods)."""
@@ -63,7 +75,7 @@ def normalise_and_check(cfg) -> None:
 
 
 @dataclass
-class NoPropConfig:
+class NoPropConfig(ModelShape):
     """Everything needed to rebuild a model; stored in every checkpoint."""
 
     input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for feature vectors
@@ -84,14 +96,6 @@ class NoPropConfig:
         normalise_and_check(self)
         if self.T < 1:
             raise ValueError(f"T must be at least 1, got {self.T}")
-
-    @property
-    def is_image(self) -> bool:
-        return len(self.input_shape) == 3
-
-    @property
-    def embedding_dim(self) -> int:
-        return embedding_size(self.embedding, self.num_classes, self.input_shape)
 
     def schedule(self) -> CosineSchedule:
         return CosineSchedule(T=self.T, clip=self.clip, max_delta_snr=self.max_delta_snr)
