@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop.model import (
+    ChainPredictor,
     ClassEmbedding,
     ModelShape,
     OutputHead,
@@ -23,8 +24,6 @@ from noprop.model import (
     normalise_and_check,
     parse_embedding,
 )
-
-MODES = ("deterministic", "stochastic")
 
 
 @dataclass
@@ -123,7 +122,7 @@ class TimeConditionedBlock(nn.Module):
         return self.logits(self.features(x), z, t)
 
 
-class ContinuousPredictor:
+class ContinuousPredictor(ChainPredictor):
     """predict_proba / predict for a model whose forward(x, noise, steps) integrates t from 0 to 1.
 
     'deterministic' starts at z_0 = 0 and adds no noise (what an export unrolls); 'stochastic' draws z_0
@@ -139,26 +138,11 @@ class ContinuousPredictor:
         self.block = TimeConditionedBlock(cfg)
         self.head = OutputHead(cfg.embedding_dim, cfg.num_classes, cfg.head, cfg.radial_sigma)
 
-    @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor, mode: str = "deterministic", generator: torch.Generator | None = None,
-                      steps: int | None = None) -> torch.Tensor:
-        if mode not in MODES:
-            raise ValueError(f"mode must be deterministic or stochastic, got {mode!r}")
-        steps = steps or self.cfg.steps
-        was_training = self.training
-        self.eval()
-        try:
-            noise = None
-            if mode == "stochastic":
-                d = self.embedding.weight.shape[1]
-                noise = torch.randn(steps + 1, x.shape[0], d, generator=generator).to(x.device, x.dtype)
-            return self(x, noise, steps)
-        finally:
-            self.train(was_training)
+    def chain_length(self, steps: int | None) -> int:
+        return steps or self.cfg.steps
 
-    def predict(self, x: torch.Tensor, mode: str = "deterministic", generator: torch.Generator | None = None,
-                steps: int | None = None) -> torch.Tensor:
-        return self.predict_proba(x, mode, generator, steps).argmax(dim=1)
+    def run_chain(self, x: torch.Tensor, noise: torch.Tensor | None, steps: int | None) -> torch.Tensor:
+        return self(x, noise, self.chain_length(steps))
 
 
 def start_state(x: torch.Tensor, embedding: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:

@@ -258,11 +258,19 @@ class OutputHead(nn.Module):
 
 
 class ChainPredictor:
-    """predict_proba / predict for any chain whose forward(x, noise) gives probabilities (NoProp-DT, backprop)."""
+    """predict_proba / predict for any chain whose forward gives probabilities (NoProp-DT, backprop; the
+    continuous methods through noprop.continuous.ContinuousPredictor, whose chain length is its step count)."""
+
+    def chain_length(self, steps: int | None) -> int:
+        """How many steps follow z_0 (T blocks here): the stochastic mode draws one noise for z_0 and each."""
+        return self.T
+
+    def run_chain(self, x: torch.Tensor, noise: torch.Tensor | None, steps: int | None) -> torch.Tensor:
+        return self(x, noise)
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, mode: str = "deterministic",
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
         """Eval-mode probabilities; mode 'stochastic' draws z_0 and every eps, 'deterministic' uses none."""
         if mode not in ("deterministic", "stochastic"):
             raise ValueError(f"mode must be deterministic or stochastic, got {mode!r}")
@@ -272,14 +280,15 @@ class ChainPredictor:
             noise = None
             if mode == "stochastic":
                 d = self.embedding.weight.shape[1]
-                noise = torch.randn(self.T + 1, x.shape[0], d, generator=generator).to(x.device, x.dtype)
-            return self(x, noise)
+                n = self.chain_length(steps)
+                noise = torch.randn(n + 1, x.shape[0], d, generator=generator).to(x.device, x.dtype)
+            return self.run_chain(x, noise, steps)
         finally:
             self.train(was_training)
 
     def predict(self, x: torch.Tensor, mode: str = "deterministic",
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.predict_proba(x, mode, generator).argmax(dim=1)
+                generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
+        return self.predict_proba(x, mode, generator, steps).argmax(dim=1)
 
 
 class NoPropDT(ChainPredictor, nn.Module):
