@@ -22,7 +22,15 @@ from noprop.device import resolve_device
 from noprop.federation import FederationConfig
 from noprop.model import NoPropConfig, NoPropDT
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
-from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_owned_blocks
+from noprop.trainer import (
+    BlockTrainer,
+    OptimConfig,
+    epochs_for_min_steps,
+    evaluate_accuracy,
+    label_log_prior,
+    split_among_blocks,
+    train_owned_blocks,
+)
 
 
 @lru_cache(maxsize=4)
@@ -112,15 +120,24 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
                             batch_size=int(cfg_record["batch-size"]))
         trainer = BlockTrainer(model, optim)
         rnd = int(cfg_record["round"])
-        print(f"round {rnd}: training block(s) {', '.join(map(str, blocks))} on {len(data)} examples", flush=True)
+        # split-local-data: each of the k blocks trains on its own 1/k of the data (a round = one block-epoch)
+        shares = split_among_blocks(data, blocks, int(cfg_record["seed"])) if bool(cfg_record.get(
+            "split-local-data")) and len(blocks) > 1 else {t: data for t in blocks}
+        epochs = epochs_for_min_steps(min(len(d) for d in shares.values()), optim.batch_size,
+                                      int(cfg_record["local-epochs"]), int(cfg_record.get("min-local-steps", 0)))
+        log_prior = label_log_prior(data.y, model_cfg.num_classes) if bool(cfg_record.get("logit-adjust")) else None
+        print(f"round {rnd}: training block(s) {', '.join(map(str, blocks))} on {len(data)} examples"
+              f"{f' split {len(shares)} ways' if len(shares) > 1 and shares[blocks[0]] is not data else ''}, "
+              f"{epochs} epoch(s)", flush=True)
         start = time.perf_counter()
-        losses = train_owned_blocks(trainer, blocks, data, int(cfg_record["local-epochs"]))
+        losses = train_owned_blocks(trainer, blocks, shares, epochs, log_prior=log_prior)
         elapsed = time.perf_counter() - start
         print(f"round {rnd}: trained in {elapsed:.1f}s", flush=True)
         state = to_numpy_state(model.state_dict())
         # the round stamp lets the server refuse a reply that answers another round (late or replayed)
         metrics = {"round": rnd, "num-examples": len(data), "train-time-s": elapsed,
-                   "samples-per-s-per-block": len(data) * len(blocks) * int(cfg_record["local-epochs"]) / elapsed}
+                   "local-epochs": epochs,
+                   "samples-per-s-per-block": sum(len(d) for d in shares.values()) * epochs / elapsed}
         for t, parts in losses.items():
             metrics[f"loss-block-{t}"] = float(parts["loss"])
             metrics[f"l2-block-{t}"] = float(parts["l2"])

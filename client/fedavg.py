@@ -1,4 +1,4 @@
-"""A node's turn in a FedAvg round of a one-network method (NoProp-CT, NoProp-FM, adjoint, backprop): train the
+"""A node's turn in a FedAvg round of a one-network method (NoProp-CT, NoProp-FM, adjoint, backprop, cnn): train the
 whole network it was sent on the local data for the round's epochs, with the method's own optimizer, and send
 it back with the same keys."""
 
@@ -13,7 +13,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from noprop.data import LabelledData
 from noprop.methods import build_model, config_from_dict, make_optimizer
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
-from noprop.trainer import train_end_to_end_epoch
+from noprop.trainer import epochs_for_min_steps, node_seed, train_end_to_end_epoch
 
 
 def train_whole_network(msg: Message, data: LabelledData, device: torch.device) -> Message:
@@ -26,16 +26,19 @@ def train_whole_network(msg: Message, data: LabelledData, device: torch.device) 
                          f"classes, the run's model expects {tuple(model_cfg.input_shape)} and "
                          f"{model_cfg.num_classes}: point --data at the same kind of data as the server's")
     rnd = int(config["server-round"]) + int(config.get("round-offset", 0))
-    torch.manual_seed(int(config["seed"]) * 100_003 + rnd)
+    torch.manual_seed(node_seed(int(config["seed"]), rnd, msg.metadata.dst_node_id))
     received = record_to_arrays(msg.content["arrays"])
     model = build_model(method, model_cfg)
     model.load_state_dict(to_torch_state(received), strict=True)
     model.to(device)
     optimizer = make_optimizer(method, model.parameters(), float(config["lr"]), float(config["weight-decay"]))
+    batch_size = int(config["batch-size"])
+    epochs = epochs_for_min_steps(len(data), batch_size, int(config["local-epochs"]),
+                                  int(config.get("min-local-steps", 0)))
     start = time.perf_counter()
-    losses = [train_end_to_end_epoch(model, optimizer, data, int(config["batch-size"])).get("loss", float("nan"))
-              for _ in range(int(config["local-epochs"]))]
+    losses = [train_end_to_end_epoch(model, optimizer, data, batch_size).get("loss", float("nan"))
+              for _ in range(epochs)]
     metrics = MetricRecord({"round": rnd, "num-examples": len(data), "train-loss": float(losses[-1]),
-                            "train-time-s": time.perf_counter() - start})
+                            "local-epochs": epochs, "train-time-s": time.perf_counter() - start})
     state = to_numpy_state(model.state_dict())
     return Message(RecordDict({"arrays": arrays_to_record(state, list(received)), "metrics": metrics}), reply_to=msg)

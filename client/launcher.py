@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding the datasets (default: $NOPROP_DATA or ./data)")
     p.add_argument("--partition", default="0/1", metavar="I/N",
                    help="use partition I (0-based) of N of the data (default 0/1: all of it)")
-    p.add_argument("--partition-type", default=None, metavar="iid|dirichlet:ALPHA",
-                   help="how the data is split into N partitions (default: the run's partition-type)")
+    p.add_argument("--partition-type", default=None, metavar="iid|dirichlet:ALPHA|classes:K",
+                   help="how the data is split into N partitions: iid, dirichlet:ALPHA or classes:K (exactly K "
+                        "classes per partition) (default: the run's partition-type)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--max-blocks", type=int, default=None, metavar="K",
                    help="hold at most K blocks at once (default: as many as memory allows)")

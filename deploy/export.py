@@ -4,6 +4,9 @@ The graph is the whole inference chain (NOPROP_SPEC.md 2, Eq. 3): the input norm
 the schedule's coefficients a_t, b_t, sqrt(c_t) folded in as constants, the class embedding, the output head,
 softmax and argmax.
 
+The plain CNN (cnn, the FedAvg peer) is one network call: normalisation, the network, softmax and argmax; it
+draws no noise, so it is exported in deterministic mode only.
+
 The continuous-time methods (ct, fm, adjoint: one network shared across t) are exported the same way with
 their integration from t = 0 to 1 unrolled into a chain of `steps` network calls (default: the checkpoint's
 configured steps), so T of the metadata is the step count. NoProp-CT's learned noise schedule is evaluated
@@ -136,8 +139,9 @@ def export_steps(ckpt: Checkpoint, steps: int | None) -> int | None:
     """The number of integration steps to unroll (None for dt and backprop, whose T is fixed by their blocks)."""
     if not is_continuous(ckpt):
         if steps is not None:
+            fixed = "is one network call" if ckpt.method == "cnn" else f"has T={ckpt.config.T} fixed blocks"
             raise ExportError(f"--steps applies to ct, fm and adjoint checkpoints; this {ckpt.method} checkpoint "
-                              f"has T={ckpt.config.T} fixed blocks: leave --steps out")
+                              f"{fixed}: leave --steps out")
         return None
     steps = ckpt.config.steps if steps is None else steps
     if steps < 1:
@@ -157,7 +161,9 @@ def inference_chain(ckpt: Checkpoint, model: nn.Module, steps: int | None, mode:
 
 def schedule_metadata(ckpt: Checkpoint, model: nn.Module | None, steps: int | None) -> dict:
     """The schedule field: dt's cosine settings, ct's learned endpoints and alpha_bar at the step times, or
-    {"kind": "none"} for fm and adjoint (no noise schedule at inference)."""
+    {"kind": "none"} for fm, adjoint and cnn (no noise schedule at inference)."""
+    if ckpt.method == "cnn":
+        return {"kind": "none"}
     if steps is None:
         return {"kind": "cosine", **ckpt.config.schedule().to_config()}
     if ckpt.method != "ct":
@@ -283,6 +289,9 @@ def export_onnx(ckpt: Checkpoint, out: str | os.PathLike, mode: str = "determini
     """
     if mode not in MODES:
         raise ExportError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "stochastic" and ckpt.method == "cnn":
+        raise ExportError("a cnn checkpoint draws no noise at inference: export it in deterministic mode "
+                          "(leave --mode out)")
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if opset is None:
@@ -310,7 +319,9 @@ def export_onnx(ckpt: Checkpoint, out: str | os.PathLike, mode: str = "determini
     set_metadata(proto, info.to_metadata())
     proto.producer_name, proto.producer_version = "noprop-fl", noprop.__version__
     length = f"{info.steps} unrolled {info.solver} steps" if info.steps else f"T={info.T}"
-    proto.doc_string = (f"NoProp {info.method} chain, {length}, {info.mode}: input image float32 "
+    kind = "plain CNN (the FedAvg peer), one network call" if info.method == "cnn" else \
+        f"NoProp {info.method} chain, {length}"
+    proto.doc_string = (f"{kind}, {info.mode}: input image float32 "
                         f"[N, {', '.join(map(str, info.input_shape))}] raw pixels in [0, 1], normalised in the "
                         "graph; outputs probabilities and label.")
     data = proto.SerializeToString()

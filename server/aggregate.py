@@ -92,6 +92,20 @@ def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
     return np.asarray(acc, dtype=arrays[0].dtype)
 
 
+def pooled_variance(means: list[np.ndarray], variances: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """The variance of the owners' data pooled: E[var_k + mean_k^2] - (E[mean_k])^2 under the weights.
+
+    BatchNorm's running_var is a per-owner variance about that owner's own mean; averaging it linearly
+    leaves out the spread of the means, which is large when the owners' labels differ.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    m = [a.astype(np.float64) for a in means]
+    pooled_mean = sum(wi * mi for wi, mi in zip(w, m))
+    second = sum(wi * (v.astype(np.float64) + mi**2) for wi, v, mi in zip(w, variances, m))
+    return np.asarray(np.maximum(second - pooled_mean**2, 0.0), dtype=variances[0].dtype)
+
+
 def robust_combine(arrays: list[np.ndarray], method: str, trim_fraction: float) -> np.ndarray:
     """Coordinate-wise median or trimmed mean (Flower's own functions; example counts play no part, so a node
     cannot buy weight by claiming more data), cast back to the input dtype (integers rounded)."""
@@ -124,8 +138,12 @@ def aggregate(state: dict[str, np.ndarray], plan: OwnershipPlan, replies: list[R
         if not contributing:
             continue
         arrays = [r.arrays[key] for r in contributing]
+        weights = [r.num_examples for r in contributing]
+        mean_key = key.removesuffix("running_var") + "running_mean"
         if block is None and method != "mean":
             new[key] = robust_combine(arrays, method, trim_fraction)
+        elif key.endswith("running_var") and all(mean_key in r.arrays for r in contributing):
+            new[key] = pooled_variance([r.arrays[mean_key] for r in contributing], arrays, weights)
         else:
-            new[key] = weighted_mean(arrays, [r.num_examples for r in contributing])
+            new[key] = weighted_mean(arrays, weights)
     return new

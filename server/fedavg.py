@@ -1,4 +1,4 @@
-"""A federation of a one-network method (NoProp-CT, NoProp-FM, the adjoint ODE, the backprop chain): FedAvg.
+"""A federation of a one-network method (NoProp-CT, NoProp-FM, the adjoint ODE, the backprop chain, the CNN): FedAvg.
 
 These methods have one network shared across time (or one chain trained end to end), so there are no blocks to
 own: every node trains the whole network on its local data for the round and the server averages the replies
@@ -160,7 +160,7 @@ class FedAvgFederation:
             train_config = ConfigRecord({
                 "method": cfg.method, "model-config": json.dumps(self.model_cfg.to_dict()),
                 "local-epochs": cfg.local_epochs, "lr": cfg.lr, "weight-decay": cfg.weight_decay,
-                "batch-size": cfg.batch_size, "seed": cfg.seed,
+                "batch-size": cfg.batch_size, "seed": cfg.seed, "min-local-steps": cfg.min_local_steps,
             })
             clock = {"start": time.perf_counter()}
 

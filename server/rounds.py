@@ -14,14 +14,15 @@ from flwr.serverapp import Grid
 
 from noprop.checkpoint import Checkpoint, CheckpointError, load_latest_checkpoint, previous_path, save_checkpoint
 from noprop.data import load_dataset
+from noprop.diagnostics import chain_diagnostics
 from noprop.federation import FederationConfig
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.model import NoPropDT, parse_embedding
-from noprop.plots import plot_federated_run
+from noprop.plots import plot_chain_diagnostics, plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
 from noprop.server.aggregate import Reply, aggregate, keys_for_blocks, validate_reply
 from noprop.server.planner import NodeCapacity, OwnershipPlan, PlanError, plan_ownership
-from noprop.trainer import evaluate_accuracy
+from noprop.trainer import fit_head, node_seed
 
 
 class FederationError(Exception):
@@ -110,7 +111,9 @@ class NoPropFederation:
         replies, record = self.train(plan, rnd)  # only replies that passed validation
         self.global_state = aggregate(self.global_state, plan, replies, self.cfg.aggregation, self.cfg.trim_fraction)
         self.model.load_state_dict(to_torch_state(self.global_state))
-        record["accuracy"] = self.evaluate(self.cfg.eval_limit)
+        if self.cfg.head_steps and replies:
+            record["head_fit"] = self.fit_head(rnd)
+        record.update(self.diagnose(self.cfg.eval_limit))
         if self.cfg.client_eval:
             record["client_accuracy"] = self.client_evaluate(rnd)
         record["nodes"] = nodes
@@ -122,7 +125,10 @@ class NoPropFederation:
         self.save(record)
         trained = sum(1 for t in plan.owners if any(n in plan.owners[t] for n in record["trained_by"]))
         rejected = f"  rejected from node(s) {', '.join(record['rejected'])}" if record["rejected"] else ""
+        blocks = record["block_accuracy"]
         self.log(f"round {rnd}/{self.cfg.num_rounds}  accuracy {100 * record['accuracy']:.2f}%  "
+                 f"(nearest embedding {100 * record['nearest_accuracy']:.1f}%, blocks "
+                 f"{100 * min(blocks.values()):.0f}-{100 * max(blocks.values()):.0f}%)  "
                  f"nodes {len(record['trained_by'])}/{len(plan.assignments)}  blocks trained {trained}/{self.cfg.T}  "
                  f"mean denoising loss {record['mean_l2']:.4f}  {record['round_time_s']:.1f}s{rejected}")
         return record
@@ -192,8 +198,9 @@ class NoPropFederation:
             arrays = arrays_to_record(self.global_state, keys)
             config = ConfigRecord({
                 "round": rnd, "blocks": list(blocks), "local-epochs": cfg.local_epochs, "lr": cfg.lr,
-                "weight-decay": cfg.weight_decay, "batch-size": cfg.batch_size, "seed": cfg.seed * 100_003 + rnd,
-                "model-config": self.model_cfg_json,
+                "weight-decay": cfg.weight_decay, "batch-size": cfg.batch_size, "seed": node_seed(cfg.seed, rnd, node),
+                "model-config": self.model_cfg_json, "logit-adjust": cfg.logit_adjust,
+                "min-local-steps": cfg.min_local_steps, "split-local-data": cfg.split_local_data,
             })
             msg = Message(RecordDict({"arrays": arrays, "config": config}), node, MessageType.TRAIN,
                           group_id=f"train-{rnd}")
@@ -245,9 +252,22 @@ class NoPropFederation:
         }
         return replies, record
 
-    def evaluate(self, limit: int) -> float:
-        data = self.eval_data if not limit else self.eval_data.subset(range(min(limit, len(self.eval_data))))
-        return evaluate_accuracy(self.model, data, self.cfg.eval_mode, seed=self.cfg.seed)
+    def fit_head(self, rnd: int) -> dict[str, float]:
+        """Retrain the aggregated head on the server, class-balanced, from q(z_T | y): no images, as many steps as
+        it needs, whatever the nodes' label mix (their averaged head saw a few dozen skewed steps each)."""
+        parts = fit_head(self.model, self.cfg.head_steps, seed=node_seed(self.cfg.seed, rnd, 0))
+        state = to_numpy_state(self.model.state_dict())
+        for key in state:
+            if key.startswith("head."):
+                self.global_state[key] = state[key]
+        return {k: round(v, 4) for k, v in parts.items()}
+
+    def eval_subset(self, limit: int):
+        return self.eval_data if not limit else self.eval_data.subset(range(min(limit, len(self.eval_data))))
+
+    def diagnose(self, limit: int) -> dict:
+        """The head's accuracy (what predict gives) and every other readout of the chain (noprop.diagnostics)."""
+        return chain_diagnostics(self.model, self.eval_subset(limit), self.cfg.eval_mode, seed=self.cfg.seed)
 
     def client_evaluate(self, rnd: int) -> float | None:
         nodes = [n for n, c in self.state.capacities.items() if c.max_blocks >= self.cfg.T]
@@ -275,14 +295,18 @@ class NoPropFederation:
                    "ownership": list(self.state.ownership)}), keep_previous=True)
 
     def finish(self) -> dict:
-        final_acc = self.evaluate(self.cfg.final_eval_limit)
+        final = self.diagnose(self.cfg.final_eval_limit)
+        final_acc = final["accuracy"]
         n = self.cfg.final_eval_limit or len(self.eval_data)
         plot_federated_run(self.state.records, self.out / "accuracy.png", self.out / "ownership.png")
+        plot_chain_diagnostics(self.state.records, self.out / "diagnostics.png")
         done = {"rounds": self.state.round, "accuracy": final_acc, "eval_examples": n,
-                "eval_mode": self.cfg.eval_mode, "checkpoint": str(self.ckpt_path)}
+                "eval_mode": self.cfg.eval_mode, "checkpoint": str(self.ckpt_path),
+                **{k: final[k] for k in ("nearest_accuracy", "block_accuracy", "class_accuracy")}}
         atomic_write_text(self.out / "DONE.json", json.dumps(done, indent=2))
         self.log(f"done: final accuracy {100 * final_acc:.2f}% on {n} test examples ({self.cfg.eval_mode}); "
-                 f"checkpoint {self.ckpt_path}, plots {self.out / 'accuracy.png'}, {self.out / 'ownership.png'}")
+                 f"checkpoint {self.ckpt_path}, plots {self.out / 'accuracy.png'}, {self.out / 'ownership.png'}, "
+                 f"{self.out / 'diagnostics.png'}")
         return done
 
 

@@ -1,6 +1,6 @@
 """`noprop-sim`: the same ServerApp and ClientApp on Flower's simulation engine (Ray), N virtual clients on one
 machine. Virtual client i holds partition i of N of the run's client data (--client-data, default --dataset),
-split by --partition (iid or dirichlet:ALPHA). Ray is kept on loopback and its usage stats off.
+split by --partition (iid, dirichlet:ALPHA or classes:K). Ray is kept on loopback and its usage stats off.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim = p.add_argument_group("simulation")
     sim.add_argument("--clients", type=int, default=4, metavar="N", help="virtual clients (default 4)")
-    sim.add_argument("--partition", default=None, metavar="iid|dirichlet:ALPHA",
-                     help="how the client data is split among the N clients (default: --partition-type, iid)")
+    sim.add_argument("--partition", default=None, metavar="iid|dirichlet:ALPHA|classes:K",
+                     help="how the client data is split among the N clients: iid, dirichlet:ALPHA (label skew) or "
+                          "classes:K (each client holds exactly K classes) (default: --partition-type, iid)")
     sim.add_argument("--num-cpus", type=int, default=None,
                      help="CPUs Ray may use (default: all of this machine's)")
     sim.add_argument("--client-cpus", type=float, default=1.0,
@@ -88,7 +89,26 @@ def run_in_child(argv: list[str]) -> int:
                      "stopping the simulation and Ray", grace=lambda: 10.0)
 
 
+def check_class_partitions(cfg, clients: int) -> None:
+    """classes:K can only be checked against the data (K at most its number of classes, clients x K at least
+    it): check it once here, rather than let every virtual client fail its first round. Raises LaunchError."""
+    from noprop.data import DatasetError, load_dataset, parse_partitioning, partition
+
+    if clients < 2 or parse_partitioning(cfg.partition_type)[0] != "classes":
+        return
+    spec = cfg.client_data or cfg.dataset
+    try:
+        labels = load_dataset(spec, "train", root=cfg.data_root or None).y.numpy()
+        partition(labels, clients, cfg.partition_type, cfg.seed)
+    except DatasetError as exc:
+        raise LaunchError(f"--partition {cfg.partition_type} of {spec} over {clients} clients: {exc}") from None
+
+
 def simulate(cfg, args: argparse.Namespace, num_cpus: int) -> int:
+    try:
+        check_class_partitions(cfg, args.clients)
+    except LaunchError as exc:
+        return fail(PROG, str(exc))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     apply_flower_env(out / ".flower" / "flwr-home")  # before flwr/ray are imported
@@ -101,8 +121,9 @@ def simulate(cfg, args: argparse.Namespace, num_cpus: int) -> int:
     from noprop.server.app import make_server_app
 
     overrides = cfg.to_run_config()
+    shape = f"T={cfg.T}, policy {cfg.policy}" if cfg.owns_blocks else f"FedAvg of one {cfg.method} network"
     say(PROG, f"{args.clients} virtual clients ({cfg.partition_type} partitions of {cfg.client_data or cfg.dataset}), "
-              f"{cfg.num_rounds} rounds, T={cfg.T}, policy {cfg.policy}; Ray with {num_cpus} CPUs, "
+              f"{cfg.num_rounds} rounds, {shape}; Ray with {num_cpus} CPUs, "
               f"{args.client_cpus:g} per client; output in {out}")
     start = time.monotonic()
     try:
@@ -122,9 +143,9 @@ def simulate(cfg, args: argparse.Namespace, num_cpus: int) -> int:
                           "see the log above", 1)
     acc = done.get("accuracy")
     acc_text = f"{100 * acc:.2f}%" if isinstance(acc, int | float) else "?"
+    plots = ", ".join(str(out / name) for name in ("accuracy.png", "ownership.png") if (out / name).exists())
     say(PROG, f"done in {time.monotonic() - start:.0f}s: final accuracy {acc_text}; checkpoint "
-              f"{out / 'checkpoint.pt'}, metrics {out / 'metrics.jsonl'}, plots {out / 'accuracy.png'}, "
-              f"{out / 'ownership.png'}")
+              f"{out / 'checkpoint.pt'}, metrics {out / 'metrics.jsonl'}, plots {plots or 'none'}")
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from noprop.cnn import CNNConfig
 from noprop.continuous import ContinuousConfig
 from noprop.io import atomic_write
 from noprop.methods import METHODS, build_model, config_from_dict
@@ -31,7 +32,7 @@ class CheckpointError(Exception):
 @dataclass
 class Checkpoint:
     method: str  # a key of noprop.methods.METHODS; selects the config class and the model class
-    config: NoPropConfig | ContinuousConfig  # CTConfig / FMConfig / AdjointConfig for ct / fm / adjoint
+    config: NoPropConfig | ContinuousConfig | CNNConfig  # CTConfig / FMConfig / AdjointConfig for ct / fm / adjoint
     state_dict: dict[str, torch.Tensor]
     data: dict = field(default_factory=dict)  # name, classes, mean, std, input_shape
     metrics: dict = field(default_factory=dict)

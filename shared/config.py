@@ -13,7 +13,7 @@ from noprop.methods import METHODS as METHOD_SPECS
 from noprop.methods import method, model_config
 from noprop.model import HEAD_KINDS, NoPropConfig, parse_embedding
 
-METHODS = tuple(METHOD_SPECS)  # dt, ct, fm, adjoint, backprop
+METHODS = tuple(METHOD_SPECS)  # dt, ct, fm, adjoint, backprop, cnn
 EVAL_MODES = ("deterministic", "stochastic", "both")
 
 
@@ -63,7 +63,8 @@ class TrainConfig:
         if self.steps is not None and self.steps < 1:
             raise bad("steps", "must be at least 1")
         if self.steps is not None and not method(self.method).continuous:
-            raise bad("steps", f"applies to ct, fm and adjoint; {self.method} has T blocks (--T)")
+            fixed = "is one network call" if self.method == "cnn" else "has T blocks (--T)"
+            raise bad("steps", f"applies to ct, fm and adjoint; {self.method} {fixed}")
         solvers = {"fm": FM_SOLVERS, "adjoint": ADJOINT_SOLVERS}.get(self.method, ())
         if self.solver is not None and self.solver not in solvers:
             raise bad("solver", f"use one of {', '.join(solvers)}" if solvers else "applies to fm and adjoint only")
@@ -102,7 +103,8 @@ class TrainConfig:
         return self
 
     def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> NoPropConfig | ContinuousConfig:
-        """The config of the method's model (NoPropConfig for dt/backprop, CTConfig / FMConfig / AdjointConfig)."""
+        """The config of the method's model (NoPropConfig for dt/backprop, CTConfig / FMConfig / AdjointConfig,
+        CNNConfig for cnn)."""
         try:
             return model_config(self.method, input_shape, num_classes, T=self.T, embedding=self.embedding,
                                 head=self.head, radial_sigma=self.radial_sigma, channels=self.channels,

@@ -40,20 +40,7 @@ class NoPropCT(ContinuousPredictor, nn.Module):
         super().__init__()
         self.build_shared_parts(cfg, embedding_init)
         self.schedule = LearnedNoiseSchedule(cfg.gamma0, cfg.gamma1)
-        self._init_head_as_nearest_embedding()
-
-    @torch.no_grad()
-    def _init_head_as_nearest_embedding(self) -> None:
-        """Start the head as argmin_y ||z - u_y||: logits z . u_y - ||u_y||^2 / 2, a linear map.
-
-        The head's only signal is the CE on z_1 ~ q(z_1 | y), one optimizer step per batch (NoProp-DT's head
-        gets T), so a randomly initialised head kept reading correct z_1 as wrong classes: CT stalled at 76%
-        on the synthetic task and 8% on Fashion-MNIST while the denoiser was right (measured with the true
-        u_y in place of the denoiser). This start is right from step one; the CE then refines it.
-        """
-        W = self.embedding.weight
-        self.head.linear.weight.copy_(W)
-        self.head.linear.bias.copy_(-0.5 * W.pow(2).sum(1))
+        self.head.init_nearest_embedding(self.embedding.weight)
 
     def denoise(self, features: torch.Tensor, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """u_hat = softmax(logits) . W: a convex combination of class embeddings."""

@@ -46,6 +46,7 @@ __all__ = [
     "DATASETS",
     "DatasetError",
     "LabelledData",
+    "class_partition",
     "default_data_root",
     "dirichlet_partition",
     "fetch_dataset",
@@ -858,11 +859,87 @@ def dirichlet_partition(
     return [np.sort(r).astype(np.int64) for r in result]
 
 
-def parse_partitioning(spec: str) -> tuple[str, float | None]:
-    """``"iid"`` -> ``("iid", None)``; ``"dirichlet:0.5"`` -> ``("dirichlet", 0.5)``."""
+def _class_slots(num_classes: int, num_partitions: int, k: int, rng: np.random.Generator) -> list[list[int]]:
+    """Which k class positions (0..num_classes-1) each partition holds: every class on floor or ceil of
+    num_partitions * k / num_classes partitions (the extra ones drawn at random).
+
+    Each partition takes the k classes with the most placements still to make (ties broken at random). That
+    never gets stuck: no class ever needs more placements than there are partitions left, so the classes that
+    need one in every remaining partition are at most k and are always taken."""
+    need = np.full(num_classes, num_partitions * k // num_classes)
+    need[rng.permutation(num_classes)[:num_partitions * k % num_classes]] += 1
+    slots = []
+    for _ in range(num_partitions):
+        tie_break = rng.random(num_classes)
+        chosen = np.lexsort((tie_break, -need))[:k]  # most needed first
+        need[chosen] -= 1
+        slots.append(sorted(int(c) for c in chosen))
+    return slots
+
+
+def class_partition(
+    labels: np.ndarray | torch.Tensor, num_partitions: int, classes_per_partition: int, seed: int
+) -> list[np.ndarray]:
+    """Pathological non-IID partitions: each holds examples of exactly ``classes_per_partition`` (K) classes.
+
+    The shard layout of McMahan et al. 2017 (2 classes per client), generalised so that no partition holds
+    fewer than K classes: every class lands on about num_partitions * K / num_classes partitions and its
+    examples are split as evenly as possible among them. Disjoint, covers every example, deterministic for
+    a seed.
+    """
+    y = _labels_array(labels)
+    k = classes_per_partition
+    _check_partitions(y.size, num_partitions)
+    classes = np.unique(y)
+    if not (isinstance(k, (int, np.integer)) and k >= 1):
+        raise DatasetError(f"classes per partition must be a whole number >= 1, got {k!r}: use e.g. classes:2")
+    if k > classes.size:
+        raise DatasetError(f"{k} classes per partition but the labels hold only {classes.size} classes: "
+                           f"use classes:K with K <= {classes.size}")
+    if num_partitions * k < classes.size:
+        raise DatasetError(f"{num_partitions} partitions x {k} classes each cannot hold all {classes.size} classes "
+                           f"(some class would be unused): use classes:{-(-classes.size // num_partitions)} "
+                           "or more, or more partitions (clients)")
+    rng = np.random.default_rng(seed)
+    slots = _class_slots(classes.size, num_partitions, k, rng)
+    holders: list[list[int]] = [[] for _ in classes]  # class position -> partitions holding it
+    for j, held in enumerate(slots):
+        for c in held:
+            holders[c].append(j)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for c, owners in enumerate(holders):
+        idx = np.flatnonzero(y == classes[c])
+        if idx.size < len(owners):
+            raise DatasetError(f"class {classes[c]} has {idx.size} examples but must be split across "
+                               f"{len(owners)} partitions: use a smaller K in classes:K or fewer partitions")
+        for j, chunk in zip(owners, np.array_split(idx[rng.permutation(idx.size)], len(owners)), strict=True):
+            parts[j].append(chunk)
+    return [np.sort(np.concatenate(part)).astype(np.int64) for part in parts]
+
+
+def _parse_classes(spec: str, value: str) -> int:
+    """K of ``classes:K``: a whole number >= 1."""
+    if not value.strip():
+        raise DatasetError(f"partitioning {spec!r} needs K, e.g. classes:2 (K classes per partition)")
+    try:
+        k = int(value)
+    except ValueError:
+        raise DatasetError(f"partitioning {spec!r}: K {value!r} is not a whole number, e.g. classes:2") from None
+    if k < 1:
+        raise DatasetError(f"partitioning {spec!r}: K must be at least 1 class per partition, e.g. classes:2")
+    return k
+
+
+def parse_partitioning(spec: str) -> tuple[str, float | int | None]:
+    """``"iid"`` -> ``("iid", None)``; ``"dirichlet:0.5"`` -> ``("dirichlet", 0.5)``; ``"classes:2"`` ->
+    ``("classes", 2)``."""
     text = str(spec).strip().lower()
     if text == "iid":
         return "iid", None
+    if text.startswith("classes"):
+        name, _, value = text.partition(":")
+        if name == "classes":
+            return "classes", _parse_classes(spec, value)
     if text.startswith("dirichlet"):
         _, sep, value = text.partition(":")
         if not sep or not value.strip():
@@ -876,15 +953,18 @@ def parse_partitioning(spec: str) -> tuple[str, float | None]:
         if not (math.isfinite(alpha) and alpha > 0):
             raise DatasetError(f"partitioning {spec!r}: alpha must be a positive number, e.g. dirichlet:0.5")
         return "dirichlet", alpha
-    raise DatasetError(f"unknown partitioning {spec!r}: use 'iid' or 'dirichlet:ALPHA' (e.g. dirichlet:0.5)")
+    raise DatasetError(f"unknown partitioning {spec!r}: use 'iid', 'dirichlet:ALPHA' (e.g. dirichlet:0.5) or "
+                       "'classes:K' (e.g. classes:2)")
 
 
 def partition(
     labels: np.ndarray | torch.Tensor, num_partitions: int, spec: str, seed: int
 ) -> list[np.ndarray]:
     """Partition by a spec string (see :func:`parse_partitioning`)."""
-    kind, alpha = parse_partitioning(spec)
+    kind, value = parse_partitioning(spec)
     if kind == "iid":
         return iid_partition(labels, num_partitions, seed)
-    assert alpha is not None
-    return dirichlet_partition(labels, num_partitions, alpha, seed)
+    assert value is not None
+    if kind == "classes":
+        return class_partition(labels, num_partitions, int(value), seed)
+    return dirichlet_partition(labels, num_partitions, value, seed)

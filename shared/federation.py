@@ -21,7 +21,7 @@ AGGREGATIONS = ("mean", "median", "trimmed-mean")  # of the shared embedding and
 
 @dataclass
 class FederationConfig:
-    method: str = "dt"  # dt: block ownership; ct | fm | adjoint | backprop: FedAvg of the one network
+    method: str = "dt"  # dt: block ownership; ct | fm | adjoint | backprop | cnn: FedAvg of the one network
     num_rounds: int = 5
     T: int = 10
     policy: str = "rotate"
@@ -41,10 +41,16 @@ class FederationConfig:
     channels: str = "32,64,128"
     hidden: int = 256
     dropout: float = 0.2
+    norm: str = "batch"  # dt: the blocks' normalisation, batch (Figure 6) | layer (no running statistics)
+    z_skip: bool = False  # dt: blocks add the closed-form class posterior given z to their logits (not Figure 6)
+    head_steps: int = 500  # dt: steps the server trains the head each round, class-balanced on q(z_T | y) (0 = off)
+    logit_adjust: bool = True  # dt: nodes add their label prior to the logits while training (balanced softmax)
+    min_local_steps: int = 0  # a node raises its local epochs until each block (network) gets this many steps
+    split_local_data: bool = False  # dt: a node's k blocks each train on their own 1/k of its data (one block-epoch)
     dataset: str = "fashion-mnist"  # the server evaluates on its test split; clients default to it
     data_root: str = ""  # "" = $NOPROP_DATA or ./data
     client_data: str = ""  # dataset of clients whose node config names none ("" = dataset)
-    partition_type: str = "iid"  # iid | dirichlet:ALPHA, for clients without their own
+    partition_type: str = "iid"  # iid | dirichlet:ALPHA | classes:K, for clients without their own
     eval_limit: int = 2000  # test examples evaluated each round (0 = all)
     final_eval_limit: int = 0  # test examples evaluated after the last round (0 = all)
     eval_mode: str = "deterministic"
@@ -78,6 +84,9 @@ class FederationConfig:
         for name in ("eta", "steps", "fm_sigma"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be 0 (the method's default) or positive")
+        for name in ("head_steps", "min_local_steps"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be 0 (off) or positive")
         if self.eval_limit < 0 or self.final_eval_limit < 0:
             raise bad("eval_limit", "must be 0 (all) or a positive number")
         if self.eval_mode not in ("deterministic", "stochastic"):
@@ -108,7 +117,8 @@ class FederationConfig:
         return model_config(self.method, input_shape, num_classes, T=self.T, embedding=self.embedding,
                             head=self.head, eta=self.eta or None, clip=self.clip, channels=self.channel_tuple(),
                             hidden=self.hidden, dropout=self.dropout, steps=self.steps or None,
-                            solver=self.solver or None, fm_sigma=self.fm_sigma)
+                            solver=self.solver or None, fm_sigma=self.fm_sigma, norm=self.norm,
+                            z_skip=self.z_skip)
 
     def to_run_config(self) -> dict[str, int | float | str | bool]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -143,7 +153,7 @@ NODE_CONFIG_KEYS = {
     "data-root": "folder holding the datasets",
     "partition-id": "which partition of the data this node holds (0-based)",
     "num-partitions": "how many partitions the data is split into",
-    "partition-type": "iid | dirichlet:ALPHA (default: the run's partition-type)",
+    "partition-type": "iid | dirichlet:ALPHA | classes:K (default: the run's partition-type)",
     "device": "auto | cpu | cuda | cuda:N | mps",
     "max-blocks": "most blocks this node will hold at once (0 = as many as memory allows)",
     "memory-mb": "memory budget in MB for training (0 = measured)",

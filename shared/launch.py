@@ -275,7 +275,7 @@ def config_string(values: dict[str, bool | int | float | str]) -> str:
 FLAG_ALIASES = {"num_rounds": ("--rounds",), "min_nodes": ("--min-clients",)}
 FLAG_HELP = {
     "method": "dt (each client trains the NoProp blocks it owns) or a one-network method trained whole by every "
-              "client and averaged (FedAvg): ct, fm, adjoint, backprop",
+              "client and averaged (FedAvg): ct, fm, adjoint, backprop, cnn (the plain CNN peer)",
     "num_rounds": "federated rounds",
     "T": "number of NoProp blocks (diffusion steps)",
     "policy": "block ownership policy: rotate (a block moves to another owner each round) or replicate",
@@ -295,11 +295,23 @@ FLAG_HELP = {
     "channels": "conv widths of a block, three comma-separated numbers",
     "hidden": "hidden width of a block",
     "dropout": "dropout in a block",
+    "norm": "dt: normalisation in a block: batch (Figure 6) or layer (no running statistics to skew)",
+    "z_skip": "dt: each block adds the closed-form class posterior given z_{t-1} to its logits and learns only what "
+              "x adds (not Figure 6; --no-z-skip is the paper's block)",
+    "head_steps": "dt: steps the server trains the output head each round, class-balanced on q(z_T | y), "
+                  "no images (0 = off: the averaged head of the clients)",
+    "logit_adjust": "dt: clients add their local label prior to the logits while training (balanced softmax), so a "
+                    "block does not learn its last owner's label mix",
+    "split_local_data": "dt: each of a client's k blocks trains on its own 1/k of the local data, so a round costs "
+                        "one block-epoch whatever k is (with replicate: more owners per block at the same compute)",
+    "min_local_steps": "a client raises its local epochs until every block (or network) it trains gets at least "
+                       "this many optimizer steps in the round (0 = off)",
     "dataset": "dataset the server evaluates on (its test split): fashion-mnist, mnist, cifar10, cifar100, "
                "imagefolder:DIR, npz:FILE",
     "data_root": "folder holding the datasets (default: $NOPROP_DATA or ./data)",
     "client_data": "dataset of clients that name none (default: --dataset)",
-    "partition_type": "default partitioning of clients that name none: iid or dirichlet:ALPHA",
+    "partition_type": "default partitioning of clients that name none: iid, dirichlet:ALPHA or classes:K (K classes "
+                      "per client)",
     "eval_limit": "test examples evaluated each round (0 = all)",
     "final_eval_limit": "test examples evaluated after the last round (0 = all)",
     "eval_mode": "inference mode for evaluation: deterministic or stochastic",

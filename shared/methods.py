@@ -14,6 +14,7 @@ from torch import nn
 
 from noprop.adjoint import AdjointConfig, AdjointODE
 from noprop.baseline import BackpropChain
+from noprop.cnn import CNN, CNNConfig
 from noprop.ct import CTConfig, NoPropCT
 from noprop.fm import FMConfig, NoPropFM
 from noprop.model import NoPropConfig, NoPropDT
@@ -37,6 +38,7 @@ METHODS: dict[str, Method] = {
     "fm": Method(FMConfig, NoPropFM, "adam", "NoProp-FM: flow matching to the label embedding"),
     "adjoint": Method(AdjointConfig, AdjointODE, "adamw", "neural ODE over the CT block, adjoint gradients"),
     "backprop": Method(NoPropConfig, BackpropChain, "adamw", "the DT blocks chained and trained end to end"),
+    "cnn": Method(CNNConfig, CNN, "adamw", "plain CNN (one block's x path + linear), backprop; the FedAvg peer"),
 }
 
 
@@ -58,18 +60,23 @@ def model_config(name: str, input_shape: tuple[int, ...], num_classes: int, *, T
                  embedding: str = "one-hot", head: str = "softmax", radial_sigma: float = 0.5,
                  channels: tuple[int, int, int] = (32, 64, 128), hidden: int = 256, dropout: float = 0.2,
                  eta: float | None = None, clip: float = 1e-4, max_delta_snr: float | None = None,
-                 steps: int | None = None, solver: str | None = None, fm_sigma: float = 0.1):
+                 steps: int | None = None, solver: str | None = None, fm_sigma: float = 0.1, norm: str = "batch",
+                 z_skip: bool = False):
     """The config of method `name`'s model from flat settings (noprop-train's and a federation's).
 
     None means the method's own default (eta: dt 0.1, ct 1.0; steps: the config class's measured default).
-    Raises ValueError for settings the method rejects.
+    Raises ValueError for settings the method rejects. cnn takes the architecture only (T, eta, clip and steps
+    do not apply to it and are ignored, as backprop ignores steps).
     """
     common = {"input_shape": tuple(input_shape), "num_classes": num_classes, "embedding": embedding,
               "head": head, "radial_sigma": radial_sigma, "channels": tuple(channels), "hidden": hidden,
               "dropout": dropout}
     config_class = method(name).config_class
+    if config_class is CNNConfig:
+        return CNNConfig(**{k: v for k, v in common.items() if k != "radial_sigma"})
     if config_class is NoPropConfig:
-        return NoPropConfig(T=T, eta=0.1 if eta is None else eta, clip=clip, max_delta_snr=max_delta_snr, **common)
+        return NoPropConfig(T=T, eta=0.1 if eta is None else eta, clip=clip, max_delta_snr=max_delta_snr, norm=norm,
+                            z_skip=z_skip, **common)
     if steps is not None:
         common["steps"] = steps
     if name == "ct":

@@ -9,7 +9,7 @@ chain from noise: z_t = a_t u_hat_t + b_t z_{t-1} + sqrt(c_t) eps, and the head 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,6 +20,7 @@ from noprop.schedule import CosineSchedule
 
 EMBEDDING_KINDS = ("one-hot", "learned", "prototype")
 HEAD_KINDS = ("softmax", "radial")
+NORM_KINDS = ("batch", "layer")  # batch: Figure 6; layer: no running statistics (federated label skew)
 
 
 def parse_embedding(spec: str) -> tuple[str, int | None]:
@@ -72,6 +73,8 @@ def normalise_and_check(cfg) -> None:
     kind, _ = parse_embedding(cfg.embedding)
     if kind == "prototype" and len(cfg.input_shape) != 3:
         raise ValueError("prototype embeddings need image inputs (C, H, W)")
+    if getattr(cfg, "norm", "batch") not in NORM_KINDS:
+        raise ValueError(f"unknown norm {cfg.norm!r}: use batch (Figure 6) or layer")
 
 
 @dataclass
@@ -90,6 +93,8 @@ class NoPropConfig(ModelShape):
     channels: tuple[int, int, int] = (32, 64, 128)
     hidden: int = 256
     dropout: float = 0.2
+    norm: str = "batch"  # batch (Figure 6) | layer: the blocks' normalisation layers
+    z_skip: bool = False  # add the exact class posterior given z_{t-1} alone to each block's logits (not Figure 6)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -162,36 +167,47 @@ def prototype_rows(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_per_c
 # -- the block of Figure 6 (left) ----------------------------------------------------------------------
 
 
+def norm_layer(kind: str, features: int) -> nn.Module:
+    """BatchNorm1d (Figure 6) or LayerNorm, which keeps no running statistics: a block trained by a node whose
+    labels are skewed carries that node's feature statistics to inference in BatchNorm's running buffers."""
+    if kind == "batch":
+        return nn.BatchNorm1d(features)
+    if kind == "layer":
+        return nn.LayerNorm(features)
+    raise ValueError(f"unknown norm {kind!r}: use one of {', '.join(NORM_KINDS)}")
+
+
 def conv_path(in_channels: int, height: int, width: int, channels: tuple[int, int, int], hidden: int,
-              dropout: float, batch_norm: bool = True) -> nn.Sequential:
-    """conv-ReLU-pool-drop, conv-ReLU-drop, conv-ReLU-pool-drop, flatten, FC, then BN (DT) or ReLU (CT; padding 1)."""
+              dropout: float, batch_norm: bool = True, norm: str = "batch") -> nn.Sequential:
+    """conv-ReLU-pool-drop, conv-ReLU-drop, conv-ReLU-pool-drop, flatten, FC, then a norm (DT) or ReLU (CT;
+    padding 1)."""
     c1, c2, c3 = channels
     flat = c3 * (height // 4) * (width // 4)
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
         nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.Dropout(dropout),
         nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
-        nn.Flatten(), nn.Linear(flat, hidden), nn.BatchNorm1d(hidden) if batch_norm else nn.ReLU(),
+        nn.Flatten(), nn.Linear(flat, hidden), norm_layer(norm, hidden) if batch_norm else nn.ReLU(),
     )
 
 
-def mlp_path(features: int, hidden: int, dropout: float, batch_norm: bool = True) -> nn.Sequential:
-    """The x path for flat feature vectors: two layers ending like the conv path (FC, then BN or ReLU)."""
+def mlp_path(features: int, hidden: int, dropout: float, batch_norm: bool = True, norm: str = "batch") -> nn.Sequential:
+    """The x path for flat feature vectors: two layers ending like the conv path (FC, then a norm or ReLU)."""
     return nn.Sequential(
         nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden) if batch_norm else nn.ReLU(),
+        nn.Linear(hidden, hidden), norm_layer(norm, hidden) if batch_norm else nn.ReLU(),
     )
 
 
 class ResidualZPath(nn.Module):
-    """FC-BN-ReLU (= h), FC-BN-ReLU, FC-BN, plus h."""
+    """FC-BN-ReLU (= h), FC-BN-ReLU, FC-BN, plus h (BN or LayerNorm, by the config's norm)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, norm: str = "batch"):
         super().__init__()
-        self.inp = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.inp = nn.Sequential(nn.Linear(dim, hidden), norm_layer(norm, hidden), nn.ReLU())
         self.body = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden),
+            nn.Linear(hidden, hidden), norm_layer(norm, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), norm_layer(norm, hidden),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -204,23 +220,23 @@ class DenoisingBlock(nn.Module):
 
     def __init__(self, cfg: NoPropConfig):
         super().__init__()
-        hidden = cfg.hidden
+        hidden, norm = cfg.hidden, cfg.norm
         if cfg.is_image:
             c, h, w = cfg.input_shape
-            self.x_path = conv_path(c, h, w, cfg.channels, hidden, cfg.dropout)
+            self.x_path = conv_path(c, h, w, cfg.channels, hidden, cfg.dropout, norm=norm)
         else:
-            self.x_path = mlp_path(cfg.input_shape[0], hidden, cfg.dropout)
+            self.x_path = mlp_path(cfg.input_shape[0], hidden, cfg.dropout, norm=norm)
         self.z_image_shape: tuple[int, ...] | None = None
         if parse_embedding(cfg.embedding)[0] == "prototype":
             # z lives in image space: give it a conv path of the same shape as x's
             self.z_image_shape = cfg.input_shape
             c, h, w = cfg.input_shape
-            self.z_path = conv_path(c, h, w, cfg.channels, hidden, cfg.dropout)
+            self.z_path = conv_path(c, h, w, cfg.channels, hidden, cfg.dropout, norm=norm)
         else:
-            self.z_path = ResidualZPath(cfg.embedding_dim, hidden)
+            self.z_path = ResidualZPath(cfg.embedding_dim, hidden, norm)
         self.fuse = nn.Sequential(
-            nn.Linear(2 * hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, 128), nn.BatchNorm1d(128), nn.ReLU(),
+            nn.Linear(2 * hidden, hidden), norm_layer(norm, hidden), nn.ReLU(),
+            nn.Linear(hidden, 128), norm_layer(norm, 128), nn.ReLU(),
             nn.Linear(128, cfg.num_classes),
         )
 
@@ -244,6 +260,18 @@ class OutputHead(nn.Module):
         self.kind = kind
         self.sigma = sigma
         self.linear = nn.Linear(dim, num_classes)
+
+    @torch.no_grad()
+    def init_nearest_embedding(self, embedding: torch.Tensor) -> None:
+        """Start as argmin_y ||z - u_y||: logits z . u_y - ||u_y||^2 / 2, a linear map.
+
+        The head's only signal is the CE on z_T ~ q(z_T | y). A random start misreads a correct z_T for
+        hundreds of steps: NoProp-CT stalled at 76% on the synthetic task, and a federated NoProp-DT head
+        (a few dozen steps per node per round, averaged) read a chain whose nearest embedding was 87% right
+        as 60% (issue 10). This start is right from step one; the CE then refines it.
+        """
+        self.linear.weight.copy_(embedding)
+        self.linear.bias.copy_(-0.5 * embedding.pow(2).sum(1))
 
     def forward(self, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Logits over classes."""
@@ -311,6 +339,7 @@ class NoPropDT(ChainPredictor, nn.Module):
             raise ValueError(f"owned blocks must be a non-empty subset of 1..{cfg.T}, got {owned}")
         self.blocks = nn.ModuleDict({str(t): DenoisingBlock(cfg) for t in owned})
         self.head = OutputHead(d, cfg.num_classes, cfg.head, cfg.radial_sigma)
+        self.head.init_nearest_embedding(self.embedding.weight)
         # buffers so that the coefficients travel with the module (device moves, export)
         self.register_buffer("step_coefficients", self.schedule.step_coefficients, persistent=False)
 
@@ -333,20 +362,47 @@ class NoPropDT(ChainPredictor, nn.Module):
             params.append(self.embedding.weight)
         return params
 
-    def block_loss(self, t: int, x: torch.Tensor, y: torch.Tensor,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def block_logits(self, t: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Block t's logits over classes from (x, z_{t-1}); with z_skip, plus the class posterior given z alone."""
+        logits = self.block(t)(x, z)
+        if self.cfg.z_skip:
+            logits = logits + self.z_posterior_logits(t, z)
+        return logits
+
+    def z_posterior_logits(self, t: int, z: torch.Tensor) -> torch.Tensor:
+        """log q(y | z_{t-1}) up to a constant, under a uniform label prior: for z ~ N(sqrt(ab) u_y, (1 - ab) I),
+        (sqrt(ab) z . u_y - ab ||u_y||^2 / 2) / (1 - ab), with ab = alpha_bar_{t-1}.
+
+        What z says about the label is known in closed form, for every class alike. Added to the block's logits
+        (z_skip), the block learns only what x adds to it, and its reading of z cannot forget a class that its
+        last owner never saw: under label skew, later blocks (which lean on z) otherwise drop whole classes.
+        """
+        W = self.embedding.weight
+        ab = self.schedule.alpha_bar_at(t - 1)
+        return (math.sqrt(ab) * z @ W.T - 0.5 * ab * W.pow(2).sum(1)) / (1.0 - ab)
+
+    def block_loss(self, t: int, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+                   log_prior: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """L_t of Eq. 8 averaged over the batch; touches only block t, the head and W.
 
         CE + KL + (T / 2) eta (SNR(t) - SNR(t-1)) ||u_hat_t(z_{t-1}, x) - u_y||^2 with z_{t-1} and the CE's
-        z_T both drawn from q( . | y): the CE never sees x, so it trains only the head and W.
+        z_T both drawn from q( . | y): the CE never sees x, so it trains only the head and W. log_prior (the
+        training data's label prior, logs; None = off) adjusts the block's and the head's logits during
+        training only (balanced softmax), so that neither learns the local label mix.
         """
         W = self.embedding.weight
         u = W[y]
         z_prev = self.schedule.sample_marginal(u, t - 1, generator=generator)
-        u_hat = self.block(t).denoise(x, z_prev, W)
+        logits = self.block_logits(t, x, z_prev)
+        if log_prior is not None:
+            logits = logits + log_prior
+        u_hat = F.softmax(logits, dim=1) @ W
         l2 = (u_hat - u).pow(2).sum(dim=1)
         z_T = self.schedule.sample_marginal(u, self.T, generator=generator)
-        ce = F.cross_entropy(self.head(z_T, W), y, reduction="none")
+        head_logits = self.head(z_T, W)
+        if log_prior is not None and self.head.kind == "softmax":
+            head_logits = head_logits + log_prior
+        ce = F.cross_entropy(head_logits, y, reduction="none")
         kl = self.schedule.kl_prior(u)
         weight = 0.5 * self.T * self.cfg.eta * self.schedule.delta_snr_at(t)
         loss = (ce + kl + weight * l2).mean()
@@ -358,15 +414,25 @@ class NoPropDT(ChainPredictor, nn.Module):
 
         Takes no labels: accuracy measured through here cannot leak y.
         """
+        z = self.chain(x, noise)
+        return F.softmax(self.head(z, self.embedding.weight), dim=1)
+
+    def chain(self, x: torch.Tensor, noise: torch.Tensor | None = None,
+              on_block: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """z_T by Eq. 3 from z_0 (noise[0], or 0 when noise is None); on_block(t, p_t) sees every block's class
+        probabilities on the way (u_hat_t = p_t W; the diagnostics read them). Takes no labels."""
         if len(self.blocks) != self.T:
             raise RuntimeError(f"inference needs all {self.T} blocks; this model holds {self.owned_blocks}")
         W = self.embedding.weight
         z = torch.zeros(x.shape[0], W.shape[1], device=x.device, dtype=x.dtype) if noise is None else noise[0]
         coef = self.step_coefficients
         for t in range(1, self.T + 1):
-            u_hat = self.block(t).denoise(x, z, W)
+            probs = F.softmax(self.block_logits(t, x, z), dim=1)
+            if on_block is not None:
+                on_block(t, probs)
+            u_hat = probs @ W
             a, b, c = coef[t - 1, 0], coef[t - 1, 1], coef[t - 1, 2]
             z = a * u_hat + b * z
             if noise is not None:
                 z = z + c.sqrt() * noise[t]
-        return F.softmax(self.head(z, W), dim=1)
+        return z

@@ -96,3 +96,46 @@ def plot_federated_run(records: list[dict], accuracy_path: str | Path, ownership
     ax.set_title("owner of each block (node index; " + ", ".join(f"{i}={n}" for n, i in list(index.items())[:6])
                  + (" ..." if len(nodes) > 6 else "") + ")", fontsize=8)
     save_figure(fig, ownership_path)
+
+
+def plot_chain_diagnostics(records: list[dict], path: str | Path) -> Path | None:
+    """One PNG of the chain's readouts per round: left, a blocks x rounds heatmap of each block's own accuracy
+    (argmax u_hat_t along the label-free chain); right, the head against the nearest embedding of z_T, and the
+    worst class. Rounds without diagnostics are skipped; None when there are none."""
+    import numpy as np
+
+    records = [r for r in records if r.get("block_accuracy")]
+    if not records:
+        return None
+    rounds = [r["round"] for r in records]
+    T = max(int(t) for r in records for t in r["block_accuracy"])
+    grid = np.full((T, len(records)), np.nan)
+    for j, r in enumerate(records):
+        for t, acc in r["block_accuracy"].items():
+            grid[int(t) - 1, j] = 100 * acc
+    fig, (ax_map, ax_read) = plt.subplots(1, 2, figsize=(max(9, 0.5 * len(records) + 7), max(3.5, 0.35 * T + 1)),
+                                          layout="constrained")
+    image = ax_map.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=100, origin="lower",
+                          extent=(rounds[0] - 0.5, rounds[-1] + 0.5, 0.5, T + 0.5))
+    if len(records) * T <= 300:
+        for t in range(T):
+            for j, rnd in enumerate(rounds):
+                ax_map.text(rnd, t + 1, f"{grid[t, j]:.0f}", ha="center", va="center", fontsize=7, color="white")
+    ax_map.set_xlabel("round")
+    ax_map.set_ylabel("block t")
+    ax_map.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax_map.set_title("each block's own accuracy (argmax u_hat_t, %)", fontsize=9)
+    fig.colorbar(image, ax=ax_map, fraction=0.046)
+    ax_read.plot(rounds, [100 * r["accuracy"] for r in records], marker="o", label="head (the prediction)")
+    ax_read.plot(rounds, [100 * r["nearest_accuracy"] for r in records], marker="s",
+                 label="nearest embedding of z_T")
+    worst = [min((v for v in r.get("class_accuracy", {}).values() if v is not None), default=float("nan"))
+             for r in records]
+    ax_read.plot(rounds, [100 * w for w in worst], marker="v", linestyle=":", label="worst class (head)")
+    ax_read.set_xlabel("round")
+    ax_read.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax_read.set_ylabel("test accuracy (%)")
+    ax_read.set_ylim(0, 100)
+    ax_read.grid(alpha=0.3)
+    ax_read.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""noprop-train: train NoProp-DT, -CT, -FM, the adjoint neural ODE or the backprop baseline on one machine.
+"""noprop-train: train NoProp-DT, -CT, -FM, the adjoint ODE, the backprop baseline or the plain CNN on one machine.
 
 Writes into the run folder: metrics.jsonl (a line per epoch), checkpoint.pt (atomic, after every epoch),
 curves.png, and config.json.
@@ -104,7 +104,8 @@ def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None) -> dict
         init = prototype_rows(train.x, train.y, train.num_classes, seed=cfg.seed)
     model = build_model(cfg.method, model_cfg, init).to(device)
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
-    length = f"T={cfg.T}" if cfg.method in ("dt", "backprop") else f"{model_cfg.steps} steps"
+    length = f"T={cfg.T}" if cfg.method in ("dt", "backprop") else \
+        "one network call" if cfg.method == "cnn" else f"{model_cfg.steps} steps"
     print(f"noprop-train: {cfg.method} on {train.name} ({len(train)} train / {len(test)} test, "
           f"{train.num_classes} classes, input {tuple(train.input_shape)}), {length}, embedding {cfg.embedding}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}; "
@@ -141,7 +142,7 @@ def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None) -> dict
                 parts = train_end_to_end_epoch(model, optimizer, train, cfg.batch_size, on_batch=on_batch)
             record["train_loss"] = parts.pop("loss")
             record.update(parts)
-            # block evaluations per example: the whole chain (backprop), every ODE step (adjoint), one (ct, fm)
+            # block evaluations per example: the whole chain (backprop), every ODE step (adjoint), one (ct, fm, cnn)
             block_passes = {"backprop": cfg.T, "adjoint": model_cfg.T}.get(cfg.method, 1)
         train_time = time.perf_counter() - start
         event("epoch_trained")

@@ -6,6 +6,7 @@ apt-get script, to exercise the Debian-package path end to end)."""
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 import struct
 import subprocess
@@ -489,7 +490,7 @@ def _assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
     assert all(p.dtype == np.int64 for p in parts)
 
 
-@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "dirichlet:0.01"])
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "dirichlet:0.01", "classes:2"])
 def test_partition_cover_and_determinism(spec: str) -> None:
     parts = D.partition(LABELS, 7, spec, seed=0)
     assert len(parts) == 7 and all(p.size > 0 for p in parts)
@@ -535,6 +536,74 @@ def test_parse_partitioning() -> None:
         D.partition(LABELS[:3], 4, "iid", seed=0)
     with pytest.raises(DatasetError):
         D.iid_partition(LABELS, 0, seed=0)
+
+
+def _classes_of(labels: np.ndarray, parts: list[np.ndarray]) -> list[set[int]]:
+    return [set(np.unique(labels[p]).tolist()) for p in parts]
+
+
+@pytest.mark.parametrize("num_partitions, k", [(10, 2), (7, 2), (5, 3), (3, 4), (10, 1), (4, 10), (13, 7), (1, 10)])
+def test_class_partition_gives_every_partition_exactly_k_classes(num_partitions: int, k: int) -> None:
+    parts = D.class_partition(LABELS, num_partitions, k, seed=3)
+    assert len(parts) == num_partitions
+    assert all(len(held) == k for held in _classes_of(LABELS, parts))
+    _assert_exact_cover(parts, LABELS.size)
+    spread = [sum(c in held for held in _classes_of(LABELS, parts)) for c in range(10)]
+    assert max(spread) - min(spread) <= 1 and sum(spread) == num_partitions * k  # classes spread evenly
+    for c in range(10):  # and each class's examples split evenly among its partitions
+        shares = [int((LABELS[p] == c).sum()) for p in parts if (LABELS[p] == c).any()]
+        assert max(shares) - min(shares) <= 1 and sum(shares) == 60
+
+
+def test_class_partition_is_deterministic_for_a_seed() -> None:
+    parts = D.class_partition(LABELS, 10, 2, seed=0)
+    again = D.partition(torch.from_numpy(LABELS), 10, "classes:2", seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = D.class_partition(LABELS, 10, 2, seed=1)
+    assert _classes_of(LABELS, parts) != _classes_of(LABELS, other)  # another seed, another class layout
+
+
+def test_class_partition_is_balanced_on_fashion_mnist_sized_labels() -> None:
+    """10 classes x 6000, 10 clients, 2 classes each (McMahan et al.'s layout): every class on exactly 2 clients,
+    3000 of its examples on each, so every client holds 6000."""
+    labels = np.repeat(np.arange(10), 6000)
+    parts = D.class_partition(labels, 10, 2, seed=0)
+    _assert_exact_cover(parts, labels.size)
+    assert [p.size for p in parts] == [6000] * 10
+    held = _classes_of(labels, parts)
+    assert [sum(c in h for h in held) for c in range(10)] == [2] * 10
+    assert all(np.bincount(labels[p], minlength=10).max() == 3000 for p in parts)
+    # uneven class sizes (the 2017 paper's MNIST is not balanced): sizes stay within the largest class's share
+    uneven = np.concatenate([np.full(5000 + 200 * c, c) for c in range(10)])
+    sizes = [p.size for p in D.class_partition(uneven, 10, 2, seed=0)]
+    assert sum(sizes) == uneven.size and max(sizes) - min(sizes) <= 2 * 900
+
+
+@pytest.mark.parametrize("num_partitions, k, labels, message", [
+    (4, 0, LABELS, "whole number >= 1"),
+    (4, -1, LABELS, "whole number >= 1"),
+    (4, 11, LABELS, "the labels hold only 10 classes: use classes:K with K <= 10"),
+    (4, 2, LABELS, "cannot hold all 10 classes (some class would be unused): use classes:3 or more"),
+    (11, 2, np.concatenate([LABELS, [10]]), "class 10 has 1 examples but must be split across 2 partitions"),
+    (0, 2, LABELS, "number of partitions must be >= 1"),
+])
+def test_class_partition_errors_say_what_to_do(num_partitions: int, k: int, labels: np.ndarray,
+                                               message: str) -> None:
+    with pytest.raises(DatasetError, match=re.escape(message)) as exc:
+        D.class_partition(labels, num_partitions, k, seed=0)
+    assert "\n" not in str(exc.value)
+
+
+def test_parse_class_partitioning() -> None:
+    assert D.parse_partitioning("classes:2") == ("classes", 2)
+    assert D.parse_partitioning(" Classes:10 ") == ("classes", 10)
+    for bad, message in [("classes", "needs K"), ("classes:", "needs K"), ("classes:two", "not a whole number"),
+                         ("classes:1.5", "not a whole number"), ("classes:0", "at least 1"),
+                         ("classes:-2", "at least 1"), ("classesx:2", "unknown partitioning")]:
+        with pytest.raises(DatasetError, match=message):
+            D.parse_partitioning(bad)
+    with pytest.raises(DatasetError, match="K <= 10"):  # the data-dependent checks, through the spec
+        D.partition(LABELS, 4, "classes:11", seed=0)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -186,6 +186,7 @@ def test_server_rejects_unknown_toml_key_and_busy_port(capsys, tmp_path, npz):
     (["--partition", "3/3"], "partition"),
     (["--partition", "a/b"], "I/N"),
     (["--partition-type", "dirichlet:-1"], "alpha"),
+    (["--partition", "0/2", "--partition-type", "classes:9"], "K <= 4"),  # checked against the data's 4 classes
     (["--max-blocks", "-2"], "max-blocks"),
     (["--device", "tpu"], "device"),
     (["--key", "/nonexistent/client0"], "needs --root-certificate"),
@@ -224,6 +225,19 @@ def test_sim_bad_values_are_one_line_and_exit_2(capsys):
     assert "alpha" in err
     err = one_line_exit_2(sim.main, ["--clients", "2", "--min-clients", "3"], capsys)
     assert "--min-clients" in err
+
+
+def test_sim_accepts_class_partitions_and_checks_them_against_the_data(monkeypatch, capsys, npz, tmp_path):
+    started = []
+    monkeypatch.setattr(sim, "run_in_child", lambda argv: started.append(argv) or 0)
+    assert sim.main(["--clients", "2", "--partition", "classes:2", "--dataset", f"npz:{npz}",
+                     "--out", str(tmp_path / "out")]) == 0
+    assert started and "classes:2" in started[0]
+    err = one_line_exit_2(sim.main, ["--clients", "2", "--partition", "classes:0"], capsys)
+    assert "K must be at least 1" in err
+    sim.check_class_partitions(FederationConfig(dataset=f"npz:{npz}", partition_type="classes:2"), 2)
+    with pytest.raises(LaunchError, match="cannot hold all 4 classes"):  # 2 clients x 1 class: 2 classes unused
+        sim.check_class_partitions(FederationConfig(dataset=f"npz:{npz}", partition_type="classes:1"), 2)
 
 
 def test_process_group_stop_ends_the_whole_tree(tmp_path):

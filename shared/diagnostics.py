@@ -1,0 +1,81 @@
+"""What the assembled NoProp-DT chain knows, read off at each of its stages (issue 10's instruments).
+
+Every readout comes from the label-free inference chain (predict's path, never y): each block's own guess
+argmax u_hat_t, the nearest class embedding of z_T, and the head. Comparing them separates a weak block from a
+head that misreads a good z_T; per-class accuracy shows which labels a skewed federation lost. The labels are
+used only afterwards, to score the readouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from noprop.data import LabelledData
+
+
+@dataclass
+class ChainReadouts:
+    """Predicted classes [N] of one batch at every stage of the chain."""
+
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # t -> argmax u_hat_t
+    nearest: torch.Tensor | None = None  # argmin_y ||z_T - u_y||
+    head: torch.Tensor | None = None  # argmax of the output head on z_T
+
+
+@torch.no_grad()
+def chain_readouts(model, x: torch.Tensor, noise: torch.Tensor | None = None) -> ChainReadouts:
+    """Run the chain once on x (deterministic unless noise is given) and read every stage. Takes no labels."""
+    was_training = model.training
+    model.eval()
+    try:
+        W = model.embedding.weight
+        out = ChainReadouts()
+
+        def read_block(t: int, probs: torch.Tensor) -> None:
+            out.blocks[t] = probs.argmax(dim=1).cpu()  # the block's own guess (u_hat_t = probs W)
+
+        z = model.chain(x, noise, on_block=read_block)
+        out.nearest = torch.cdist(z, W).argmin(dim=1).cpu()
+        out.head = model.head(z, W).argmax(dim=1).cpu()
+        return out
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def chain_diagnostics(model, data: LabelledData, mode: str = "deterministic", batch_size: int = 500,
+                      seed: int = 0) -> dict:
+    """Accuracy of every readout over data, and the head's accuracy per class (by class name).
+
+    Keys: accuracy (the head: what predict gives), nearest_accuracy, block_accuracy {t: acc},
+    class_accuracy {class name: acc}.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    m, T = len(data.classes), model.T
+    correct_blocks = torch.zeros(T + 1)
+    correct_nearest = correct_head = 0
+    per_class_hit, per_class_n = torch.zeros(m), torch.zeros(m)
+    for x, y in data.batches(batch_size, shuffle=False):
+        noise = None
+        if mode == "stochastic":
+            noise = torch.randn(T + 1, x.shape[0], model.embedding.weight.shape[1], generator=generator)
+            noise = noise.to(device)
+        r = chain_readouts(model, x.to(device), noise)
+        for t, pred in r.blocks.items():
+            correct_blocks[t] += int((pred == y).sum())
+        correct_nearest += int((r.nearest == y).sum())
+        hit = (r.head == y).float()
+        correct_head += int(hit.sum())
+        per_class_hit.index_add_(0, y, hit)
+        per_class_n.index_add_(0, y, torch.ones_like(hit))
+    n = max(len(data), 1)
+    return {
+        "accuracy": correct_head / n,
+        "nearest_accuracy": correct_nearest / n,
+        "block_accuracy": {str(t): float(correct_blocks[t]) / n for t in range(1, T + 1)},
+        "class_accuracy": {str(name): (float(per_class_hit[c] / per_class_n[c]) if per_class_n[c] else None)
+                           for c, name in enumerate(data.classes)},
+    }
