@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -26,7 +27,7 @@ from noprop.io import append_jsonl, atomic_write_text, read_jsonl
 from noprop.methods import build_model
 from noprop.model import parse_embedding
 from noprop.plots import plot_federated_run
-from noprop.records import record_to_arrays
+from noprop.records import arrays_to_record, record_to_arrays
 from noprop.server.aggregate import Reply, validate_reply
 from noprop.server.rounds import FederationError
 from noprop.trainer import evaluate_accuracy
@@ -100,7 +101,17 @@ class CheckedReplies:
                 self.log(f"node {node}: no reply within the round timeout")
         if not accepted:
             return None, None  # FedAvg keeps the previous global arrays
-        return super().aggregate_train(server_round, accepted)
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        return (None if arrays is None else self.in_sent_dtypes(arrays)), metrics
+
+    def in_sent_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Flower's aggregation returns float64 for every array; integer buffers (BatchNorm's num_batches_tracked)
+        must go out again as the integers they were, or every next reply is rejected for its dtype."""
+        out = {}
+        for key, value in record_to_arrays(arrays).items():
+            dtype = self.reference[key].dtype if key in self.reference else value.dtype
+            out[key] = (np.rint(value) if np.issubdtype(dtype, np.integer) else value).astype(dtype)
+        return arrays_to_record(out)
 
 
 STRATEGIES = {"mean": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg}  # by --aggregation

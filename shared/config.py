@@ -40,6 +40,8 @@ class TrainConfig:
     channels: tuple[int, int, int] = (32, 64, 128)
     hidden: int = 256
     dropout: float = 0.2
+    norm: str = "batch"  # dt / backprop: batch (Figure 6) | layer
+    z_skip: bool = False  # dt: blocks add the closed-form class posterior given z (not Figure 6)
     steps: int | None = None  # ct / fm / adjoint: integration steps (None: the method's measured default)
     solver: str | None = None  # fm: euler | heun; adjoint: euler | midpoint | rk4 (None: euler)
     fm_sigma: float = 0.1  # fm: width of the Gaussian probability path
@@ -110,7 +112,7 @@ class TrainConfig:
                                 head=self.head, radial_sigma=self.radial_sigma, channels=self.channels,
                                 hidden=self.hidden, dropout=self.dropout, eta=self.eta, clip=self.clip,
                                 max_delta_snr=self.max_delta_snr, steps=self.steps, solver=self.solver,
-                                fm_sigma=self.fm_sigma)
+                                fm_sigma=self.fm_sigma, norm=self.norm, z_skip=self.z_skip)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

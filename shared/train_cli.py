@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="L2 weight (default: dt 0.1, ct 1.0, the paper's values)")
     p.add_argument("--clip", type=float, help="alpha_bar clip (sets SNR(T)); default 1e-4")
     p.add_argument("--max-delta-snr", type=float, help="cap on SNR(t) - SNR(t-1) in the loss weight")
+    p.add_argument("--norm", choices=("batch", "layer"), help="dt: normalisation in a block (default batch, Figure 6)")
+    p.add_argument("--z-skip", action="store_const", const=True,
+                   help="dt: blocks add the closed-form class posterior given z_{t-1} to their logits (not Figure 6; "
+                        "the federation's default)")
     p.add_argument("--channels", type=parse_channels, help="conv widths of a block, default 32,64,128")
     p.add_argument("--hidden", type=int)
     p.add_argument("--dropout", type=float)

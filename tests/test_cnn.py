@@ -165,11 +165,13 @@ def test_export_is_one_onnx_file_with_parity(tmp_path):
         export_onnx(ckpt, tmp_path / "steps.onnx", steps=3)
 
 
-def test_sim_runs_fedavg_of_the_cnn_for_a_round(tmp_path, request):
-    """A real noprop-sim: two virtual clients, one round of Flower's FedAvg of the CNN (about 25 s here)."""
+def test_sim_runs_fedavg_of_the_cnn_for_two_rounds(tmp_path, request):
+    """A real noprop-sim: two virtual clients, two rounds of Flower's FedAvg of the CNN (about 30 s here). Round 2
+    is the one that once failed: FedAvg handed BatchNorm's integer num_batches_tracked back as float64, so every
+    round-2 reply was rejected for its dtype and the model stopped learning."""
     npz = write_synthetic_npz(tmp_path / "task.npz")
     out = tmp_path / "out"
-    sim = Spawned([script("noprop-sim"), "--method", "cnn", "--clients", "2", "--partition", "iid", "--rounds", "1",
+    sim = Spawned([script("noprop-sim"), "--method", "cnn", "--clients", "2", "--partition", "iid", "--rounds", "2",
                    "--num-cpus", "2", "--dataset", f"npz:{npz}", "--out", str(out), "--channels", "8,16,16",
                    "--hidden", "32", "--batch-size", "32", "--lr", "3e-3", "--dropout", "0", "--local-epochs", "2",
                    "--eval-limit", "0", "--client-threads", "1"],
@@ -183,10 +185,13 @@ def test_sim_runs_fedavg_of_the_cnn_for_a_round(tmp_path, request):
     log = sim.text()
     assert sim.proc.returncode == 0, log[-5000:]
     assert "FedAvg of one cnn network" in log, log[-3000:]
-    [record] = read_jsonl(out / "metrics.jsonl")
-    assert len(record["trained_by"]) == 2 and not record["rejected"] and not record["failed"], record
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in records] == [1, 2], records
+    for record in records:
+        assert len(record["trained_by"]) == 2 and not record["rejected"] and not record["failed"], record
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert ckpt.method == "cnn" and ckpt.extra["round"] == 1
+    assert ckpt.method == "cnn" and ckpt.extra["round"] == 2
+    assert ckpt.state_dict["features.13.num_batches_tracked"].dtype == torch.int64
     full_bytes = arrays_to_record(to_numpy_state(ckpt.state_dict)).count_bytes()
     assert set(record["bytes_to"].values()) == set(record["bytes_from"].values()) == {full_bytes}, record
     test = load_dataset(f"npz:{npz}", "test")
