@@ -4,7 +4,8 @@ Every run is a `noprop-sim` command a user can paste (printed in the report): th
 local epochs, block widths and evaluation for every variant, under each partition of Fashion-MNIST's training
 set. Variants:
 - dt: NoProp-DT with the federation's defaults (server-trained head, balanced softmax on the clients);
-- dt-paper: the same blocks federated as Eq. 8 alone (--head-steps 0 --no-logit-adjust), where they started;
+- dt-paper: the paper's block and Eq. 8 alone (--head-steps 0 --no-logit-adjust --no-z-skip --min-local-steps 0):
+  where the federation started;
 - cnn: `--method cnn`, one block's x path plus a linear layer, trained with backprop and averaged by Flower's
   FedAvg: what a Flower user runs instead.
 From each run's metrics.jsonl: accuracy per round, bytes per client per round, client training time per round and
@@ -31,10 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 VARIANTS = {
     "dt": [],
-    "dt-paper": ["--head-steps", "0", "--no-logit-adjust"],
+    "dt-paper": ["--head-steps", "0", "--no-logit-adjust", "--no-z-skip", "--min-local-steps", "0"],
     "cnn": ["--method", "cnn"],
 }
-LABELS = {"dt": "NoProp-DT (defaults)", "dt-paper": "NoProp-DT, Eq. 8 only (head averaged, no prior adjustment)",
+LABELS = {"dt": "NoProp-DT (defaults)",
+          "dt-paper": "NoProp-DT as the paper trains it (Figure 6 block, Eq. 8 head averaged, no prior, no step floor)",
           "cnn": "FedAvg CNN (peer)"}
 SECTION = "## Federated NoProp-DT against the FedAvg CNN (`bench/federated_peer.py`)"
 
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=5000, help="test images evaluated each round (all at the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small-rounds", type=int, default=4)
-    p.add_argument("--skip", default="", help="comma list of parts to skip: main,small,memory")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: main,central,small,memory")
     p.add_argument("--data-root", default=str(ROOT / "data"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "federated_peer"))
     p.add_argument("--reuse", action="store_true", help="keep runs whose DONE.json exists")
@@ -116,6 +118,30 @@ def summarise(run_dir: Path) -> dict:
         })
     return {"rounds": rounds, "final_accuracy": done["accuracy"], "final_eval_examples": done["eval_examples"],
             "final": {k: done.get(k) for k in ("nearest_accuracy", "block_accuracy", "class_accuracy")}, **bench}
+
+
+def run_central(args: argparse.Namespace, out: Path, reuse: bool) -> dict:
+    """Centralized NoProp-DT at the federated IID run's passes: there every block trains on one 1/C shard a round,
+    so after R rounds it has seen R/C of the training set once; here one epoch on a class-stratified subset of
+    that size, with the same block (z-skip), widths and seed."""
+    run_dir = out / "runs" / "central"
+    subset = 60000 * args.rounds // args.clients
+    cmd = ["noprop-train", "--dataset", "fashion-mnist", "--data-root", args.data_root, "--subset", str(subset),
+           "--epochs", "1", "--channels", args.channels, "--z-skip", "--eval-mode", "deterministic", "--threads", "2",
+           "--seed", str(args.seed), "--out", str(run_dir)]
+    metrics = run_dir / "metrics.jsonl"
+    if not (reuse and metrics.exists()):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics.unlink(missing_ok=True)
+        start = time.perf_counter()
+        with open(out / "runs" / "central.log", "w") as log:
+            code = subprocess.call([str(BIN / cmd[0]), *cmd[1:]], stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed (exit {code})")
+        (run_dir / "bench.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - start, 1)}))
+    record = json.loads(metrics.read_text().splitlines()[-1])
+    return {"command": " ".join(cmd), "accuracy": record["test_acc_deterministic"], "subset": subset,
+            "train_time_s": record["train_time_s"], **json.loads((run_dir / "bench.json").read_text())}
 
 
 def small_npz(out: Path, data_root: str, seed: int) -> Path:
@@ -263,9 +289,59 @@ def report(results: dict, args: argparse.Namespace) -> str:
             lines.append(f"| {LABELS[m['variant']]} | {m['message_mb']:.2f} | {m['rss_before_mb']:.0f} | "
                          f"{m['peak_rss_mb']:.0f} | {m['handler_s']:.1f} |")
         lines.append("")
+    lines += goals(results)
     lines += ["Plots: bench/results/federated_peer/accuracy.png (accuracy per round, every variant and partition) "
               "and compute.png (accuracy against cumulative client CPU seconds).", ""]
     return "\n".join(lines)
+
+
+def at_compute(run: dict, cpu_s: float) -> float:
+    """The run's accuracy at a cumulative client CPU budget, linearly between its rounds (its last beyond them)."""
+    pts = [(0.0, 0.1)] + [(r["client_cpu_cumulative_s"], r["accuracy"]) for r in run["rounds"]]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if cpu_s <= x1:
+            return y0 + (y1 - y0) * (cpu_s - x0) / max(x1 - x0, 1e-9)
+    return pts[-1][1]
+
+
+def goals(results: dict) -> list[str]:
+    """Issue 10's goals, read off this run."""
+    main = results.get("main", {})
+    out = ["### Goals (issue 10), read off this run", ""]
+    dt = {p: runs["dt"] for p, runs in main.items() if "dt" in runs}
+    iid = dt.get("iid")
+    if iid:
+        out.append(f"- Round 1 at least 60% IID: {pct(iid['rounds'][0]['accuracy'])}%.")
+        for partition, bound in (("dirichlet:0.5", 2.0), ("classes:2", 5.0), ("dirichlet:0.1", None)):
+            if partition in dt:
+                gap = 100 * (iid["final_accuracy"] - dt[partition]["final_accuracy"])
+                verdict = "" if bound is None else (" (holds)" if gap <= bound else " (missed)")
+                out.append(f"- {partition}: {pct(dt[partition]['final_accuracy'])}% against IID "
+                           f"{pct(iid['final_accuracy'])}%, {gap:.1f} points below"
+                           + (f"; goal within {bound:g}" if bound else "") + verdict + ".")
+    peer_iid = main.get("iid", {}).get("cnn")
+    start = next((r["round"] for r in peer_iid["rounds"] if r["accuracy"] >= 0.85), None) if peer_iid else None
+    if start is not None:
+        out.append(f"- Against the peer at equal cumulative client CPU seconds, from round {start} (the peer's first "
+                   "round at 85% IID): dt's accuracy minus the peer's at dt's compute (goal: at least -3 points):")
+        for partition, runs in main.items():
+            if "dt" in runs and "cnn" in runs:
+                diffs = [100 * (r["accuracy"] - at_compute(runs["cnn"], r["client_cpu_cumulative_s"]))
+                         for r in runs["dt"]["rounds"] if r["round"] >= start]
+                out.append(f"  - {partition}: " + ", ".join(f"{d:+.1f}" for d in diffs)
+                           + (" (holds)" if diffs and min(diffs) >= -3 else " (missed)"))
+    central = results.get("central")
+    if central and iid:
+        gap = 100 * (iid["final_accuracy"] - central["accuracy"])
+        out.append(f"- IID against centralized NoProp-DT at equal passes (one epoch on {central['subset']} images, "
+                   f"`{central['command']}`): {pct(iid['final_accuracy'])}% against {pct(central['accuracy'])}%, "
+                   f"{gap:+.1f} points; goal within 1" + (" (holds)." if abs(gap) <= 1 or gap > 0 else " (missed)."))
+    small = results.get("small", {})
+    if "dt" in small and "cnn" in small:
+        d, c = small["dt"]["rounds"], small["cnn"]["rounds"]
+        out.append(f"- Small shards: dt {pct(d[-1]['accuracy'])}% against the peer's {pct(c[-1]['accuracy'])}% after "
+                   f"{len(d)} rounds; round 1 {pct(d[0]['accuracy'])}% (chance 10%).")
+    return out + [""]
 
 
 def plot(results: dict, out: Path) -> None:
@@ -335,6 +411,8 @@ def main() -> int:
                     print(f"[bench] {partition} {variant}: " + ", ".join(pct(r["accuracy"]) for r in runs[variant]
                           ["rounds"]) + f"; final {pct(runs[variant]['final_accuracy'])}", flush=True)
                 results["main"][partition] = runs
+        if "central" not in skip:
+            results["central"] = run_central(args, out, args.reuse)
         if "small" not in skip:
             npz = small_npz(out, args.data_root, args.seed)
             results["small"] = {}
