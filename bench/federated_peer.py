@@ -6,6 +6,8 @@ set. Variants:
 - dt: NoProp-DT with the federation's defaults (server-trained head, balanced softmax on the clients);
 - dt-paper: the paper's block and Eq. 8 alone (--head-steps 0 --no-logit-adjust --no-z-skip --min-local-steps 0):
   where the federation started;
+- dt-replicate5: five owners a block, each on a fifth of its data (the same compute, 5x the bytes), for label skew
+  so strong that one owner's labels cover a fifth of the classes;
 - cnn: `--method cnn`, one block's x path plus a linear layer, trained with backprop and averaged by Flower's
   FedAvg: what a Flower user runs instead.
 From each run's metrics.jsonl: accuracy per round, bytes per client per round, client training time per round and
@@ -33,10 +35,13 @@ BIN = Path(sys.executable).parent
 VARIANTS = {
     "dt": [],
     "dt-paper": ["--head-steps", "0", "--no-logit-adjust", "--no-z-skip", "--min-local-steps", "0"],
+    "dt-replicate5": ["--policy", "replicate", "--replicas", "5", "--split-local-data"],
     "cnn": ["--method", "cnn"],
 }
 LABELS = {"dt": "NoProp-DT (defaults)",
           "dt-paper": "NoProp-DT as the paper trains it (Figure 6 block, Eq. 8 head averaged, no prior, no step floor)",
+          "dt-replicate5": "NoProp-DT, 5 owners a block, each on 1/5 of its data (--policy replicate --replicas 5 "
+                           "--split-local-data)",
           "cnn": "FedAvg CNN (peer)"}
 SECTION = "## Federated NoProp-DT against the FedAvg CNN (`bench/federated_peer.py`)"
 
@@ -48,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", default="16,32,64")
     p.add_argument("--partitions", default="iid,dirichlet:0.5,dirichlet:0.1,classes:2")
     p.add_argument("--variants", default="dt,cnn", help=f"comma list of {', '.join(VARIANTS)}")
-    p.add_argument("--paper-partitions", default="iid,dirichlet:0.5",
+    p.add_argument("--paper-partitions", default="dirichlet:0.5",
                    help="partitions that also run dt-paper (empty: none)")
+    p.add_argument("--replicate-partitions", default="dirichlet:0.1,classes:2",
+                   help="partitions that also run dt-replicate5 (empty: none)")
     p.add_argument("--eval-limit", type=int, default=5000, help="test images evaluated each round (all at the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small-rounds", type=int, default=4)
@@ -398,11 +405,14 @@ def main() -> int:
         started = time.perf_counter()
         variants = [v for v in args.variants.split(",") if v]
         paper = set(filter(None, args.paper_partitions.split(",")))
+        replicate = set(filter(None, args.replicate_partitions.split(",")))
         if "main" not in skip:
             results["main"] = {}
             for partition in args.partitions.split(","):
                 runs = {}
-                for variant in variants + (["dt-paper"] if partition in paper else []):
+                extra = (["dt-paper"] if partition in paper else []) + (["dt-replicate5"] if partition in replicate
+                                                                         else [])
+                for variant in variants + extra:
                     run_dir = out / "runs" / f"{partition.replace(':', '')}-{variant}"
                     cmd = sim_command(args, run_dir, partition, variant, clients=args.clients, rounds=args.rounds,
                                       dataset="fashion-mnist", channels=args.channels, eval_limit=args.eval_limit)

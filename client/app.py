@@ -121,14 +121,14 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         trainer = BlockTrainer(model, optim)
         rnd = int(cfg_record["round"])
         # split-local-data: each of the k blocks trains on its own 1/k of the data (a round = one block-epoch)
-        shares = split_among_blocks(data, blocks, int(cfg_record["seed"])) if bool(cfg_record.get(
-            "split-local-data")) and len(blocks) > 1 else {t: data for t in blocks}
-        epochs = epochs_for_min_steps(min(len(d) for d in shares.values()), optim.batch_size,
-                                      int(cfg_record["local-epochs"]), int(cfg_record.get("min-local-steps", 0)))
+        split = bool(cfg_record.get("split-local-data")) and len(blocks) > 1
+        shares = split_among_blocks(data, blocks, int(cfg_record["seed"])) if split else {t: data for t in blocks}
+        # the step floor counts the node's whole data: split among k blocks, it buys no k times the compute
+        epochs = epochs_for_min_steps(len(data), optim.batch_size, int(cfg_record["local-epochs"]),
+                                      int(cfg_record.get("min-local-steps", 0)))
         log_prior = label_log_prior(data.y, model_cfg.num_classes) if bool(cfg_record.get("logit-adjust")) else None
         print(f"round {rnd}: training block(s) {', '.join(map(str, blocks))} on {len(data)} examples"
-              f"{f' split {len(shares)} ways' if len(shares) > 1 and shares[blocks[0]] is not data else ''}, "
-              f"{epochs} epoch(s)", flush=True)
+              f"{f' split {len(blocks)} ways' if split else ''}, {epochs} epoch(s)", flush=True)
         start = time.perf_counter()
         losses = train_owned_blocks(trainer, blocks, shares, epochs, log_prior=log_prior)
         elapsed = time.perf_counter() - start

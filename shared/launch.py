@@ -304,8 +304,9 @@ FLAG_HELP = {
                     "block does not learn its last owner's label mix",
     "split_local_data": "dt: each of a client's k blocks trains on its own 1/k of the local data, so a round costs "
                         "one block-epoch whatever k is (with replicate: more owners per block at the same compute)",
-    "min_local_steps": "a client raises its local epochs until every block (or network) it trains gets at least "
-                       "this many optimizer steps in the round (0 = off)",
+    "min_local_steps": "a client raises its local epochs until its local data gives at least this many optimizer "
+                       "steps a round, per block it trains (with --split-local-data: over its blocks' shares "
+                       "together); the same floor applies to FedAvg clients (0 = off)",
     "dataset": "dataset the server evaluates on (its test split): fashion-mnist, mnist, cifar10, cifar100, "
                "imagefolder:DIR, npz:FILE",
     "data_root": "folder holding the datasets (default: $NOPROP_DATA or ./data)",

@@ -205,3 +205,31 @@ def test_z_skip_adds_the_exact_class_posterior_given_z(embedding):
     z_off = torch.randn(8, M)
     with torch.no_grad():
         assert torch.equal(off.block_logits(t, x, z_off), off.block(t)(x, z_off))  # the paper's block: logits alone
+
+
+def last_block_reading_of_unseen_classes(z_skip: bool) -> torch.Tensor:
+    """Train block T only on classes 0 and 1 (as its last owner under label skew), with images that carry no
+    label, then ask it about z at the marginal mean of classes 2 and 3, which it never saw."""
+    torch.manual_seed(0)
+    cfg = NoPropConfig(input_shape=(1, 8, 8), num_classes=M, T=3, channels=(4, 8, 8), hidden=16, dropout=0.0,
+                       z_skip=z_skip)
+    model = NoPropDT(cfg)
+    trainer = BlockTrainer(model, OptimConfig(lr=3e-3, batch_size=64), blocks=[cfg.T])
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 2, (1024,), generator=g)
+    data = LabelledData(x=torch.randn(1024, 1, 8, 8, generator=g), y=y, classes=[str(i) for i in range(M)],
+                        mean=[0.0], std=[1.0], name="two classes")
+    prior = label_log_prior(y, M)
+    for _ in range(8):
+        trainer.train_block_epoch(cfg.T, data, log_prior=prior)
+    model.eval()
+    W = model.embedding.weight.detach()
+    z = model.schedule.alpha_bar_at(cfg.T - 1) ** 0.5 * W[torch.tensor([2, 3] * 16)]
+    with torch.no_grad():
+        return model.block_logits(cfg.T, torch.randn(32, 1, 8, 8, generator=g), z).argmax(1)
+
+
+def test_z_skip_keeps_classes_the_last_owner_never_saw():
+    unseen = torch.tensor([2, 3] * 16)
+    assert (last_block_reading_of_unseen_classes(z_skip=True) == unseen).float().mean() > 0.9
+    assert (last_block_reading_of_unseen_classes(z_skip=False) == unseen).float().mean() < 0.5  # the paper's block
