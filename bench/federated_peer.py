@@ -39,10 +39,14 @@ VARIANTS = {
     "cnn": ["--method", "cnn"],
 }
 LABELS = {"dt": "NoProp-DT (defaults)",
-          "dt-paper": "NoProp-DT as the paper trains it (Figure 6 block, Eq. 8 head averaged, no prior, no step floor)",
+          "dt-paper": "NoProp-DT trained by Eq. 8 alone (Figure 6 block, the clients' averaged head, no prior, no step "
+                      "floor; the head still starts at the nearest embedding)",
           "dt-replicate5": "NoProp-DT, 5 owners a block, each on 1/5 of its data (--policy replicate --replicas 5 "
                            "--split-local-data)",
           "cnn": "FedAvg CNN (peer)"}
+COLORS = {"dt": "tab:blue", "cnn": "tab:orange", "dt-paper": "tab:gray", "dt-replicate5": "tab:green"}
+SHORT = {"dt": "NoProp-DT (defaults)", "cnn": "FedAvg CNN (peer)", "dt-paper": "NoProp-DT as in the paper",
+         "dt-replicate5": "NoProp-DT, 5 owners a block"}
 SECTION = "## Federated NoProp-DT against the FedAvg CNN (`bench/federated_peer.py`)"
 
 
@@ -212,22 +216,28 @@ def part_memory(args: argparse.Namespace, variant: str) -> dict:
                   message_type=MessageType.TRAIN)
     msg.metadata.__dict__["_message_id"] = msg.object_id  # the SuperLink sets this on delivery
     ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
+    app = make_client_app(cfg.to_run_config())
     before_mb = rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on is the round's
     start = time.perf_counter()
-    reply = make_client_app(cfg.to_run_config())(msg, ctx)
+    reply = app(msg, ctx)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = status_mb("VmHWM")
     return {"variant": variant, "rss_before_mb": round(before_mb, 1), "peak_rss_mb": round(peak_mb, 1),
             "message_mb": round(arrays.count_bytes() / 1e6, 3), "reply_mb": round(
                 reply.content["arrays"].count_bytes() / 1e6, 3), "handler_s": round(seconds, 1),
             "examples": len(data)}
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    return status_mb("VmRSS")
 
 
 def run_memory(args: argparse.Namespace, variant: str) -> dict:
@@ -259,7 +269,7 @@ def report(results: dict, args: argparse.Namespace) -> str:
     for partition, runs in main.items():
         lines += [f"### {partition}", "", "| variant | " + " | ".join(f"r{r['round']}" for r in
                   next(iter(runs.values()))["rounds"]) + " | final | MB to / from a client per round | client "
-                  "train s per round (max) | client CPU s, cumulative | wall s | CPU s |",
+                  "train s per round (max) | client CPU s, cumulative | wall s | launcher + server CPU s |",
                   "|---|" + "---|" * (len(next(iter(runs.values()))["rounds"]) + 6)]
         for variant, run in runs.items():
             rs = run["rounds"]
@@ -291,10 +301,15 @@ def report(results: dict, args: argparse.Namespace) -> str:
     if "memory" in results:
         lines += ["### One client's memory over one round (fresh process, the real ClientApp train handler, "
                   f"{args.channels} widths, a 6000-image shard)", "",
-                  "| variant | message MB | RSS before MB | peak RSS MB | handler s |", "|---|---|---|---|---|"]
+                  "RSS before = the process with torch, the client app and its 6000-image shard loaded; peak = VmHWM "
+                  "over the round (reset just before the handler), so peak - before is what the round itself "
+                  "needs.", "",
+                  "| variant | message MB | RSS before MB | peak RSS MB | round's growth MB | handler s |",
+                  "|---|---|---|---|---|---|"]
         for m in results["memory"].values():
             lines.append(f"| {LABELS[m['variant']]} | {m['message_mb']:.2f} | {m['rss_before_mb']:.0f} | "
-                         f"{m['peak_rss_mb']:.0f} | {m['handler_s']:.1f} |")
+                         f"{m['peak_rss_mb']:.0f} | {m['peak_rss_mb'] - m['rss_before_mb']:.0f} | "
+                         f"{m['handler_s']:.1f} |")
         lines.append("")
     lines += goals(results)
     lines += ["Plots: bench/results/federated_peer/accuracy.png (accuracy per round, every variant and partition) "
@@ -366,12 +381,13 @@ def plot(results: dict, out: Path) -> None:
         for ax, (partition, runs) in zip(axes[0], main.items()):
             for variant, run in runs.items():
                 xs = [r[xkey] for r in run["rounds"]]
-                ax.plot(xs, [100 * r["accuracy"] for r in run["rounds"]], marker="o", label=LABELS[variant])
+                ax.plot(xs, [100 * r["accuracy"] for r in run["rounds"]], marker="o", color=COLORS[variant],
+                        label=SHORT[variant])
             ax.set_title(partition)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
         axes[0][0].set_ylabel("test accuracy (%)")
-        axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -402,6 +418,7 @@ def main() -> int:
     else:
         results = {"meta": {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
                             "load_start": round(os.getloadavg()[0], 2)}}
+        previous = json.loads(results_path.read_text()) if args.reuse and results_path.exists() else {}
         started = time.perf_counter()
         variants = [v for v in args.variants.split(",") if v]
         paper = set(filter(None, args.paper_partitions.split(",")))
@@ -437,6 +454,8 @@ def main() -> int:
         results["meta"].update({"load_end": round(os.getloadavg()[0], 2),
                                 "wall_s": round(time.perf_counter() - started),
                                 "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+        if "meta" in previous:  # a re-run that reused the runs keeps the conditions they ran under
+            results["meta"] = previous["meta"]
         results_path.write_text(json.dumps(results, indent=1))
     plot(results, out)
     text = report(results, args)

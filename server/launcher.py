@@ -350,8 +350,8 @@ def round_line(record: dict, num_rounds: int) -> str:
         parts.append(f"accuracy {100 * acc:.2f}%")
     nearest, blocks = record.get("nearest_accuracy"), record.get("block_accuracy")
     if isinstance(nearest, int | float) and isinstance(blocks, dict) and blocks:
-        parts.append(f"(nearest embedding {100 * nearest:.1f}%, blocks {100 * min(blocks.values()):.0f}-"
-                     f"{100 * max(blocks.values()):.0f}%)")
+        parts[-1] += (f" (nearest embedding {100 * nearest:.1f}%, blocks {100 * min(blocks.values()):.0f}-"
+                      f"{100 * max(blocks.values()):.0f}%)")
     t = record.get("round_time_s")
     if isinstance(t, int | float):
         parts.append(f"{t:.1f} s")
