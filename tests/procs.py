@@ -137,6 +137,21 @@ class Spawned:
         return sorted(pid for pid in self.seen if alive(pid))
 
 
+def run_sim_to_end(args: list[str], tmp_path: Path, request, timeout: float, log_name: str = "sim.log") -> str:
+    """Run noprop-sim with args in its own session (cleaned up with the test), wait for it to end, assert exit 0 and
+    return its log."""
+    sim = Spawned([script("noprop-sim"), *args], tmp_path / log_name, quiet_env(tmp_path / "flwr-home"), cwd=tmp_path)
+    request.addfinalizer(sim.cleanup)
+    deadline = time.monotonic() + timeout
+    while sim.proc.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"noprop-sim did not finish within {timeout:.0f}s\n{sim.text()[-5000:]}")
+        time.sleep(1.0)
+    log = sim.text()
+    assert sim.proc.returncode == 0, log[-5000:]
+    return log
+
+
 def wait_for(check: Callable[[], object], timeout: float, interval: float = 0.5, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:

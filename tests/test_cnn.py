@@ -5,13 +5,12 @@ and runs in a real noprop-sim federation through Flower's FedAvg."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
-from procs import Spawned, quiet_env, script, write_synthetic_npz
+from procs import run_sim_to_end, write_synthetic_npz
 from synthetic import synthetic_data
 from test_client_app import instruction, task_identity  # noqa: F401 - fixture
 from test_export import run_onnx, task_images, torch_probs, write_task
@@ -171,19 +170,10 @@ def test_sim_runs_fedavg_of_the_cnn_for_two_rounds(tmp_path, request):
     round-2 reply was rejected for its dtype and the model stopped learning."""
     npz = write_synthetic_npz(tmp_path / "task.npz")
     out = tmp_path / "out"
-    sim = Spawned([script("noprop-sim"), "--method", "cnn", "--clients", "2", "--partition", "iid", "--rounds", "2",
-                   "--num-cpus", "2", "--dataset", f"npz:{npz}", "--out", str(out), "--channels", "8,16,16",
-                   "--hidden", "32", "--batch-size", "32", "--lr", "3e-3", "--dropout", "0", "--local-epochs", "2",
-                   "--eval-limit", "0", "--client-threads", "1"],
-                  tmp_path / "sim.log", quiet_env(tmp_path / "flwr-home"), cwd=tmp_path)
-    request.addfinalizer(sim.cleanup)
-    start = time.monotonic()
-    while sim.proc.poll() is None:
-        if time.monotonic() - start > 180:
-            pytest.fail(f"noprop-sim did not finish within 180s\n{sim.text()[-5000:]}")
-        time.sleep(1.0)
-    log = sim.text()
-    assert sim.proc.returncode == 0, log[-5000:]
+    log = run_sim_to_end(["--method", "cnn", "--clients", "2", "--partition", "iid", "--rounds", "2", "--num-cpus",
+                          "2", "--dataset", f"npz:{npz}", "--out", str(out), "--channels", "8,16,16", "--hidden",
+                          "32", "--batch-size", "32", "--lr", "3e-3", "--dropout", "0", "--local-epochs", "2",
+                          "--eval-limit", "0", "--client-threads", "1"], tmp_path, request, 180)
     assert "FedAvg of one cnn network" in log, log[-3000:]
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2], records

@@ -7,12 +7,11 @@ two virtual clients through Flower's own FedAvg strategy, stops after a round, r
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MessageType, RecordDict
-from procs import Spawned, quiet_env, script, write_synthetic_npz
+from procs import run_sim_to_end, write_synthetic_npz
 from test_client_app import context, instruction, npz, task_identity  # noqa: F401 - fixtures
 
 from noprop.checkpoint import load_checkpoint
@@ -55,20 +54,11 @@ def test_federation_config_rejects_unknown_method_and_bad_solver():
 
 
 def run_sim(tmp_path, request, out, npz_path, rounds: int, *extra: str) -> str:
-    sim = Spawned([script("noprop-sim"), "--method", "fm", "--clients", "2", "--partition", "iid", "--rounds",
-                   str(rounds), "--num-cpus", "2", "--dataset", f"npz:{npz_path}", "--out", str(out), "--steps", "5",
-                   "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3", "--dropout", "0",
-                   "--local-epochs", "3", "--eval-limit", "0", "--client-threads", "1", *extra],
-                  tmp_path / f"sim-{rounds}.log", quiet_env(tmp_path / "flwr-home"), cwd=tmp_path)
-    request.addfinalizer(sim.cleanup)
-    start = time.monotonic()
-    while sim.proc.poll() is None:
-        if time.monotonic() - start > 300:
-            pytest.fail(f"noprop-sim did not finish within 300s\n{sim.text()[-5000:]}")
-        time.sleep(1.0)
-    log = sim.text()
-    assert sim.proc.returncode == 0, log[-5000:]
-    return log
+    return run_sim_to_end(["--method", "fm", "--clients", "2", "--partition", "iid", "--rounds", str(rounds),
+                           "--num-cpus", "2", "--dataset", f"npz:{npz_path}", "--out", str(out), "--steps", "5",
+                           "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3",
+                           "--dropout", "0", "--local-epochs", "3", "--eval-limit", "0", "--client-threads", "1",
+                           *extra], tmp_path, request, 300, f"sim-{rounds}.log")
 
 
 def test_sim_fedavg_of_noprop_fm_with_resume(tmp_path, request):

@@ -4,11 +4,8 @@ started random and got a few averaged steps a round); it must be well above chan
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import pytest
-from procs import Spawned, quiet_env, script
+from procs import run_sim_to_end
 from synthetic import synthetic_arrays
 
 from noprop.checkpoint import load_checkpoint
@@ -24,18 +21,9 @@ def test_three_clients_of_500_examples_learn_from_round_one(tmp_path, request):
     npz = tmp_path / "ten.npz"
     np.savez(npz, x_train=x, y_train=y, x_test=xt, y_test=yt)
     out = tmp_path / "out"
-    sim = Spawned([script("noprop-sim"), "--clients", "3", "--partition", "iid", "--rounds", "4", "--num-cpus", "2",
-                   "--dataset", f"npz:{npz}", "--out", str(out), "--channels", "8,16,16", "--hidden", "64",
-                   "--eval-limit", "0", "--client-threads", "1"],
-                  tmp_path / "sim.log", quiet_env(tmp_path / "flwr-home"), cwd=tmp_path)
-    request.addfinalizer(sim.cleanup)
-    start = time.monotonic()
-    while sim.proc.poll() is None:
-        if time.monotonic() - start > 420:
-            pytest.fail(f"noprop-sim did not finish within 420s\n{sim.text()[-4000:]}")
-        time.sleep(1.0)
-    log = sim.text()
-    assert sim.proc.returncode == 0, log[-4000:]
+    log = run_sim_to_end(["--clients", "3", "--partition", "iid", "--rounds", "4", "--num-cpus", "2", "--dataset",
+                          f"npz:{npz}", "--out", str(out), "--channels", "8,16,16", "--hidden", "64",
+                          "--eval-limit", "0", "--client-threads", "1"], tmp_path, request, 420)
     records = read_jsonl(out / "metrics.jsonl")
     accuracy = [r["accuracy"] for r in records]
     assert len(accuracy) == 4, log[-3000:]
