@@ -49,7 +49,7 @@ class FederationConfig:
     head_steps: int = 500  # dt: steps the server trains the head each round, class-balanced on q(z_T | y) (0 = off)
     logit_adjust: bool = True  # dt: nodes add their label prior to the logits while training (balanced softmax)
     # a node raises its local epochs until each block (network) gets this many steps: 3 nodes of 500 examples got
-    # 4 steps a block a round (round 1: 34.9% with 0, 82.3% with 50; BENCHMARKS.md)
+    # 4 steps a block a round (round 1: 34.9% with 0, 82.2% with 50; BENCHMARKS.md)
     min_local_steps: int = 40
     split_local_data: bool = False  # dt: a node's k blocks each train on their own 1/k of its data (one block-epoch)
     dataset: str = "fashion-mnist"  # the server evaluates on its test split; clients default to it
