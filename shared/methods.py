@@ -76,7 +76,7 @@ def model_config(name: str, input_shape: tuple[int, ...], num_classes: int, *, T
         return CNNConfig(**{k: v for k, v in common.items() if k != "radial_sigma"})
     if config_class is NoPropConfig:
         return NoPropConfig(T=T, eta=0.1 if eta is None else eta, clip=clip, max_delta_snr=max_delta_snr, norm=norm,
-                            z_skip=z_skip, **common)
+                            z_skip=z_skip and name == "dt", **common)  # the backprop chain has no z-skip
     if steps is not None:
         common["steps"] = steps
     if name == "ct":
