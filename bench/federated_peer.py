@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import memory_kb, reset_peak_memory  # bench/ is on sys.path: this script runs from there
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 VARIANTS = {
@@ -217,27 +219,17 @@ def part_memory(args: argparse.Namespace, variant: str) -> dict:
     msg.metadata.__dict__["_message_id"] = msg.object_id  # the SuperLink sets this on delivery
     ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
     app = make_client_app(cfg.to_run_config())
-    before_mb = rss_mb()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on is the round's
+    before_mb = memory_kb("VmRSS") / 1024
+    if not reset_peak_memory():  # VmHWM := VmRSS: the peak from here on is the round's
+        raise SystemExit("this kernel refuses to reset VmHWM (/proc/self/clear_refs): no per-round peak")
     start = time.perf_counter()
     reply = app(msg, ctx)
     seconds = time.perf_counter() - start
-    peak_mb = status_mb("VmHWM")
+    peak_mb = memory_kb("VmHWM") / 1024
     return {"variant": variant, "rss_before_mb": round(before_mb, 1), "peak_rss_mb": round(peak_mb, 1),
             "message_mb": round(arrays.count_bytes() / 1e6, 3), "reply_mb": round(
                 reply.content["arrays"].count_bytes() / 1e6, 3), "handler_s": round(seconds, 1),
             "examples": len(data)}
-
-
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb() -> float:
-    return status_mb("VmRSS")
 
 
 def run_memory(args: argparse.Namespace, variant: str) -> dict:
