@@ -48,3 +48,18 @@ def run_child(cmd: list[str], label: str) -> dict | None:
 def print_result(result: dict) -> None:
     """The child's side of run_child."""
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Put section (which starts with the line heading, a '## ' title) in place of that section of the markdown
+    file, up to the next '## ' title, or append it; the other sections stay as they are."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        rest = [""] + lines[end:] if end < len(lines) else []
+        new = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + rest) + "\n"
+    path.write_text(new)

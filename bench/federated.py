@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import replace_section  # bench/ is on sys.path: this script runs from there
+
 ROOT = Path(__file__).resolve().parent.parent
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -664,20 +666,6 @@ def plot(args, central, fed, fedavg, path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_benchmarks_md(path: Path, section: str) -> None:
-    """Replace (or append) the '## Federated' section, leaving the other sections as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Federated"), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + ([""] + lines[end:] if end < len(lines)
-                                                                               else [])) + "\n"
-    path.write_text(new)
-
-
 def machine() -> str:
     cpu = ""
     try:
@@ -768,7 +756,7 @@ def publish(args, out: Path, data, central, fed, fedavg, memory, total: float, c
                   f"BlockTrainer, {args.central_threads} torch threads. Seed {args.seed} for the subset, the "
                   f"partitions and the initial weights (why not 0: see Notes). Results: "
                   f"bench/results/federated/results.json, accuracy.png.\n\n")
-        write_benchmarks_md(Path(args.benchmarks_md), header + text + "\n")
+        replace_section(Path(args.benchmarks_md), "## Federated", header + text + "\n")
         print(f"wrote the Federated section of {args.benchmarks_md}")
     return 0
 

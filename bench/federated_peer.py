@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import memory_kb, reset_peak_memory  # bench/ is on sys.path: this script runs from there
+from benchlib import memory_kb, replace_section, reset_peak_memory  # bench/ is on sys.path: this script runs from there
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -385,17 +385,6 @@ def plot(results: dict, out: Path) -> None:
         plt.close(fig)
 
 
-def write_section(md_path: Path, text: str) -> None:
-    md = md_path.read_text()
-    if SECTION in md:
-        start = md.index(SECTION)
-        nxt = md.find("\n## ", start + len(SECTION))
-        md = md[:start] + text + ("\n" + md[nxt + 1:] if nxt != -1 else "")
-    else:
-        md = md.rstrip() + "\n\n" + text
-    md_path.write_text(md)
-
-
 def main() -> int:
     args = build_parser().parse_args()
     if args.part:
@@ -453,7 +442,7 @@ def main() -> int:
     text = report(results, args)
     print(text)
     if args.benchmarks_md:
-        write_section(Path(args.benchmarks_md), text)
+        replace_section(Path(args.benchmarks_md), SECTION, text)
     return 0
 
 
