@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from noprop.baseline import BackpropChain
-from noprop.client.app import NodeSettings, check_compatible
+from noprop.client.handlers import NodeSettings, check_compatible
 from noprop.data import load_dataset
 from noprop.federation import FederationConfig
 from noprop.io import append_jsonl, atomic_write_text
@@ -171,7 +171,7 @@ def make_fedavg_client_app(overrides: dict | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         run, _ = run_config(context, overrides)
-        node = NodeSettings(context, run)  # the same data and partition as noprop-fl's client
+        node = NodeSettings(context.node_config, run)  # the same data and partition as noprop-fl's client
         config = msg.content["config"]
         model_cfg = NoPropConfig.from_dict(json.loads(str(config["model-config"])))
         data = node.data_split("train")

@@ -311,7 +311,8 @@ def part_memory(args: argparse.Namespace, data: dict, variant: str, mode: str) -
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from noprop.client.app import local_data, make_client_app
+    from noprop.client.app import make_client_app
+    from noprop.client.handlers import local_data
     from noprop.records import arrays_to_record
 
     sys.path.insert(0, str(ROOT / "bench"))

@@ -186,7 +186,8 @@ def part_memory(args: argparse.Namespace, variant: str) -> dict:
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from noprop.client.app import local_data, make_client_app
+    from noprop.client.app import make_client_app
+    from noprop.client.handlers import local_data
     from noprop.federation import FederationConfig
     from noprop.methods import build_model
     from noprop.records import arrays_to_record, to_numpy_state

@@ -8,7 +8,7 @@ import json
 import time
 
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import MetricRecord, RecordDict
 
 from noprop.data import LabelledData
 from noprop.methods import build_model, config_from_dict, make_optimizer
@@ -16,9 +16,9 @@ from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, t
 from noprop.trainer import epochs_for_min_steps, node_seed, train_end_to_end_epoch
 
 
-def train_whole_network(msg: Message, data: LabelledData, device: torch.device) -> Message:
+def train_whole_network(content: RecordDict, node_id: int, data: LabelledData, device: torch.device) -> RecordDict:
     """The reply to a FedAvg train message: the trained network and num-examples, train-loss, train-time-s."""
-    config = msg.content["config"]
+    config = content["config"]
     method = str(config["method"])
     model_cfg = config_from_dict(method, json.loads(str(config["model-config"])))
     if tuple(data.input_shape) != tuple(model_cfg.input_shape) or data.num_classes != model_cfg.num_classes:
@@ -26,8 +26,8 @@ def train_whole_network(msg: Message, data: LabelledData, device: torch.device) 
                          f"classes, the run's model expects {tuple(model_cfg.input_shape)} and "
                          f"{model_cfg.num_classes}: point --data at the same kind of data as the server's")
     rnd = int(config["server-round"]) + int(config.get("round-offset", 0))
-    torch.manual_seed(node_seed(int(config["seed"]), rnd, msg.metadata.dst_node_id))
-    received = record_to_arrays(msg.content["arrays"])
+    torch.manual_seed(node_seed(int(config["seed"]), rnd, node_id))
+    received = record_to_arrays(content["arrays"])
     model = build_model(method, model_cfg)
     model.load_state_dict(to_torch_state(received), strict=True)
     model.to(device)
@@ -41,4 +41,4 @@ def train_whole_network(msg: Message, data: LabelledData, device: torch.device) 
     metrics = MetricRecord({"round": rnd, "num-examples": len(data), "train-loss": float(losses[-1]),
                             "local-epochs": epochs, "train-time-s": time.perf_counter() - start})
     state = to_numpy_state(model.state_dict())
-    return Message(RecordDict({"arrays": arrays_to_record(state, list(received)), "metrics": metrics}), reply_to=msg)
+    return RecordDict({"arrays": arrays_to_record(state, list(received)), "metrics": metrics})

@@ -5,17 +5,21 @@ line; the server's address answers and, with --root-certificate, completes a TLS
 CA trusts; the --key pair matches), then starts `flower-supernode --root-certificates CA | --insecure
 [--auth-supernode-private-key KEY] --superlink HOST:PORT --host 127.0.0.1 --port P --node-config "data=...
 partition-id=i num-partitions=n ..."` with telemetry and update checks off. The SuperNode runs the installed
-noprop ClientApp for every message the server sends. Ctrl-C / SIGTERM stop it (the whole process group); otherwise
-the exit code is the SuperNode's.
+noprop ClientApp for every message the server sends; unless --no-worker, that ClientApp relays each message to the
+node's warm worker (client/worker.py), started here beside the SuperNode, so torch and the data are loaded once.
+Ctrl-C / SIGTERM stop both (the SuperNode's whole process group, and the worker); otherwise the exit code is the
+SuperNode's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from noprop.certs import check_node_key, check_root_certificate, speaks_tls, tls_handshake
+from noprop.client.worker import start_worker, stop_worker, worker_dir
 from noprop.launch import (
     LaunchError,
     OneLineParser,
@@ -71,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="Flower home of this node: the apps it receives are unpacked here (default: $FLWR_HOME or "
                         "~/.flwr)")
+    p.add_argument("--no-worker", action="store_true",
+                   help="run every message in Flower's fresh per-message process (imports torch and loads the data "
+                        "each time) instead of relaying it to this node's warm worker")
     p.add_argument("--wait", type=float, default=10.0, metavar="S",
                    help="seconds to wait for the server to answer before giving up (default 10)")
     sec = p.add_argument_group("security (one of --root-certificate and --insecure is required)")
@@ -213,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     threads = int(config.get("threads", 0)) or None
     flwr_home = Path(args.state_dir).expanduser().resolve() if args.state_dir else None
     env = flower_env(flwr_home, threads=threads)
+    folder = None
+    if not args.no_worker:  # started now, so that torch and the data load while the SuperNode connects
+        home = flwr_home or Path(env.get("FLWR_HOME") or Path.home() / ".flwr").expanduser().resolve()
+        folder = worker_dir(home, local_port)
+        config.update({"worker-dir": str(folder), "worker-owner": os.getpid()})
+        start_worker(folder, config, os.getpid(), env=env)
     if root_certificate is None:
         security = ["--insecure"]
     else:
@@ -232,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     say(PROG, f"starting a Flower SuperNode (runtime API on 127.0.0.1:{local_port}); Ctrl-C stops it")
     # a connected SuperNode unregisters and exits in ~2.5 s on SIGTERM; one whose server is gone keeps retrying
     # instead, so then there is nothing to wait for
-    rc = supervise(PROG, "flower-supernode", cmd, env, "stopping the SuperNode",
-                   grace=lambda: 6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
+    try:
+        rc = supervise(PROG, "flower-supernode", cmd, env, "stopping the SuperNode",
+                       grace=lambda: 6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
+    finally:
+        if folder is not None:
+            stop_worker(folder)
     if rc != 130:
         say(PROG, f"the SuperNode exited with code {rc}")
     if rc not in (0, 130) and key is not None:

@@ -15,6 +15,7 @@ from flwr.supercore.app_utils import start_parent_process_monitor
 
 from noprop.federation import FederationConfig
 from noprop.server.fedavg import run_fedavg
+from noprop.server.grid import PromptGrid
 from noprop.server.rounds import main_loop
 
 
@@ -45,7 +46,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         end_with_superexec()
         cfg = FederationConfig.from_run_config({**dict(context.run_config), **(overrides or {})})
         run = main_loop if cfg.owns_blocks else run_fedavg  # NoProp-DT owns blocks; the others are one network
-        run(grid, cfg, log=lambda line: print(line, flush=True))
+        run(PromptGrid(grid, cfg.reply_poll_s), cfg, log=lambda line: print(line, flush=True))
 
     return app
 

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "authentication; needs --certificates); clients pass --key")
     net.add_argument("--state-dir", default=None,
                      help="SuperLink database, Flower home, generated app and logs (default OUT/.flower)")
+    net.add_argument("--superlink-db", choices=("file", "memory"), default="file",
+                     help="where the SuperLink keeps its state and the messages in flight: file (STATE/superlink.db; "
+                          "clients stay connected across a server restart) or memory (rounds ~10 s faster in the "
+                          "quickstart, BENCHMARKS.md; after a server restart every noprop-client must be restarted "
+                          "too) (default file)")
     net.add_argument("--startup-timeout", type=float, default=120.0,
                      help="seconds to wait for the SuperLink to come up (default 120)")
     net.add_argument("--verbose", "-v", action="store_true", help="echo the ServerApp's log as it arrives")
@@ -121,6 +126,7 @@ class Plan:
     state: Path
     verbose: bool
     startup_timeout: float
+    superlink_db: str = "file"  # file | memory
     tls: dict[str, Path] | None = None  # ca, cert, key (check_server_certificates); None = --insecure
     node_keys: tuple[Path, ...] = ()  # --authorized-keys: the *.pub files to register
 
@@ -167,10 +173,13 @@ def prepare(args: argparse.Namespace) -> Plan:
         note = check_in_subprocess("noprop.server.launcher:check_resume", {"out": cfg.out})["note"]
         if note:
             say(PROG, f"WARNING: {note}")
+    if cfg.resume and args.superlink_db == "memory":
+        say(PROG, "WARNING: --superlink-db memory: the SuperLink forgot the clients of the last run; restart every "
+                  "noprop-client so that it registers again")
     state = Path(args.state_dir).expanduser().resolve() if args.state_dir else Path(cfg.out) / ".flower"
     return Plan(cfg=cfg, overrides=overrides, host=host, port=args.port, control_port=args.control_port,
-                state=state, verbose=args.verbose, startup_timeout=args.startup_timeout, tls=tls,
-                node_keys=tuple(node_keys))
+                state=state, verbose=args.verbose, startup_timeout=args.startup_timeout,
+                superlink_db=args.superlink_db, tls=tls, node_keys=tuple(node_keys))
 
 
 def check_security(args: argparse.Namespace, host: str) -> tuple[dict[str, Path] | None, list[Path]]:
@@ -427,7 +436,8 @@ class Server:
         cmd = [flower_command("flower-superlink"), *security,
                "--fleet-api-address", p.fleet_address,
                "--host", "127.0.0.1", "--port", str(p.control_port),
-               "--database", str(p.state / "superlink.db"),
+               # the SQL object store on disk costs ~3 s a message each way (BENCHMARKS.md, round overhead)
+               "--database", str(p.state / "superlink.db") if p.superlink_db == "file" else ":flwr-in-memory:",
                "--disable-runtime-dependency-installation"]
         with open(self.superlink_log, "a") as f:
             f.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
@@ -476,7 +486,8 @@ class Server:
         (STATE/node-keys.json remembers which node each key became; the SuperLink database outlives a restart)."""
         p = self.plan
         record_path = p.state / NODE_KEYS_RECORD
-        record = read_done(record_path)  # {fingerprint: {"name": ..., "node_id": ...}}
+        # {fingerprint: {"name": ..., "node_id": ...}}; a SuperLink in memory starts with no node registered
+        record = read_done(record_path) if p.superlink_db == "file" else {}
         current = {key_fingerprint(path): path for path in p.node_keys}
         lines = []
         for fingerprint, entry in list(record.items()):
@@ -488,7 +499,8 @@ class Server:
                 raise LaunchError(f"unregistering node {entry['node_id']} (key {entry['name']}, no longer in "
                                   f"--authorized-keys) failed: {detail}")
             del record[fingerprint]
-            atomic_write_text(record_path, json.dumps(record, indent=1))
+            if p.superlink_db == "file":  # what the SuperLink database on disk holds
+                atomic_write_text(record_path, json.dumps(record, indent=1))
             lines.append(f"{entry['name']} removed (node {entry['node_id']} unregistered)")
         for fingerprint, path in current.items():
             if fingerprint in record:
@@ -503,7 +515,8 @@ class Server:
                 raise LaunchError(f"registering the node key {path} failed: {detail}")
             node_id = int((parse_cli_json(res.stdout) or {})["node-id"])
             record[fingerprint] = {"name": path.stem, "node_id": node_id}
-            atomic_write_text(record_path, json.dumps(record, indent=1))
+            if p.superlink_db == "file":  # what the SuperLink database on disk holds
+                atomic_write_text(record_path, json.dumps(record, indent=1))
             lines.append(f"{path.stem} (node {node_id})")
         self.say(f"SuperNode authentication: {len(current)} node key(s) registered: {', '.join(lines)}; other "
                  "SuperNodes are refused")

@@ -21,6 +21,7 @@ from noprop.model import NoPropDT, parse_embedding
 from noprop.plots import plot_chain_diagnostics, plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
 from noprop.server.aggregate import Reply, aggregate, keys_for_blocks, validate_reply
+from noprop.server.grid import PromptGrid
 from noprop.server.planner import NodeCapacity, OwnershipPlan, PlanError, plan_ownership
 from noprop.trainer import fit_head, node_seed
 
@@ -81,7 +82,10 @@ class NoPropFederation:
         self.state.ownership = list(ckpt.extra.get("ownership", []))
         records = read_jsonl(self.metrics_path) if self.metrics_path.exists() else []
         self.state.records = [r for r in records if r.get("round", 0) <= self.state.round]
-        if len(self.state.records) != len(records):
+        last = ckpt.extra.get("record")  # the line is written just after the checkpoint: a crash between loses it
+        if isinstance(last, dict) and (not self.state.records or self.state.records[-1].get("round") != last["round"]):
+            self.state.records.append(last)
+        if self.state.records != records:
             write_jsonl(self.metrics_path, self.state.records)
         self.log(f"resuming after round {self.state.round} from {path}")
 
@@ -98,9 +102,11 @@ class NoPropFederation:
         return final
 
     def run_round(self, rnd: int, first: bool = False) -> dict:
-        start = time.perf_counter()
+        clock = PhaseClock()
         nodes = self.wait_for_nodes(first=first)
+        clock.lap("wait_for_nodes")
         self.discover(nodes, rnd)
+        clock.lap("discovery")
         live = [self.state.capacities[n] for n in nodes if n in self.state.capacities]
         if not live:
             raise FederationError("no node answered discovery: check the clients' logs")
@@ -108,21 +114,27 @@ class NoPropFederation:
             plan = plan_ownership(live, self.cfg.T, rnd - 1, self.cfg.seed, self.cfg.policy, self.cfg.replicas)
         except PlanError as exc:
             raise FederationError(str(exc)) from None
-        replies, record = self.train(plan, rnd)  # only replies that passed validation
+        replies, record = self.train(plan, rnd, clock)  # only replies that passed validation
         self.global_state = aggregate(self.global_state, plan, replies, self.cfg.aggregation, self.cfg.trim_fraction)
         self.model.load_state_dict(to_torch_state(self.global_state))
+        clock.lap("aggregate")
         if self.cfg.head_steps and replies:
             record["head_fit"] = self.fit_head(rnd)
+        clock.lap("head_fit")
         record.update(self.diagnose(self.cfg.eval_limit))
+        clock.lap("evaluate")
         if self.cfg.client_eval:
             record["client_accuracy"] = self.client_evaluate(rnd)
+            clock.lap("client_evaluate")
         record["nodes"] = nodes
-        record["round_time_s"] = round(time.perf_counter() - start, 2)
         self.state.round = rnd
         self.state.records.append(record)
         self.state.ownership.append(record["plan"])
-        append_jsonl(self.metrics_path, record)
         self.save(record)
+        clock.lap("checkpoint")
+        record["round_time_s"] = round(clock.total(), 2)
+        record["server_timing"] = clock.phases()
+        append_jsonl(self.metrics_path, record)  # after the checkpoint: a resume drops lines past it anyway
         trained = sum(1 for t in plan.owners if any(n in plan.owners[t] for n in record["trained_by"]))
         rejected = f"  rejected from node(s) {', '.join(record['rejected'])}" if record["rejected"] else ""
         blocks = record["block_accuracy"]
@@ -130,7 +142,8 @@ class NoPropFederation:
                  f"(nearest embedding {100 * record['nearest_accuracy']:.1f}%, blocks "
                  f"{100 * min(blocks.values()):.0f}-{100 * max(blocks.values()):.0f}%)  "
                  f"nodes {len(record['trained_by'])}/{len(plan.assignments)}  blocks trained {trained}/{self.cfg.T}  "
-                 f"mean denoising loss {record['mean_l2']:.4f}  {record['round_time_s']:.1f}s{rejected}")
+                 f"mean denoising loss {record['mean_l2']:.4f}  {record['round_time_s']:.1f}s (slowest client's "
+                 f"training {max(record['client_train_time_s'].values(), default=0.0):.1f}s){rejected}")
         return record
 
     def wait_for_nodes(self, first: bool) -> list[int]:
@@ -188,8 +201,9 @@ class NoPropFederation:
             self.log(f"node {node}: {c['device']}, {cap.num_examples} examples of {c.get('data', '?')}, "
                      f"{cap.throughput:.0f} samples/s per block, holds up to {cap.max_blocks} blocks")
 
-    def train(self, plan: OwnershipPlan, rnd: int) -> tuple[list[Reply], dict]:
+    def train(self, plan: OwnershipPlan, rnd: int, clock: PhaseClock | None = None) -> tuple[list[Reply], dict]:
         """Send each node its blocks; return the replies that passed validation and the round's record."""
+        clock = clock or PhaseClock()
         cfg = self.cfg
         sent: dict[str, tuple[int, list[str]]] = {}  # message id -> (node, keys)
         msgs, bytes_to = [], {}
@@ -206,7 +220,9 @@ class NoPropFederation:
                           group_id=f"train-{rnd}")
             msgs.append((msg, node, keys))
             bytes_to[str(node)] = arrays.count_bytes()
+        clock.lap("build_messages")
         out = self.grid.send_and_receive([m for m, _, _ in msgs], timeout=cfg.round_timeout)
+        clock.lap("wait_for_replies")
         for m, node, keys in msgs:
             sent[m.metadata.message_id] = (node, keys)
         replies, rejected, bytes_from, failed = [], {}, {}, []
@@ -249,7 +265,14 @@ class NoPropFederation:
             "num_examples": {str(r.node_id): r.num_examples for r in replies},
             "client_train_time_s": {str(r.node_id): round(float(r.metrics.get("train-time-s", 0.0)), 2)
                                     for r in replies},
+            "client_timing": {str(r.node_id): client_timing(r.metrics) for r in replies},
         }
+        if isinstance(self.grid, PromptGrid):  # where each reply's time went, from the push to its arrival
+            by_node = {node: mid for mid, (node, _) in sent.items()}
+            record["timeline"] = {str(r.node_id): reply_timeline(r.metrics, self.grid.pushed_at,
+                                                                 self.grid.arrived_at.get(by_node[r.node_id]))
+                                  for r in replies if r.node_id in by_node}
+        clock.lap("validate")
         return replies, record
 
     def fit_head(self, rnd: int) -> dict[str, float]:
@@ -292,7 +315,7 @@ class NoPropFederation:
             method="dt", config=self.model_cfg, state_dict=self.model.state_dict(), data=info,
             metrics={"accuracy": record["accuracy"], "round": record["round"]},
             extra={"round": record["round"], "federation": self.cfg.to_run_config(),
-                   "ownership": list(self.state.ownership)}), keep_previous=True)
+                   "ownership": list(self.state.ownership), "record": record}), keep_previous=True)
 
     def finish(self) -> dict:
         final = self.diagnose(self.cfg.final_eval_limit)
@@ -308,6 +331,53 @@ class NoPropFederation:
                  f"checkpoint {self.ckpt_path}, plots {self.out / 'accuracy.png'}, {self.out / 'ownership.png'}, "
                  f"{self.out / 'diagnostics.png'}")
         return done
+
+
+class PhaseClock:
+    """Wall seconds of a round's phases, in the order they ran (metrics.jsonl: server_timing)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.parts[phase] = self.parts.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def phases(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.parts.items()}
+
+
+CLIENT_PHASES = ("time-to-handler-s", "time-worker-start-s", "time-imports-s", "time-data-s", "time-model-s",
+                 "train-time-s", "time-reply-s", "time-relay-s")
+
+
+def client_timing(metrics: dict) -> dict[str, float]:
+    """The time parts a train reply reports (those of them it has), in seconds."""
+    return {k[:-2].removeprefix("time-").replace("-", "_"): round(float(metrics[k]), 3)
+            for k in CLIENT_PHASES if isinstance(metrics.get(k), int | float)}
+
+
+def reply_timeline(metrics: dict, pushed_at: float, arrived_at: float | None) -> dict[str, float]:
+    """A reply's round trip in parts (seconds): push -> the ClientApp process's start (the SuperNode's and
+    SuperExec's polling), -> the ClientApp's import (Flower's start, the message pull, the app's install), -> the
+    handler, the handler, and handler end -> arrival at the server (the push back, polling); cpu_process is that
+    process's CPU seconds up to the handler's end. Parts the reply cannot tell (simulation: no process start) are
+    left out."""
+    points = [pushed_at, *(metrics.get(k) for k in ("clock-process-start", "clock-app-import", "clock-handler-start",
+                                                    "clock-handler-end")), arrived_at]
+    names = ("to_process", "to_app", "to_handler", "handler", "back")
+    known = [(i, p) for i, p in enumerate(points) if isinstance(p, int | float)]
+    parts = {}
+    for (i, a), (j, b) in zip(known, known[1:]):
+        parts["+".join(names[i:j])] = round(b - a, 3)
+    if isinstance(metrics.get("cpu-process-s"), int | float):
+        parts["cpu_process"] = round(float(metrics["cpu-process-s"]), 3)
+    return parts
 
 
 def parse_train_reply(msg: Message, node: int, blocks: tuple[int, ...]) -> tuple[Reply | None, str | None]:

@@ -65,6 +65,7 @@ class FederationConfig:
     seed: int = 0
     round_timeout: float = 900.0  # seconds a round waits for replies
     join_timeout: float = 300.0  # seconds the first round waits for min_nodes
+    reply_poll_s: float = 0.2  # the ServerApp looks for replies this often (Flower's own Grid: every 3 s)
     client_threads: int = 0  # torch threads per client process (0 = torch's default)
     aggregation: str = "mean"  # of the shared embedding and head: mean | median | trimmed-mean
     trim_fraction: float = 0.2  # trimmed-mean: share of replies cut at each end, per coordinate
@@ -83,7 +84,7 @@ class FederationConfig:
             raise bad("method", f"use one of {', '.join(FEDERATED_METHODS)}")
         if self.policy not in POLICIES:
             raise bad("policy", f"use one of {', '.join(POLICIES)}")
-        for name in ("lr", "round_timeout", "join_timeout"):
+        for name in ("lr", "round_timeout", "join_timeout", "reply_poll_s"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be positive")
         for name in ("eta", "steps", "fm_sigma"):
@@ -163,4 +164,6 @@ NODE_CONFIG_KEYS = {
     "max-blocks": "most blocks this node will hold at once (0 = as many as memory allows)",
     "memory-mb": "memory budget in MB for training (0 = measured)",
     "threads": "torch threads (0 = the run's client-threads)",
+    "worker-dir": "folder of the node's warm worker (noprop-client sets it; absent: every message runs in-process)",
+    "worker-owner": "pid of the process whose end stops the warm worker (the noprop-client launcher)",
 }

@@ -80,6 +80,7 @@ QUIET_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+SUPEREXEC_POLL_S = "0.2"  # Flower's default is 1.0
 
 
 def venv_bin() -> Path:
@@ -105,6 +106,8 @@ def flower_env(flwr_home: str | os.PathLike | None = None, threads: int | None =
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
+    # a SuperExec looks for new work every second by default: a fifth of that takes ~0.4 s off every message
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)
     return env
 
 
@@ -322,6 +325,7 @@ FLAG_HELP = {
     "seed": "random seed",
     "round_timeout": "seconds a round waits for replies; later replies are dropped and the node planned out",
     "join_timeout": "seconds the first round waits for --min-clients clients",
+    "reply_poll_s": "seconds between the server's looks for replies (Flower's own Grid waits 3)",
     "client_threads": "torch threads per client process (0 = torch's default)",
     "aggregation": "how the shared embedding and head are combined: mean (weighted by examples), or median / "
                    "trimmed-mean (coordinate-wise, robust to a few poisoned nodes; need 3+ replies to differ)",

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, MessageType, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from procs import run_sim_to_end, write_synthetic_npz
 from synthetic import synthetic_data
 from test_client_app import instruction, task_identity  # noqa: F401 - fixture
@@ -127,14 +127,14 @@ def test_fedavg_client_trains_the_whole_network_and_returns_exactly_its_keys():
     state = to_numpy_state(build_model("cnn", model_cfg).state_dict())
     config = ConfigRecord({"method": "cnn", "model-config": json.dumps(model_cfg.to_dict()), "local-epochs": 1,
                            "lr": 3e-3, "weight-decay": 0.0, "batch-size": 32, "seed": 0, "server-round": 1})
-    msg = instruction(RecordDict({"arrays": arrays_to_record(state), "config": config}), MessageType.TRAIN)
-    reply = train_whole_network(msg, data, torch.device("cpu"))
-    got = record_to_arrays(reply.content["arrays"])
+    content = RecordDict({"arrays": arrays_to_record(state), "config": config})
+    reply = train_whole_network(content, 5, data, torch.device("cpu"))
+    got = record_to_arrays(reply["arrays"])
     assert list(got) == list(state)  # exactly the keys it got, in their order
     assert all(got[k].shape == state[k].shape and got[k].dtype == state[k].dtype for k in state)
     floats = [k for k in state if state[k].dtype.kind == "f"]
     assert all(not np.array_equal(got[k], state[k]) for k in floats), "every float tensor is trained"
-    metrics = reply.content["metrics"]
+    metrics = reply["metrics"]
     assert metrics["num-examples"] == 200 and metrics["round"] == 1 and np.isfinite(metrics["train-loss"])
 
 

@@ -121,7 +121,9 @@ def killed_run(tmp_path_factory, npz):
     three rounds; after round 1's metrics line, the last client's whole process tree is SIGKILLed. A short round
     timeout lets the server give the dead node up."""
     start = time.monotonic()
-    fed = Federation(tmp_path_factory.mktemp("federation"), npz, rounds=ROUNDS, extra=["--round-timeout", "60"])
+    # the SuperLink in memory here (the fault tests run it on file: they restart the server under live clients)
+    fed = Federation(tmp_path_factory.mktemp("federation"), npz, rounds=ROUNDS,
+                     extra=["--round-timeout", "60", "--superlink-db", "memory"])
     try:
         wait_for(lambda: fed.metrics() or fed.server.proc.poll() is not None, 300, what="round 1's metrics line")
         if fed.server.proc.poll() is not None:
@@ -148,6 +150,17 @@ def test_server_and_three_clients_finish_rounds_and_checkpoint_predicts(killed_r
         assert set(owners(first)) == set(range(1, T + 1)), first  # every block owned
     if "block_l2" in first:
         assert {int(t) for t in first["block_l2"]} == set(range(1, T + 1)), first  # and trained
+    # the round's breakdown (issue 11): the server's phases, and every reply's way through Flower and the worker
+    assert {"discovery", "build_messages", "wait_for_replies", "aggregate", "evaluate", "checkpoint"} <= set(
+        first["server_timing"]), first
+    assert set(first["timeline"]) == {str(n) for n in first["trained_by"]}, first
+    for node, parts in first["timeline"].items():
+        assert {"to_process", "to_app", "to_handler", "handler", "back"} <= set(parts), parts
+        assert all(v >= 0 for v in parts.values()), parts
+        timing = first["client_timing"][node]
+        # relayed to the node's warm worker, which the launcher had started: no torch import in this message
+        assert timing["imports"] == 0.0 and timing["worker_start"] == 0.0 and "relay" in timing, timing
+    assert "ready on" in fed.clients[0].text(), fed.clients[0].text()[-3000:]
     acc = checkpoint_accuracy(fed.out, npz)
     assert acc > 0.5, f"accuracy {acc:.3f} from the checkpoint (chance: 0.25)\n{fed.report()}"
     assert "accuracy" in (fed.out / "DONE.json").read_text()

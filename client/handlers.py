@@ -1,0 +1,188 @@
+"""What a node does with each message: answer discovery, train the blocks it is given, evaluate the assembled
+chain. For the one-network methods (ct, fm, adjoint, backprop, cnn) a train message carries the whole network
+(FedAvg).
+
+The handlers take a message's content and the node's settings and return the reply's content, so that the same
+code runs inside Flower's per-message ClientApp process (client/app.py, a cold start) and in the node's warm
+worker (client/worker.py), which keeps torch, the data and its partition loaded between messages.
+
+A node builds only the blocks it was sent (plus the shared embedding and head): it never holds a block it does
+not own while training, and it replies with exactly the keys it received.
+"""
+
+from __future__ import annotations
+
+import time
+
+_IMPORT_START = time.perf_counter()
+
+import json  # noqa: E402 - the imports below are what a cold start pays for, and are timed
+from collections.abc import Mapping, MutableMapping  # noqa: E402
+from functools import lru_cache  # noqa: E402
+
+import torch  # noqa: E402
+from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+
+from noprop.client.capacity import available_memory_mb, max_blocks_for_memory, measure_throughput  # noqa: E402
+from noprop.client.fedavg import train_whole_network  # noqa: E402
+from noprop.data import LabelledData, load_dataset, partition  # noqa: E402
+from noprop.device import resolve_device  # noqa: E402
+from noprop.federation import FederationConfig  # noqa: E402
+from noprop.model import NoPropConfig, NoPropDT  # noqa: E402
+from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state  # noqa: E402
+from noprop.trainer import (  # noqa: E402
+    BlockTrainer,
+    OptimConfig,
+    epochs_for_min_steps,
+    evaluate_accuracy,
+    label_log_prior,
+    split_among_blocks,
+    train_owned_blocks,
+)
+
+IMPORT_SECONDS = time.perf_counter() - _IMPORT_START  # torch, flwr records and the method, once per process
+
+
+@lru_cache(maxsize=4)
+def local_data(spec: str, root: str, split: str, partition_id: int, num_partitions: int, partition_type: str,
+               seed: int) -> LabelledData:
+    """This node's share of a dataset: the same seeded partition on every call and in every process."""
+    data = load_dataset(spec, split=split, root=root or None)
+    if num_partitions <= 1:
+        return data
+    parts = partition(data.y.numpy(), num_partitions, partition_type, seed)
+    return data.subset(parts[partition_id])
+
+
+class NodeSettings:
+    """The node's own settings (node config) over the run's defaults."""
+
+    def __init__(self, node_config: Mapping, run: FederationConfig):
+        node = dict(node_config)
+        self.data = str(node.get("data") or run.client_data or run.dataset)
+        self.data_root = str(node.get("data-root") or run.data_root)
+        self.partition_id = int(node.get("partition-id", 0))
+        self.num_partitions = int(node.get("num-partitions", 1))
+        self.partition_type = str(node.get("partition-type") or run.partition_type)
+        self.device = resolve_device(str(node.get("device") or "auto"))
+        self.max_blocks = int(node.get("max-blocks", 0))
+        self.memory_mb = float(node.get("memory-mb", 0))
+        threads = int(node.get("threads", 0)) or run.client_threads
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        self.seed = run.seed
+
+    def data_split(self, split: str) -> LabelledData:
+        return local_data(self.data, self.data_root, split, self.partition_id, self.num_partitions,
+                          self.partition_type, self.seed)
+
+
+def settings(run_config: Mapping, node_config: Mapping) -> tuple[FederationConfig, NodeSettings]:
+    run = FederationConfig.from_run_config(dict(run_config))
+    return run, NodeSettings(node_config, run)
+
+
+def query(content: RecordDict, run_config: Mapping, node_config: Mapping, state: MutableMapping) -> RecordDict:
+    """Discovery: this node's device, memory, how many blocks it can hold and how fast it trains one."""
+    _, node = settings(run_config, node_config)
+    cfg_record = content["config"]
+    model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
+    batch_size = int(cfg_record["batch-size"])
+    data = node.data_split("train")
+    check_compatible(data, model_cfg)
+    cached = state.get("capacity")
+    if isinstance(cached, ConfigRecord) and cached.get("model-config") == cfg_record["model-config"]:
+        throughput = float(cached["throughput"])
+    else:
+        throughput = measure_throughput(model_cfg, data, node.device, batch_size)
+        state["capacity"] = ConfigRecord({"model-config": cfg_record["model-config"], "throughput": throughput})
+    budget = node.memory_mb or available_memory_mb(node.device)
+    data_mb = data.x.numel() * data.x.element_size() / 2**20
+    max_blocks = max_blocks_for_memory(model_cfg, batch_size, budget, data_mb)
+    if node.max_blocks:
+        max_blocks = min(max_blocks, node.max_blocks)
+    reply = ConfigRecord({
+        "device": node.device.type, "memory-mb": float(budget), "max-blocks": int(max_blocks),
+        "throughput": float(throughput), "num-examples": len(data), "data": node.data,
+    })
+    return RecordDict({"capacity": reply})
+
+
+def train(content: RecordDict, run_config: Mapping, node_config: Mapping, node_id: int) -> RecordDict:
+    """Train the blocks in the message (or, for a one-network method, the whole network) and send them back.
+
+    The reply's metrics carry the handler's parts in seconds (time-data-s, time-model-s, train-time-s,
+    time-reply-s), which the server records per round beside its own."""
+    _, node = settings(run_config, node_config)
+    cfg_record = content["config"]
+    t0 = time.perf_counter()
+    data = node.data_split("train")
+    t_data = time.perf_counter() - t0
+    if str(cfg_record.get("method", "dt")) != "dt":  # a one-network method: FedAvg of the whole network
+        reply = train_whole_network(content, node_id, data, node.device)
+        reply["metrics"]["time-data-s"] = t_data
+        return reply
+    model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
+    blocks = [int(b) for b in cfg_record["blocks"]]
+    check_compatible(data, model_cfg)
+    t0 = time.perf_counter()
+    torch.manual_seed(int(cfg_record["seed"]))
+    received = record_to_arrays(content["arrays"])
+    model = NoPropDT(model_cfg, owned_blocks=blocks)
+    model.load_state_dict(to_torch_state(received), strict=True)
+    model.to(node.device)
+    optim = OptimConfig(lr=float(cfg_record["lr"]), weight_decay=float(cfg_record["weight-decay"]),
+                        batch_size=int(cfg_record["batch-size"]))
+    trainer = BlockTrainer(model, optim)
+    t_model = time.perf_counter() - t0
+    rnd = int(cfg_record["round"])
+    # split-local-data: each of the k blocks trains on its own 1/k of the data (a round = one block-epoch)
+    split = bool(cfg_record.get("split-local-data")) and len(blocks) > 1
+    shares = split_among_blocks(data, blocks, int(cfg_record["seed"])) if split else {t: data for t in blocks}
+    # the step floor counts the node's whole data: split among k blocks, it buys no k times the compute
+    epochs = epochs_for_min_steps(len(data), optim.batch_size, int(cfg_record["local-epochs"]),
+                                  int(cfg_record.get("min-local-steps", 0)))
+    log_prior = label_log_prior(data.y, model_cfg.num_classes) if bool(cfg_record.get("logit-adjust")) else None
+    print(f"round {rnd}: training block(s) {', '.join(map(str, blocks))} on {len(data)} examples"
+          f"{f' split {len(blocks)} ways' if split else ''}, {epochs} epoch(s)", flush=True)
+    start = time.perf_counter()
+    losses = train_owned_blocks(trainer, blocks, shares, epochs, log_prior=log_prior)
+    elapsed = time.perf_counter() - start
+    print(f"round {rnd}: trained in {elapsed:.1f}s", flush=True)
+    t0 = time.perf_counter()
+    state = to_numpy_state(model.state_dict())
+    arrays = arrays_to_record(state, list(received))
+    # the round stamp lets the server refuse a reply that answers another round (late or replayed)
+    metrics = {"round": rnd, "num-examples": len(data), "train-time-s": elapsed, "local-epochs": epochs,
+               "samples-per-s-per-block": sum(len(d) for d in shares.values()) * epochs / elapsed,
+               "time-data-s": t_data, "time-model-s": t_model, "time-reply-s": time.perf_counter() - t0}
+    for t, parts in losses.items():
+        metrics[f"loss-block-{t}"] = float(parts["loss"])
+        metrics[f"l2-block-{t}"] = float(parts["l2"])
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+
+
+def evaluate(content: RecordDict, run_config: Mapping, node_config: Mapping) -> RecordDict:
+    """Accuracy of the whole chain in the message on this node's test split."""
+    run, node = settings(run_config, node_config)
+    cfg_record = content["config"]
+    model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
+    data = node.data_split("test")
+    check_compatible(data, model_cfg)
+    model = NoPropDT(model_cfg)
+    model.load_state_dict(to_torch_state(record_to_arrays(content["arrays"])), strict=True)
+    model.to(node.device)
+    acc = evaluate_accuracy(model, data, str(cfg_record["eval-mode"]), seed=run.seed)
+    return RecordDict({"metrics": MetricRecord({"accuracy": acc, "num-examples": len(data)})})
+
+
+def preload(run_config: Mapping, node_config: Mapping) -> LabelledData:
+    """Load and partition the node's training data once (the warm worker does this before its first message)."""
+    return settings(run_config, node_config)[1].data_split("train")
+
+
+def check_compatible(data: LabelledData, cfg: NoPropConfig) -> None:
+    if tuple(data.input_shape) != tuple(cfg.input_shape) or data.num_classes != cfg.num_classes:
+        raise ValueError(f"this node's data {data.name} has input {tuple(data.input_shape)} and "
+                         f"{data.num_classes} classes, the run's model expects {tuple(cfg.input_shape)} and "
+                         f"{cfg.num_classes}: point --data at the same kind of data as the server's")
