@@ -3,9 +3,10 @@
 Runs `scripts/quickstart.sh` (a real noprop-server and 4 noprop-client processes over TLS on this machine, then
 the ONNX export and edge evaluation) twice:
 - before: every message in Flower's fresh per-message process (`noprop-client --no-worker`), the SuperLink on its
-  SQL database on disk, the ServerApp pulling replies every 3 s (Flower's Grid) and SuperExec polling every 1 s;
+  SQL database on disk, the ServerApp pulling replies every 3 s (Flower's Grid), SuperExec polling every 1 s, and
+  evaluation and checkpoint on the round's critical path (`--no-eval-in-background`);
 - after: the defaults of this commit plus the quickstart's own settings (warm worker per node, pulls every 0.2 s,
-  SuperExec every 0.2 s, `--superlink-db memory`).
+  SuperExec every 0.2 s, evaluation and checkpoint of round r while round r+1 trains, `--superlink-db memory`).
 and reads each round's breakdown from OUT/metrics.jsonl (server_timing, timeline, client_timing), the wall time,
 CPU seconds and the final accuracy (PyTorch and ONNX). Writes bench/results/round_overhead/results.json and the
 BENCHMARKS.md section "## Round overhead: where a quickstart round's time goes".
@@ -34,7 +35,7 @@ SECTION = "## Round overhead: where a quickstart round's time goes"
 
 VARIANTS = {
     "before": {"QUICKSTART_CLIENT_FLAGS": "--no-worker", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
-               "server": "--superlink-db file --reply-poll-s 3"},
+               "server": "--superlink-db file --reply-poll-s 3 --no-eval-in-background"},
     "after": {"server": ""},
 }
 
@@ -126,9 +127,11 @@ def main() -> int:
              f"Fashion-MNIST, T=10, widths 16,32,64) run twice in one benchmark on this {os.cpu_count()}-core, "
              f"{results['machine']['memory_gb']} GiB machine, nothing else running. "
              "Before: `noprop-client --no-worker` (Flower's fresh process does everything per message), "
-             "`--superlink-db file`, `--reply-poll-s 3` (Flower's Grid), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=1.0. "
-             "After: the warm worker per node, replies pulled every 0.2 s, SuperExec every 0.2 s, "
-             "`--superlink-db memory` (the quickstart's setting). Parts in seconds, from metrics.jsonl "
+             "`--superlink-db file`, `--reply-poll-s 3` (Flower's Grid), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=1.0, "
+             "`--no-eval-in-background`. After: the warm worker per node, replies pulled every 0.2 s, SuperExec "
+             "every 0.2 s, evaluation and checkpoint of round r while round r+1 trains (so the last round alone "
+             "still waits for them), `--superlink-db memory` (the quickstart's setting). Parts in seconds, from "
+             "metrics.jsonl "
              "(server_timing, timeline, client_timing) of the slowest client of each round.", "",
              *table(results), "",
              "| | before | after |", "|---|---|---|",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,8 @@ class NoPropFederation:
             self.metrics_path.unlink(missing_ok=True)
         self.model = model
         self.global_state = to_numpy_state(model.state_dict())
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noprop-eval")  # rounds in order
+        self.background: Future | None = None
         self.model_cfg_json = json.dumps(self.model_cfg.to_dict())
 
     def resume(self, model: NoPropDT) -> None:
@@ -119,21 +123,42 @@ class NoPropFederation:
         self.model.load_state_dict(to_torch_state(self.global_state))
         clock.lap("aggregate")
         if self.cfg.head_steps and replies:
-            record["head_fit"] = self.fit_head(rnd)
+            record["head_fit"] = self.fit_head(rnd)  # before the next round: the head goes out with the blocks
         clock.lap("head_fit")
-        record.update(self.diagnose(self.cfg.eval_limit))
-        clock.lap("evaluate")
         if self.cfg.client_eval:
             record["client_accuracy"] = self.client_evaluate(rnd)
             clock.lap("client_evaluate")
         record["nodes"] = nodes
+        # evaluation, checkpoint and the metrics line, of a copy of this round's model: in the background while
+        # the next round trains (--eval-in-background), or now
+        model = copy.deepcopy(self.model)
+        self.wait_for_background()  # round r's line and checkpoint land before round r+1's, and errors surface
+        if self.cfg.eval_in_background and rnd < self.cfg.num_rounds:
+            self.background = self.executor.submit(self.conclude, rnd, plan, record, model, clock)
+        else:
+            self.conclude(rnd, plan, record, model, clock)
+        return record
+
+    def wait_for_background(self) -> None:
+        if self.background is not None:
+            job, self.background = self.background, None
+            job.result()
+
+    def conclude(self, rnd: int, plan: OwnershipPlan, record: dict, model: NoPropDT, clock: PhaseClock) -> None:
+        """Evaluate round rnd's model, checkpoint it and write its metrics line and round line."""
+        critical_s = clock.total()  # the round as the next round sees it (in the background: it starts now)
+        clock.last = time.perf_counter()
+        record.update(self.diagnose(self.cfg.eval_limit, model))
+        clock.lap("evaluate")
         self.state.round = rnd
         self.state.records.append(record)
         self.state.ownership.append(record["plan"])
-        self.save(record)
+        self.save(record, model)
         clock.lap("checkpoint")
-        record["round_time_s"] = round(clock.total(), 2)
+        background = bool(self.cfg.eval_in_background and rnd < self.cfg.num_rounds)
+        record["round_time_s"] = round(critical_s if background else clock.total(), 2)
         record["server_timing"] = clock.phases()
+        record["eval_in_background"] = background
         append_jsonl(self.metrics_path, record)  # after the checkpoint: a resume drops lines past it anyway
         trained = sum(1 for t in plan.owners if any(n in plan.owners[t] for n in record["trained_by"]))
         rejected = f"  rejected from node(s) {', '.join(record['rejected'])}" if record["rejected"] else ""
@@ -144,7 +169,6 @@ class NoPropFederation:
                  f"nodes {len(record['trained_by'])}/{len(plan.assignments)}  blocks trained {trained}/{self.cfg.T}  "
                  f"mean denoising loss {record['mean_l2']:.4f}  {record['round_time_s']:.1f}s (slowest client's "
                  f"training {max(record['client_train_time_s'].values(), default=0.0):.1f}s){rejected}")
-        return record
 
     def wait_for_nodes(self, first: bool) -> list[int]:
         """Wait for min_nodes (the whole join timeout before the first round, briefly after)."""
@@ -288,9 +312,9 @@ class NoPropFederation:
     def eval_subset(self, limit: int):
         return self.eval_data if not limit else self.eval_data.subset(range(min(limit, len(self.eval_data))))
 
-    def diagnose(self, limit: int) -> dict:
+    def diagnose(self, limit: int, model: NoPropDT | None = None) -> dict:
         """The head's accuracy (what predict gives) and every other readout of the chain (noprop.diagnostics)."""
-        return chain_diagnostics(self.model, self.eval_subset(limit), self.cfg.eval_mode, seed=self.cfg.seed)
+        return chain_diagnostics(model or self.model, self.eval_subset(limit), self.cfg.eval_mode, seed=self.cfg.seed)
 
     def client_evaluate(self, rnd: int) -> float | None:
         nodes = [n for n, c in self.state.capacities.items() if c.max_blocks >= self.cfg.T]
@@ -308,16 +332,18 @@ class NoPropFederation:
             correct += float(m["accuracy"]) * int(m["num-examples"])
         return correct / total if total else None
 
-    def save(self, record: dict) -> None:
+    def save(self, record: dict, model: NoPropDT | None = None) -> None:
         info = {"name": self.eval_data.name, "classes": list(self.eval_data.classes), "mean": list(self.eval_data.mean),
                 "std": list(self.eval_data.std), "input_shape": list(self.eval_data.input_shape)}
         save_checkpoint(self.ckpt_path, Checkpoint(
-            method="dt", config=self.model_cfg, state_dict=self.model.state_dict(), data=info,
+            method="dt", config=self.model_cfg, state_dict=(model or self.model).state_dict(), data=info,
             metrics={"accuracy": record["accuracy"], "round": record["round"]},
             extra={"round": record["round"], "federation": self.cfg.to_run_config(),
                    "ownership": list(self.state.ownership), "record": record}), keep_previous=True)
 
     def finish(self) -> dict:
+        self.wait_for_background()
+        self.executor.shutdown()
         final = self.diagnose(self.cfg.final_eval_limit)
         final_acc = final["accuracy"]
         n = self.cfg.final_eval_limit or len(self.eval_data)

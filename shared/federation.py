@@ -59,6 +59,8 @@ class FederationConfig:
     eval_limit: int = 2000  # test examples evaluated each round (0 = all)
     final_eval_limit: int = 0  # test examples evaluated after the last round (0 = all)
     eval_mode: str = "deterministic"
+    # dt: evaluate and checkpoint round r while round r+1 trains (the last round: before the end, as ever)
+    eval_in_background: bool = True
     client_eval: bool = False  # also ask clients to evaluate the assembled chain on their data
     out: str = "runs/federated"
     resume: bool = False

@@ -319,6 +319,8 @@ FLAG_HELP = {
     "eval_limit": "test examples evaluated each round (0 = all)",
     "final_eval_limit": "test examples evaluated after the last round (0 = all)",
     "eval_mode": "inference mode for evaluation: deterministic or stochastic",
+    "eval_in_background": "dt: evaluate and checkpoint round r while round r+1 trains, off the rounds' critical path "
+                          "(a crash then can lose round r too: --resume continues from the checkpoint before it)",
     "client_eval": "also ask clients that can hold the chain to evaluate it on their data",
     "out": "output folder: metrics.jsonl, checkpoint.pt, accuracy.png, ownership.png, DONE.json",
     "resume": "continue from OUT/checkpoint.pt",

@@ -50,3 +50,31 @@ def test_sim_three_clients_two_rounds(tmp_path, request):
         time.sleep(0.5)
     assert not sim.leftovers(), f"Ray/Flower processes outlived noprop-sim: {sim.leftovers()}"
     print(f"sim: {time.monotonic() - start:.0f}s")
+
+
+def test_background_evaluation_scores_and_saves_each_rounds_own_model(tmp_path, request):
+    """With --eval-in-background, round r is evaluated and checkpointed while round r+1 trains: the checkpoint of
+    round r must hold round r's weights and its metrics line their score, not the next round's. On a task that is
+    still learning, each checkpoint's chain, evaluated again here, must give exactly its round's recorded numbers."""
+    from run_helpers import chain_numbers
+
+    npz = write_synthetic_npz(tmp_path / "task.npz", n_train=300, n_test=400)
+    out = tmp_path / "out"
+    from procs import run_sim_to_end
+
+    run_sim_to_end(["--clients", "2", "--rounds", "3", "--num-cpus", "2", "--dataset", f"npz:{npz}", "--out",
+                    str(out), "--T", str(T), "--channels", "4,8,8", "--hidden", "16", "--batch-size", "64",
+                    "--lr", "1e-3", "--dropout", "0", "--min-local-steps", "0", "--head-steps", "20",
+                    "--eval-limit", "0", "--client-threads", "1", "--eval-in-background"], tmp_path, request, 300)
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["eval_in_background"] for r in records] == [True, True, False]
+    test = load_dataset(f"npz:{npz}", "test")
+    from noprop.checkpoint import previous_path
+
+    for path, record in ((previous_path(out / "checkpoint.pt"), records[1]), (out / "checkpoint.pt", records[2])):
+        ckpt = load_checkpoint(path)
+        assert ckpt.extra["round"] == record["round"]
+        assert chain_numbers(ckpt.model(), test) == (record["accuracy"], record["nearest_accuracy"]), record
+    # and the run was still learning, so a checkpoint of another round would have given other numbers
+    assert len({(r["accuracy"], r["nearest_accuracy"]) for r in records}) == 3, records
