@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from noprop.certs import check_node_key, check_root_certificate, speaks_tls, tls_handshake
@@ -246,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     # a connected SuperNode unregisters and exits in ~2.5 s on SIGTERM; one whose server is gone keeps retrying
     # instead, so then there is nothing to wait for
     try:
-        rc = supervise(PROG, "flower-supernode", cmd, env, "stopping the SuperNode",
-                       grace=lambda: 6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
+        rc = run_supernode(cmd, env, host, port)
     finally:
         if folder is not None:
             stop_worker(folder)
@@ -257,6 +257,26 @@ def main(argv: list[str] | None = None) -> int:
         say(PROG, f"if it said \"Failed to activate SuperNode\", the server does not accept this node's key: put "
                   f"{key.name}.pub in the server's --authorized-keys folder (read when noprop-server starts)")
     return rc
+
+
+def run_supernode(cmd: list[str], env: dict[str, str], host: str, port: int, max_restarts: int = 5) -> int:
+    """Run the SuperNode; start it again when it ends on its own with exit code 0. Flower's SuperNode does that
+    when the SuperLink no longer knows its node id: a server restarted with `--superlink-db memory` forgot every
+    node. Started again, it joins as a new node, and the server discovers it. A failure exit (bad key, TLS) or
+    more than max_restarts in 10 minutes ends the client, with the SuperNode's exit code."""
+    restarts: list[float] = []
+    while True:
+        # a connected SuperNode unregisters and exits in ~2.5 s on SIGTERM; one whose server is gone keeps
+        # retrying instead, so then there is nothing to wait for
+        rc = supervise(PROG, "flower-supernode", cmd, env, "stopping the SuperNode",
+                       grace=lambda: 6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 600.0]
+        if rc != 0 or len(restarts) >= max_restarts:
+            return rc
+        restarts.append(now)
+        say(PROG, "the SuperNode ended: the server no longer knows this node (restarted with --superlink-db "
+                  "memory?); joining again as a new node")
 
 
 if __name__ == "__main__":

@@ -106,9 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="SuperLink database, Flower home, generated app and logs (default OUT/.flower)")
     net.add_argument("--superlink-db", choices=("file", "memory"), default="file",
                      help="where the SuperLink keeps its state and the messages in flight: file (STATE/superlink.db; "
-                          "clients stay connected across a server restart) or memory (rounds ~10 s faster in the "
-                          "quickstart, BENCHMARKS.md; after a server restart every noprop-client must be restarted "
-                          "too) (default file)")
+                          "clients keep their node ids across a server restart) or memory (rounds faster, "
+                          "BENCHMARKS.md; after a server restart, clients rejoin as new nodes) (default file)")
     net.add_argument("--startup-timeout", type=float, default=120.0,
                      help="seconds to wait for the SuperLink to come up (default 120)")
     net.add_argument("--verbose", "-v", action="store_true", help="echo the ServerApp's log as it arrives")
@@ -174,8 +173,8 @@ def prepare(args: argparse.Namespace) -> Plan:
         if note:
             say(PROG, f"WARNING: {note}")
     if cfg.resume and args.superlink_db == "memory":
-        say(PROG, "WARNING: --superlink-db memory: the SuperLink forgot the clients of the last run; restart every "
-                  "noprop-client so that it registers again")
+        say(PROG, "--superlink-db memory: the SuperLink has forgotten the clients of the last run; each "
+                  "noprop-client rejoins as a new node")
     state = Path(args.state_dir).expanduser().resolve() if args.state_dir else Path(cfg.out) / ".flower"
     return Plan(cfg=cfg, overrides=overrides, host=host, port=args.port, control_port=args.control_port,
                 state=state, verbose=args.verbose, startup_timeout=args.startup_timeout,
