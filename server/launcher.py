@@ -362,7 +362,12 @@ def round_line(record: dict, num_rounds: int) -> str:
                       f"{100 * max(blocks.values()):.0f}%)")
     t = record.get("round_time_s")
     if isinstance(t, int | float):
-        parts.append(f"{t:.1f} s")
+        train = record.get("client_train_time_s")
+        slowest = max(train.values()) if isinstance(train, dict) and train else None
+        if isinstance(slowest, int | float):
+            parts.append(f"{t:.1f} s (slowest client's training {slowest:.1f} s)")
+        else:
+            parts.append(f"{t:.1f} s")
     nodes = record.get("nodes")
     if nodes is None and isinstance(record.get("trained_by"), list):
         nodes = len(record["trained_by"])

@@ -281,3 +281,12 @@ def test_signal_handlers_turn_sigterm_into_interrupt():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def test_round_line_shows_the_round_beside_its_slowest_training():
+    record = {"round": 2, "accuracy": 0.5, "round_time_s": 75.5, "nodes": [1, 2],
+              "client_train_time_s": {"1": 40.0, "2": 63.4}}
+    line = server_launcher.round_line(record, 4)
+    assert "75.5 s (slowest client's training 63.4 s)" in line and "2 nodes" in line, line
+    del record["client_train_time_s"]  # a FedAvg line, or one from before issue 11
+    assert "75.5 s, 2 nodes" in server_launcher.round_line(record, 4)
