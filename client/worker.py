@@ -117,8 +117,7 @@ def request(folder: str | os.PathLike, header: Mapping, body: bytes = b"") -> tu
         except (OSError, EOFError, ValueError) as exc:
             pid = read_pid(folder)
             raise WorkerError(f"the node's worker (pid {pid}) closed the connection before replying ({exc}); it "
-                              f"probably died, see {Path(folder) / 'worker.log'}; the next message starts a fresh "
-                              "one") from None
+                              "probably died (see the node's log); the next message starts a fresh one") from None
     return reply, reply_body
 
 
