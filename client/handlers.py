@@ -12,25 +12,22 @@ not own while training, and it replies with exactly the keys it received.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping, MutableMapping
+from functools import lru_cache
 
-_IMPORT_START = time.perf_counter()
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-import json  # noqa: E402 - the imports below are what a cold start pays for, and are timed
-from collections.abc import Mapping, MutableMapping  # noqa: E402
-from functools import lru_cache  # noqa: E402
-
-import torch  # noqa: E402
-from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: E402
-
-from noprop.client.capacity import available_memory_mb, max_blocks_for_memory, measure_throughput  # noqa: E402
-from noprop.client.fedavg import train_whole_network  # noqa: E402
-from noprop.data import LabelledData, load_dataset, partition  # noqa: E402
-from noprop.device import resolve_device  # noqa: E402
-from noprop.federation import FederationConfig  # noqa: E402
-from noprop.model import NoPropConfig, NoPropDT  # noqa: E402
-from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state  # noqa: E402
-from noprop.trainer import (  # noqa: E402
+from noprop.client.capacity import available_memory_mb, max_blocks_for_memory, measure_throughput
+from noprop.client.fedavg import train_whole_network
+from noprop.data import LabelledData, load_dataset, partition
+from noprop.device import resolve_device
+from noprop.federation import FederationConfig
+from noprop.model import NoPropConfig, NoPropDT
+from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
+from noprop.trainer import (
     BlockTrainer,
     OptimConfig,
     epochs_for_min_steps,
@@ -39,8 +36,6 @@ from noprop.trainer import (  # noqa: E402
     split_among_blocks,
     train_owned_blocks,
 )
-
-IMPORT_SECONDS = time.perf_counter() - _IMPORT_START  # torch, flwr records and the method, once per process
 
 
 @lru_cache(maxsize=4)
