@@ -21,13 +21,13 @@ from noprop.client import worker
 IMPORTED_AT = time.time()  # Flower loads the ClientApp after it pulled the message and installed the app
 
 
-def process_age_s() -> float | None:
-    """Seconds since this process started, when it is Flower's per-message flwr-clientapp (else None)."""
+def process_start() -> float | None:
+    """Wall clock of this process's start, when it is Flower's per-message flwr-clientapp (else None)."""
     if os.path.basename(sys.argv[0]) != "flwr-clientapp":
         return None
     import psutil
 
-    return max(0.0, time.time() - psutil.Process().create_time())
+    return psutil.Process().create_time()
 
 
 def handle_here(kind: str, content: RecordDict, context: Context, run_config: dict) -> RecordDict:
@@ -82,13 +82,13 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         if kind == "train":  # wall clocks, for the server's timeline of the round (same machine: comparable)
             metrics = content["metrics"]
             metrics["clock-handler-start"], metrics["clock-handler-end"] = entered, time.time()
-            age = process_age_s()
-            if age is not None:  # this process: Flower's start, the message pull, the app's install and import
+            started = process_start()
+            if started is not None:  # this process: Flower's start, the message pull, the app's install and import
                 import psutil
 
-                metrics["clock-process-start"] = time.time() - age
+                metrics["clock-process-start"] = started
                 metrics["clock-app-import"] = IMPORTED_AT
-                metrics["time-to-handler-s"] = max(0.0, entered - metrics["clock-process-start"])
+                metrics["time-to-handler-s"] = max(0.0, entered - started)
                 metrics["cpu-process-s"] = sum(psutil.Process().cpu_times()[:2])
         return Message(content, reply_to=msg)
 

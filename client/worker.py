@@ -228,7 +228,6 @@ class Worker:
         self.folder, self.owner_pid, self.node_config = folder, owner_pid, node_config
         self.handlers = handlers
         self.state = RecordDict()  # node-level state kept between messages (the measured throughput)
-        self.started = time.time()
 
     def handle(self, header: dict, body: bytes) -> tuple[dict, bytes]:
         from flwr.common.serde import recorddict_from_proto, recorddict_to_proto

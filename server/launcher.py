@@ -440,7 +440,7 @@ class Server:
         cmd = [flower_command("flower-superlink"), *security,
                "--fleet-api-address", p.fleet_address,
                "--host", "127.0.0.1", "--port", str(p.control_port),
-               # the SQL object store on disk costs ~3 s a message each way (BENCHMARKS.md, round overhead)
+               # the SQL object store on disk slowed each message by seconds each way (BENCHMARKS.md, round overhead)
                "--database", str(p.state / "superlink.db") if p.superlink_db == "file" else ":flwr-in-memory:",
                "--disable-runtime-dependency-installation"]
         with open(self.superlink_log, "a") as f:
