@@ -16,17 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchlib import memory_kb, print_result, reset_peak_memory, run_child
 
-METHODS = ("backprop", "dt", "ct", "fm", "adjoint")
-EMBEDDINGS = ("one-hot", "learned:20", "prototype")
-NAMES = {"backprop": "Backprop", "dt": "NoProp-DT", "ct": "NoProp-CT", "fm": "NoProp-FM", "adjoint": "Adjoint"}
-EMBEDDING_NAMES = {"one-hot": "one-hot", "learned:20": "dim=20", "prototype": "prototype"}
-CONTINUOUS = ("ct", "fm", "adjoint")
+# ct-eq9: NoProp-CT with the paper's Eq. 9 weight SNR'(t) and no gradient clipping (the defaults before issue 12)
+METHODS = ("backprop", "dt", "ct", "ct-eq9", "fm", "adjoint")
+VARIANTS = {"ct-eq9": ("ct", {"ct_l2_weight": "snr", "grad_clip": 0.0})}  # table row -> (method, its settings)
+# prototype: the method's defaults (NoProp: rows scaled to unit mean norm, z read by the FC path; issue 12);
+# prototype-paper: the paper's raw normalised images, z read by a conv path
+EMBEDDINGS = ("one-hot", "learned:20", "prototype", "prototype-paper")
+NAMES = {"backprop": "Backprop", "dt": "NoProp-DT", "ct": "NoProp-CT", "ct-eq9": "NoProp-CT, Eq. 9 weight, no clip",
+         "fm": "NoProp-FM", "adjoint": "Adjoint"}
+EMBEDDING_NAMES = {"one-hot": "one-hot", "learned:20": "dim=20", "prototype": "prototype",
+                   "prototype-paper": "prototype, paper: raw rows, conv z path"}
+CONTINUOUS = ("ct", "ct-eq9", "fm", "adjoint")
 
 
 def cell_path(out: Path, dataset: str, method: str, embedding: str) -> Path:
@@ -46,7 +54,11 @@ def run_cell(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     run_dir = cell_path(Path(args.out), args.dataset, args.method, args.embedding).with_suffix("")
-    cfg = TrainConfig(method=args.method, embedding=args.embedding, dataset=args.dataset, data_root=args.data_root,
+    paper = args.embedding in ("prototype-paper", "prototype-image")
+    embedding, scale, z_path = ("prototype", "image", "conv") if paper else (args.embedding, None, None)
+    method, variant = VARIANTS.get(args.method, (args.method, {}))
+    cfg = TrainConfig(method=method, embedding=embedding, prototype_scale=scale, prototype_z_path=z_path, **variant,
+                      dataset=args.dataset, data_root=args.data_root,
                       epochs=args.epochs, subset=args.subset, eval_limit=args.eval_limit, seed=args.seed,
                       threads=args.threads, eval_mode="both", out=str(run_dir),
                       channels=tuple(int(c) for c in args.channels.split(",")),
@@ -84,6 +96,12 @@ def run_cell(args: argparse.Namespace) -> dict:
                    "channels": args.channels,
                    "eval_limit": args.eval_limit, "steps": getattr(model.cfg, "steps", None),
                    "T": model.cfg.T},
+        # the method's own settings as trained (defaults included): what a row was run with
+        "settings": {k: v for k, v in cfg.to_dict().items()
+                     if k in ("eta", "lr", "prototype_scale", "prototype_z_path", "ct_l2_weight", "grad_clip",
+                              "solver", "fm_sigma")},
+        "model_config": model.cfg.to_dict(),
+        "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
         "train_acc": evaluate_accuracy(model, train, "deterministic", seed=args.seed),
         "test_acc_deterministic": last["test_acc_deterministic"],
         "test_acc_stochastic": last["test_acc_stochastic"],
@@ -174,6 +192,7 @@ def main() -> int:
     p.add_argument("--embeddings", default=",".join(EMBEDDINGS))
     p.add_argument("--out", default="bench/results/paper_table")
     p.add_argument("--force", action="store_true", help="re-run cells that already have a result")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at once (each in its own process)")
     p.add_argument("--report", action="store_true", help="only print the markdown table from OUT")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -193,7 +212,7 @@ def main() -> int:
         print(report(out, datasets, methods, embeddings))
         return 0
 
-    failed = 0
+    cells = []
     for dataset in datasets:
         if not available(dataset, args.data_root):
             print(f"skipping {dataset}: its files are not under {args.data_root}", flush=True)
@@ -211,13 +230,19 @@ def main() -> int:
                 for flag, value in (("--subset", args.subset), ("--eval-limit", args.eval_limit),
                                     ("--steps", args.steps)):
                     cmd += [flag, str(value)] if value else []
-                result = run_child(cmd, f"{dataset} {method} {embedding}")
-                if result is None:
-                    failed += 1
-                    continue
-                from noprop.io import atomic_write_text
+                cells.append((path, cmd, f"{dataset} {method} {embedding}"))
 
-                atomic_write_text(path, json.dumps(result, indent=2))
+    def run_one(cell: tuple[Path, list[str], str]) -> bool:
+        from noprop.io import atomic_write_text
+
+        path, cmd, label = cell
+        result = run_child(cmd, label)
+        if result is not None:
+            atomic_write_text(path, json.dumps(result, indent=2))
+        return result is not None
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        failed = sum(not ok for ok in pool.map(run_one, cells))
     print(report(out, datasets, methods, embeddings))
     return 1 if failed else 0
 

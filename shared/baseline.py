@@ -22,7 +22,7 @@ class BackpropChain(ChainPredictor, nn.Module):
         self.cfg = cfg
         kind, _ = parse_embedding(cfg.embedding)
         d = cfg.embedding_dim
-        self.embedding = ClassEmbedding(kind, cfg.num_classes, d, embedding_init)
+        self.embedding = ClassEmbedding(kind, cfg.num_classes, d, embedding_init, cfg.embedding_lr_scale)
         self.blocks = nn.ModuleList(DenoisingBlock(cfg) for _ in range(cfg.T))
         self.head = OutputHead(d, cfg.num_classes, cfg.head, cfg.radial_sigma)
         # alpha_t = tanh(w_t) starts at 0.5: each step moves z halfway towards the block's guess

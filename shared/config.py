@@ -8,10 +8,11 @@ from pathlib import Path
 
 from noprop.adjoint import ADJOINT_SOLVERS
 from noprop.continuous import ContinuousConfig
+from noprop.ct import CT_L2_WEIGHTS
 from noprop.fm import FM_SOLVERS
 from noprop.methods import METHODS as METHOD_SPECS
 from noprop.methods import method, model_config
-from noprop.model import HEAD_KINDS, NoPropConfig, parse_embedding
+from noprop.model import HEAD_KINDS, PROTOTYPE_SCALES, PROTOTYPE_Z_PATHS, NoPropConfig, parse_embedding
 
 METHODS = tuple(METHOD_SPECS)  # dt, ct, fm, adjoint, backprop, cnn
 EVAL_MODES = ("deterministic", "stochastic", "both")
@@ -32,6 +33,8 @@ class TrainConfig:
     epochs: int = 5
     T: int = 10
     embedding: str = "one-hot"
+    prototype_scale: str | None = None  # prototype rows: unit (mean norm 1) | image (raw); None: the method's own
+    prototype_z_path: str | None = None  # prototype z read by conv (the paper) | linear; None: the method's own
     head: str = "softmax"
     radial_sigma: float = 0.5
     eta: float | None = None  # None: the paper's value for the method (dt 0.1, ct 1.0)
@@ -45,6 +48,8 @@ class TrainConfig:
     steps: int | None = None  # ct / fm / adjoint: integration steps (None: the method's measured default)
     solver: str | None = None  # fm: euler | heun; adjoint: euler | midpoint | rk4 (None: euler)
     fm_sigma: float = 0.1  # fm: width of the Gaussian probability path
+    ct_l2_weight: str | None = None  # ct: snr (Eq. 9) | log-snr (-gamma'(t)); None: CTConfig's measured default
+    grad_clip: float | None = None  # ct: largest gradient norm of a step (0 = off); None: CTConfig's default
     lr: float = 1e-3
     weight_decay: float = 1e-3
     batch_size: int = 128
@@ -70,6 +75,14 @@ class TrainConfig:
         solvers = {"fm": FM_SOLVERS, "adjoint": ADJOINT_SOLVERS}.get(self.method, ())
         if self.solver is not None and self.solver not in solvers:
             raise bad("solver", f"use one of {', '.join(solvers)}" if solvers else "applies to fm and adjoint only")
+        if self.method != "ct":
+            for name in ("ct_l2_weight", "grad_clip"):
+                if getattr(self, name) is not None:
+                    raise bad(name, "applies to ct only")
+        if self.ct_l2_weight is not None and self.ct_l2_weight not in CT_L2_WEIGHTS:
+            raise bad("ct_l2_weight", f"use one of {', '.join(CT_L2_WEIGHTS)}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise bad("grad_clip", "must be 0 (off) or positive")
         if self.fm_sigma < 0:
             raise bad("fm_sigma", "must be zero or positive")
         for name in ("epochs", "T", "batch_size", "hidden"):
@@ -90,6 +103,14 @@ class TrainConfig:
             raise bad("subset", "must be a positive number of training examples")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise bad("eval_limit", "must be a positive number of test examples")
+        if self.prototype_scale is None:
+            self.prototype_scale = method(self.method).prototype_scale
+        if self.prototype_scale not in PROTOTYPE_SCALES:
+            raise bad("prototype_scale", f"use one of {', '.join(PROTOTYPE_SCALES)}")
+        if self.prototype_z_path is None:
+            self.prototype_z_path = method(self.method).prototype_z_path
+        if self.prototype_z_path not in PROTOTYPE_Z_PATHS:
+            raise bad("prototype_z_path", f"use one of {', '.join(PROTOTYPE_Z_PATHS)}")
         if self.head not in HEAD_KINDS:
             raise bad("head", f"use one of {', '.join(HEAD_KINDS)}")
         if self.eval_mode not in EVAL_MODES:
@@ -104,7 +125,8 @@ class TrainConfig:
             raise ConfigError(str(exc)) from None
         return self
 
-    def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> NoPropConfig | ContinuousConfig:
+    def model_config(self, input_shape: tuple[int, ...], num_classes: int,
+                     embedding_lr_scale: float = 1.0) -> NoPropConfig | ContinuousConfig:
         """The config of the method's model (NoPropConfig for dt/backprop, CTConfig / FMConfig / AdjointConfig,
         CNNConfig for cnn)."""
         try:
@@ -112,7 +134,9 @@ class TrainConfig:
                                 head=self.head, radial_sigma=self.radial_sigma, channels=self.channels,
                                 hidden=self.hidden, dropout=self.dropout, eta=self.eta, clip=self.clip,
                                 max_delta_snr=self.max_delta_snr, steps=self.steps, solver=self.solver,
-                                fm_sigma=self.fm_sigma, norm=self.norm, z_skip=self.z_skip)
+                                fm_sigma=self.fm_sigma, norm=self.norm, z_skip=self.z_skip,
+                                embedding_lr_scale=embedding_lr_scale, ct_l2_weight=self.ct_l2_weight,
+                                grad_clip=self.grad_clip, prototype_z_path=self.prototype_z_path)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

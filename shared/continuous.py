@@ -40,6 +40,8 @@ class ContinuousConfig(ModelShape):
     hidden: int = 256
     dropout: float = 0.2
     time_dim: int = 64  # sinusoidal embedding of t
+    embedding_lr_scale: float = 1.0  # W trains at lr x this (unit-scaled prototypes: see scale_prototypes)
+    prototype_z_path: str = "conv"  # prototype z through a conv path (the paper) or FC-ReLU like other embeddings
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,7 +97,7 @@ class TimeConditionedBlock(nn.Module):
         else:
             self.x_path = mlp_path(cfg.input_shape[0], hidden, cfg.dropout, batch_norm=False)
         self.z_image_shape: tuple[int, ...] | None = None
-        if parse_embedding(cfg.embedding)[0] == "prototype":
+        if parse_embedding(cfg.embedding)[0] == "prototype" and cfg.prototype_z_path == "conv":
             self.z_image_shape = cfg.input_shape
             c, h, w = cfg.input_shape
             self.z_path = conv_path(c, h, w, cfg.channels, hidden, cfg.dropout, batch_norm=False)
@@ -134,7 +136,8 @@ class ContinuousPredictor(ChainPredictor):
         block and the output head (call after nn.Module.__init__)."""
         self.cfg = cfg
         kind, _ = parse_embedding(cfg.embedding)
-        self.embedding = ClassEmbedding(kind, cfg.num_classes, cfg.embedding_dim, embedding_init)
+        self.embedding = ClassEmbedding(kind, cfg.num_classes, cfg.embedding_dim, embedding_init,
+                                        cfg.embedding_lr_scale)
         self.block = TimeConditionedBlock(cfg)
         self.head = OutputHead(cfg.embedding_dim, cfg.num_classes, cfg.head, cfg.radial_sigma)
 

@@ -18,6 +18,7 @@ from noprop.cnn import CNN, CNNConfig
 from noprop.ct import CTConfig, NoPropCT
 from noprop.fm import FMConfig, NoPropFM
 from noprop.model import NoPropConfig, NoPropDT
+from noprop.trainer import param_groups
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class Method:
     model_class: type
     optimizer: str  # per-block (NoProp-DT's BlockTrainer), adam or adamw (paper's Table 3)
     description: str
+    # prototype embeddings, by measurement (BENCHMARKS.md "Prototype embeddings and NoProp-CT's stability"): rows
+    # scaled to unit mean norm or the raw normalised images; z read by the FC path or the paper's conv path
+    prototype_scale: str = "unit"
+    prototype_z_path: str = "conv"  # conv (the paper) | linear: how a block reads an image-sized z
 
     @property
     def continuous(self) -> bool:
@@ -33,11 +38,16 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "dt": Method(NoPropConfig, NoPropDT, "per-block", "NoProp-DT: T blocks, each trained on its own"),
-    "ct": Method(CTConfig, NoPropCT, "adam", "NoProp-CT: one time-conditioned denoiser, learned noise schedule"),
-    "fm": Method(FMConfig, NoPropFM, "adam", "NoProp-FM: flow matching to the label embedding"),
-    "adjoint": Method(AdjointConfig, AdjointODE, "adamw", "neural ODE over the CT block, adjoint gradients"),
-    "backprop": Method(NoPropConfig, BackpropChain, "adamw", "the DT blocks chained and trained end to end"),
+    "dt": Method(NoPropConfig, NoPropDT, "per-block", "NoProp-DT: T blocks, each trained on its own",
+                 prototype_z_path="linear"),
+    "ct": Method(CTConfig, NoPropCT, "adam", "NoProp-CT: one time-conditioned denoiser, learned noise schedule",
+                 prototype_z_path="linear"),
+    "fm": Method(FMConfig, NoPropFM, "adam", "NoProp-FM: flow matching to the label embedding",
+                 prototype_scale="image"),  # unit rows + FC z path: 67% deterministic but 33% stochastic (issue 12)
+    "adjoint": Method(AdjointConfig, AdjointODE, "adamw", "neural ODE over the CT block, adjoint gradients",
+                       prototype_scale="image"),
+    "backprop": Method(NoPropConfig, BackpropChain, "adamw", "the DT blocks chained and trained end to end",
+                       prototype_scale="image"),
     "cnn": Method(CNNConfig, CNN, "adamw", "plain CNN (one block's x path + linear), backprop; the FedAvg peer"),
 }
 
@@ -61,26 +71,30 @@ def model_config(name: str, input_shape: tuple[int, ...], num_classes: int, *, T
                  channels: tuple[int, int, int] = (32, 64, 128), hidden: int = 256, dropout: float = 0.2,
                  eta: float | None = None, clip: float = 1e-4, max_delta_snr: float | None = None,
                  steps: int | None = None, solver: str | None = None, fm_sigma: float = 0.1, norm: str = "batch",
-                 z_skip: bool = False):
+                 z_skip: bool = False, embedding_lr_scale: float = 1.0, ct_l2_weight: str | None = None,
+                 grad_clip: float | None = None, prototype_z_path: str = "conv"):
     """The config of method `name`'s model from flat settings (noprop-train's and a federation's).
 
-    None means the method's own default (eta: dt 0.1, ct 1.0; steps: the config class's measured default).
+    None means the method's own default (eta: dt 0.1, ct 1.0; steps, ct_l2_weight, grad_clip: the config class's
+    measured default).
     Raises ValueError for settings the method rejects. cnn takes the architecture only (T, eta, clip and steps
     do not apply to it and are ignored, as backprop ignores steps).
     """
     common = {"input_shape": tuple(input_shape), "num_classes": num_classes, "embedding": embedding,
               "head": head, "radial_sigma": radial_sigma, "channels": tuple(channels), "hidden": hidden,
-              "dropout": dropout}
+              "dropout": dropout, "embedding_lr_scale": embedding_lr_scale, "prototype_z_path": prototype_z_path}
     config_class = method(name).config_class
     if config_class is CNNConfig:
-        return CNNConfig(**{k: v for k, v in common.items() if k != "radial_sigma"})
+        unused = ("radial_sigma", "embedding_lr_scale", "prototype_z_path")  # a CNN has no class embedding
+        return CNNConfig(**{k: v for k, v in common.items() if k not in unused})
     if config_class is NoPropConfig:
         return NoPropConfig(T=T, eta=0.1 if eta is None else eta, clip=clip, max_delta_snr=max_delta_snr, norm=norm,
                             z_skip=z_skip and name == "dt", **common)  # the backprop chain has no z-skip
     if steps is not None:
         common["steps"] = steps
     if name == "ct":
-        return CTConfig(eta=1.0 if eta is None else eta, **common)
+        ct = {k: v for k, v in (("l2_weight", ct_l2_weight), ("grad_clip", grad_clip)) if v is not None}
+        return CTConfig(eta=1.0 if eta is None else eta, **ct, **common)
     if name == "fm":
         return FMConfig(sigma=fm_sigma, solver=solver or "euler", **common)
     return config_class(solver=solver or "euler", **common)
@@ -94,7 +108,7 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_
     """The end-to-end optimizer of the paper's Table 3 (Adam for CT/FM, AdamW otherwise); DT uses BlockTrainer."""
     kind = method(name).optimizer
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(param_groups(params, lr), lr=lr, weight_decay=weight_decay)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(param_groups(params, lr), lr=lr, weight_decay=weight_decay)
     raise ValueError(f"method {name!r} trains block by block (BlockTrainer), not with one optimizer")

@@ -19,6 +19,10 @@ from torch import nn
 from noprop.schedule import CosineSchedule
 
 EMBEDDING_KINDS = ("one-hot", "learned", "prototype")
+PROTOTYPE_SCALES = ("unit", "image")  # unit: rows scaled to mean norm 1 (one-hot's); image: the raw normalised image
+# how a block reads an image-sized prototype z: conv (the paper: z treated as an image, its own conv path) | linear
+# (the FC path every other embedding has; issue 12)
+PROTOTYPE_Z_PATHS = ("conv", "linear")
 HEAD_KINDS = ("softmax", "radial")
 NORM_KINDS = ("batch", "layer")  # batch: Figure 6; layer: no running statistics (federated label skew)
 
@@ -73,6 +77,10 @@ def normalise_and_check(cfg) -> None:
     kind, _ = parse_embedding(cfg.embedding)
     if kind == "prototype" and len(cfg.input_shape) != 3:
         raise ValueError("prototype embeddings need image inputs (C, H, W)")
+    if getattr(cfg, "prototype_z_path", "conv") not in PROTOTYPE_Z_PATHS:  # (a CNN config has neither)
+        raise ValueError(f"unknown prototype_z_path {cfg.prototype_z_path!r}: use {', '.join(PROTOTYPE_Z_PATHS)}")
+    if not getattr(cfg, "embedding_lr_scale", 1.0) > 0:
+        raise ValueError(f"embedding_lr_scale must be positive, got {cfg.embedding_lr_scale}")
     if getattr(cfg, "norm", "batch") not in NORM_KINDS:
         raise ValueError(f"unknown norm {cfg.norm!r}: use batch (Figure 6) or layer")
 
@@ -95,6 +103,8 @@ class NoPropConfig(ModelShape):
     dropout: float = 0.2
     norm: str = "batch"  # batch (Figure 6) | layer: the blocks' normalisation layers
     z_skip: bool = False  # add the exact class posterior given z_{t-1} alone to each block's logits (not Figure 6)
+    embedding_lr_scale: float = 1.0  # W trains at lr x this (unit-scaled prototypes: see scale_prototypes)
+    prototype_z_path: str = "conv"  # prototype z through a conv path (Figure 6) or the residual FC path
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,7 +129,8 @@ class NoPropConfig(ModelShape):
 class ClassEmbedding(nn.Module):
     """The matrix W (classes x d). One-hot is fixed; learned and prototype rows are trained."""
 
-    def __init__(self, kind: str, num_classes: int, dim: int, init: torch.Tensor | None = None):
+    def __init__(self, kind: str, num_classes: int, dim: int, init: torch.Tensor | None = None,
+                 lr_scale: float = 1.0):
         super().__init__()
         self.kind = kind
         if kind == "one-hot":
@@ -135,6 +146,8 @@ class ClassEmbedding(nn.Module):
         else:  # prototype without data: callers restoring a checkpoint load the real rows afterwards
             weight = torch.zeros(num_classes, dim)
         self.weight = nn.Parameter(weight, requires_grad=kind != "one-hot")
+        if lr_scale != 1.0:
+            self.weight.lr_scale = lr_scale  # read by noprop.trainer.param_groups
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.weight[y]
@@ -162,6 +175,26 @@ def prototype_rows(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_per_c
             dist = dist[~torch.eye(len(idx), dtype=torch.bool)].reshape(len(idx), len(idx) - 1)
         rows.append(xc[dist.median(dim=1).values.argmin()])
     return torch.stack(rows)
+
+
+def scale_prototypes(rows: torch.Tensor, scale: str = "unit") -> tuple[torch.Tensor, float]:
+    """(rows, lr_scale): "unit" divides every row by the rows' mean norm, "image" keeps the raw images.
+
+    Raw normalised Fashion-MNIST prototypes lie 10 (nearest pair) to 28 (mean) noise standard deviations apart
+    (the schedule's noise has unit variance per pixel), so q(z_t | y) gives the label away from block 2 on (the
+    exact posterior given z_1 alone names it 85% of the time) and every later block learns to copy z instead of
+    reading x (issue 12). Scaled to the mean
+    norm of a one-hot row, z gives the label away as late as one-hot's does. One factor for all rows keeps the
+    images' geometry. lr_scale is that factor: Adam moves every entry by about lr whatever its size, so
+    entries 25x smaller need a learning rate 25x smaller to move, relative to their size, as the raw rows do
+    (at the full rate the unit rows collapsed within an epoch, two classes 0.016 apart).
+    """
+    if scale not in PROTOTYPE_SCALES:
+        raise ValueError(f"unknown prototype scale {scale!r}: use one of {', '.join(PROTOTYPE_SCALES)}")
+    if scale == "image":
+        return rows, 1.0
+    factor = 1.0 / float(rows.norm(dim=1).mean())
+    return rows * factor, factor
 
 
 # -- the block of Figure 6 (left) ----------------------------------------------------------------------
@@ -227,7 +260,7 @@ class DenoisingBlock(nn.Module):
         else:
             self.x_path = mlp_path(cfg.input_shape[0], hidden, cfg.dropout, norm=norm)
         self.z_image_shape: tuple[int, ...] | None = None
-        if parse_embedding(cfg.embedding)[0] == "prototype":
+        if parse_embedding(cfg.embedding)[0] == "prototype" and cfg.prototype_z_path == "conv":
             # z lives in image space: give it a conv path of the same shape as x's
             self.z_image_shape = cfg.input_shape
             c, h, w = cfg.input_shape
@@ -333,7 +366,7 @@ class NoPropDT(ChainPredictor, nn.Module):
         self.schedule = cfg.schedule()
         kind, _ = parse_embedding(cfg.embedding)
         d = cfg.embedding_dim
-        self.embedding = ClassEmbedding(kind, cfg.num_classes, d, embedding_init)
+        self.embedding = ClassEmbedding(kind, cfg.num_classes, d, embedding_init, cfg.embedding_lr_scale)
         owned = sorted(set(range(1, cfg.T + 1) if owned_blocks is None else owned_blocks))
         if not owned or owned[0] < 1 or owned[-1] > cfg.T:
             raise ValueError(f"owned blocks must be a non-empty subset of 1..{cfg.T}, got {owned}")

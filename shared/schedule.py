@@ -191,6 +191,10 @@ class LearnedNoiseSchedule(nn.Module):
         gamma, dgamma = self.gamma_and_derivative(t)
         return -dgamma * torch.exp(-gamma)
 
+    def log_snr_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        """d log SNR / dt = -gamma'(t); positive because gamma falls."""
+        return -self.gamma_and_derivative(t)[1]
+
     def sample_marginal(self, u: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """z_t ~ N(sqrt(alpha_bar(t)) u, (1 - alpha_bar(t)) I) for per-example times t [N]; differentiable."""

@@ -18,12 +18,13 @@ from tqdm import tqdm
 
 from noprop.checkpoint import Checkpoint, build_model, save_checkpoint
 from noprop.config import EVAL_MODES, METHODS, ConfigError, TrainConfig, build_config
+from noprop.ct import CT_L2_WEIGHTS
 from noprop.data import DatasetError, load_train_test
 from noprop.device import resolve_device
 from noprop.io import append_jsonl, atomic_write_text
 from noprop.launch import OneLineParser
 from noprop.methods import make_optimizer
-from noprop.model import parse_embedding, prototype_rows
+from noprop.model import PROTOTYPE_SCALES, PROTOTYPE_Z_PATHS, parse_embedding, prototype_rows, scale_prototypes
 from noprop.plots import plot_training_curves
 from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_end_to_end_epoch
 
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--T", "-T", type=int, dest="T", help="number of blocks (default 10)")
     p.add_argument("--embedding", help="one-hot (default), learned:D, prototype")
+    p.add_argument("--prototype-scale", choices=PROTOTYPE_SCALES,
+                   help="prototype rows: unit (one factor to mean norm 1) or image (the raw normalised images); "
+                        "default: dt and ct unit, fm, backprop and adjoint image")
+    p.add_argument("--prototype-z-path", choices=PROTOTYPE_Z_PATHS,
+                   help="prototype z read by a conv path (the paper) or by the FC path of the other embeddings; "
+                        "default: dt and ct linear, fm, backprop and adjoint conv")
     p.add_argument("--head", choices=("softmax", "radial"))
     p.add_argument("--radial-sigma", type=float)
     p.add_argument("--eta", type=float, help="L2 weight (default: dt 0.1, ct 1.0, the paper's values)")
@@ -66,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="ct / fm / adjoint: ODE steps from t=0 to 1 (default 10)")
     p.add_argument("--solver", help="fm: euler (default) or heun; adjoint: euler (default), midpoint or rk4")
     p.add_argument("--fm-sigma", type=float, help="fm: width of the Gaussian path (default 0.1)")
+    p.add_argument("--ct-l2-weight", choices=CT_L2_WEIGHTS,
+                   help="ct: the L2 term's weight over t, snr (Eq. 9's SNR'(t)) or log-snr (-gamma'(t))")
+    p.add_argument("--grad-clip", type=float, help="ct: largest gradient norm of a training step (0 = off)")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int)
@@ -102,10 +112,11 @@ def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None) -> dict
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
 
-    model_cfg = cfg.model_config(train.input_shape, train.num_classes)
-    init = None
+    init, embedding_lr_scale = None, 1.0
     if parse_embedding(cfg.embedding)[0] == "prototype":
-        init = prototype_rows(train.x, train.y, train.num_classes, seed=cfg.seed)
+        init, embedding_lr_scale = scale_prototypes(prototype_rows(train.x, train.y, train.num_classes, seed=cfg.seed),
+                                                    cfg.prototype_scale)
+    model_cfg = cfg.model_config(train.input_shape, train.num_classes, embedding_lr_scale)
     model = build_model(cfg.method, model_cfg, init).to(device)
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
     length = f"T={cfg.T}" if cfg.method in ("dt", "backprop") else \

@@ -26,8 +26,17 @@ class OptimConfig:
     batch_size: int = 128
 
 
+def param_groups(params: Iterable[nn.Parameter], lr: float) -> list[dict]:
+    """Optimizer groups: parameters that carry an lr_scale attribute (unit-scaled prototype rows,
+    noprop.model.scale_prototypes) train at lr x lr_scale, the rest at lr."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()]
+
+
 def adamw(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups(params, cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class BlockTrainer:
@@ -164,9 +173,11 @@ def train_end_to_end_epoch(model, optimizer: torch.optim.Optimizer, data: Labell
                            on_batch: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
     """One epoch of a model trained with one optimizer (backprop, NoProp-CT/FM, adjoint); mean loss parts.
 
-    model.loss(x, y) returns the loss or (loss, parts dict).
+    model.loss(x, y) returns the loss or (loss, parts dict). The model config's grad_clip (NoProp-CT), when
+    positive, caps each step's gradient norm (torch's clip_grad_norm_); parts then hold the norm before the cap.
     """
     device = next(model.parameters()).device
+    max_grad_norm = float(getattr(getattr(model, "cfg", None), "grad_clip", 0.0) or 0.0)
     model.train()
     totals: dict[str, float] = {}
     n = 0
@@ -175,6 +186,8 @@ def train_end_to_end_epoch(model, optimizer: torch.optim.Optimizer, data: Labell
         loss, parts = out if isinstance(out, tuple) else (out, {"loss": out.item()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm:
+            parts = {**parts, "grad_norm": float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))}
         optimizer.step()
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v
