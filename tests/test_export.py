@@ -22,7 +22,7 @@ from noprop.data import load_train_test
 from noprop.deploy import export_cli
 from noprop.deploy.edge import EdgeModel, ModelInfo, file_sha256, manifest_path_for
 from noprop.deploy.export import ExportError, export_checkpoint, export_onnx, read_metadata
-from noprop.model import NoPropConfig, prototype_rows
+from noprop.model import NoPropConfig, prototype_rows, scale_prototypes
 from noprop.proto import inference_pb2
 from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_backprop_epoch
 
@@ -46,13 +46,19 @@ def task_images(folder) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tiny_checkpoint(folder, method: str = "dt", embedding: str = "one-hot", head: str = "softmax",
-                    epochs: int = 2, name: str | None = None) -> tuple:
-    """Train a tiny model on the synthetic task for a few epochs; save it. -> (path, Checkpoint)."""
+                    epochs: int = 2, name: str | None = None, z_path: str = "conv") -> tuple:
+    """Train a tiny model on the synthetic task for a few epochs; save it. -> (path, Checkpoint).
+
+    z_path "linear" builds prototypes as noprop-train's dt default does: unit rows, the FC z path."""
     torch.manual_seed(0)
     dataset = write_task(folder)
     train, test = load_train_test(dataset)
-    cfg = NoPropConfig(**{**TINY, "embedding": embedding, "head": head})
-    init = prototype_rows(train.x, train.y, cfg.num_classes) if embedding == "prototype" else None
+    init, lr_scale = None, 1.0
+    if embedding == "prototype":
+        init, lr_scale = scale_prototypes(prototype_rows(train.x, train.y, TINY["num_classes"]),
+                                          "unit" if z_path == "linear" else "image")
+    cfg = NoPropConfig(**{**TINY, "embedding": embedding, "head": head, "prototype_z_path": z_path,
+                          "embedding_lr_scale": lr_scale})
     model = build_model(method, cfg, init)
     if method == "dt":
         trainer = BlockTrainer(model, OptimConfig(batch_size=32, lr=3e-3))
@@ -69,7 +75,7 @@ def tiny_checkpoint(folder, method: str = "dt", embedding: str = "one-hot", head
     ckpt = Checkpoint(method=method, config=cfg, state_dict=model.state_dict(), metrics=metrics,
                       data={"name": dataset, "classes": train.classes, "mean": train.mean, "std": train.std,
                             "input_shape": list(train.input_shape)})
-    path = folder / f"{name or f'{method}-{embedding}-{head}'.replace(':', '')}.pt"
+    path = folder / f"{name or f'{method}-{embedding}-{head}-{z_path}'.replace(':', '')}.pt"
     save_checkpoint(path, ckpt)
     return path, ckpt
 
@@ -131,14 +137,15 @@ def test_onnx_matches_pytorch(checkpoints, folder, method, mode):
         assert not np.allclose(a, b)
 
 
-@pytest.mark.parametrize("method, embedding, head, mode", [
-    ("dt", "learned:5", "radial", "stochastic"),
-    ("dt", "prototype", "softmax", "deterministic"),
-    ("backprop", "learned:5", "radial", "deterministic"),
+@pytest.mark.parametrize("method, embedding, head, mode, z_path", [
+    ("dt", "learned:5", "radial", "stochastic", "conv"),
+    ("dt", "prototype", "softmax", "deterministic", "conv"),
+    ("dt", "prototype", "softmax", "stochastic", "linear"),
+    ("backprop", "learned:5", "radial", "deterministic", "conv"),
 ])
-def test_parity_for_other_embeddings_and_heads(folder, method, embedding, head, mode):
-    _, ckpt = tiny_checkpoint(folder, method, embedding, head, epochs=1)
-    out = export_onnx(ckpt, folder / f"{method}-{embedding}-{head}.onnx".replace(":", ""), mode=mode)
+def test_parity_for_other_embeddings_and_heads(folder, method, embedding, head, mode, z_path):
+    _, ckpt = tiny_checkpoint(folder, method, embedding, head, epochs=1, z_path=z_path)
+    out = export_onnx(ckpt, folder / f"{method}-{embedding}-{head}-{z_path}.onnx".replace(":", ""), mode=mode)
     parity(out, ckpt, mode, folder)
 
 
