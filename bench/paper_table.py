@@ -1,12 +1,14 @@
 """The structure of the paper's Table 1 on our data: every method x every class embedding, at one budget.
 
-Rows: backprop, NoProp-DT, NoProp-CT, NoProp-FM, adjoint, each with one-hot, learned:20 and prototype
-embeddings. Columns: train and test accuracy, wall time per epoch, peak memory of training: the process's
-RSS when training started (data loaded, model built) plus training's own peak above it (in brackets); the
-per-epoch evaluation and checkpoint are left out by resetting the kernel's peak counter around them. Each cell trains
-in a fresh process through noprop-train's run() (same data subset, epochs, seed and threads for all) and
-writes OUT/<dataset>/<method>-<embedding>.json; cells already written are skipped, so an interrupted run
-resumes. Datasets other than Fashion-MNIST run only if their files are present locally.
+Rows: backprop, NoProp-DT, NoProp-CT, NoProp-CT as the paper's Eq. 9 has it (ct-eq9), NoProp-FM, adjoint,
+each with one-hot, learned:20, prototype (the method's defaults) and prototype-paper (raw rows, conv z path)
+embeddings. Columns: train and test accuracy, wall time per epoch, peak memory of training: the process's RSS
+when training started (data loaded, model built) plus training's own peak above it (in brackets); the per-epoch
+evaluation and checkpoint are left out by resetting the kernel's peak counter around them. Each cell trains in
+a fresh process through noprop-train's run() (same data subset, epochs, seed and threads for all) and writes
+OUT/<dataset>/<method>-<embedding>.json; cells already written are skipped, so an interrupted run resumes.
+`--jobs N` trains N cells at once. Datasets other than Fashion-MNIST run only if their files are present
+locally.
 
     .venv/bin/python bench/paper_table.py --subset 10000 --epochs 3 --threads 1
     .venv/bin/python bench/paper_table.py --report
@@ -54,7 +56,7 @@ def run_cell(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     run_dir = cell_path(Path(args.out), args.dataset, args.method, args.embedding).with_suffix("")
-    paper = args.embedding in ("prototype-paper", "prototype-image")
+    paper = args.embedding == "prototype-paper"
     embedding, scale, z_path = ("prototype", "image", "conv") if paper else (args.embedding, None, None)
     method, variant = VARIANTS.get(args.method, (args.method, {}))
     cfg = TrainConfig(method=method, embedding=embedding, prototype_scale=scale, prototype_z_path=z_path, **variant,
