@@ -91,6 +91,32 @@ def report(out: Path) -> str:
     return "\n".join(lines) + f"\n\nPlot: `{out / 'curves.png'}`"
 
 
+def probe(args: argparse.Namespace, name: str, images: int = 500) -> str:
+    """Does the trained denoiser read z? Its accuracy at time t given z_t drawn from the true label and from a
+    wrong one (y + 1), and how often it follows the wrong z; alpha_bar(0) of the learned schedule."""
+    import torch
+
+    from noprop.checkpoint import load_checkpoint
+    from noprop.data import load_train_test
+
+    torch.set_grad_enabled(False)
+    model = load_checkpoint(folder(Path(args.out), name) / "checkpoint.pt").model().eval()
+    _, test = load_train_test(args.dataset, root=args.data_root, subset=args.subset, seed=args.seed)
+    x, y = test.x[:images], test.y[:images]
+    W, features = model.embedding.weight, model.block.features(x)
+    wrong = (y + 1) % W.shape[0]
+    cells = []
+    for t in (0.0, 0.5, 1.0):
+        tt = torch.full((len(y),), t)
+        g = torch.Generator().manual_seed(0)
+        read = [model.block.logits(features, model.schedule.sample_marginal(W[label], tt, generator=g), t).argmax(1)
+                for label in (y, wrong)]
+        cells.append(f"{100 * (read[0] == y).float().mean():.1f} / {100 * (read[1] == y).float().mean():.1f}"
+                     f" / {100 * (read[1] == wrong).float().mean():.1f}")
+    ab0 = model.schedule.alpha_bar(torch.zeros(())).item()
+    return f"| {name} | " + " | ".join(cells) + f" | {ab0:.3f} |"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="fashion-mnist")
@@ -103,6 +129,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="settings trained at once")
     p.add_argument("--out", default="bench/results/ct_stability")
     p.add_argument("--report", action="store_true", help="only print the table (and write the plot) from OUT")
+    p.add_argument("--probe", action="store_true", help="also read each trained model: does it follow z?")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +138,10 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             ok = all(pool.map(lambda name: train(args, name), SETTINGS))
     print(report(out))
+    if args.probe:
+        print("\n% right given z from the true label / from a wrong one / following the wrong z (500 test images)\n")
+        print("| setting | t = 0 | t = 0.5 | t = 1 | alpha_bar(0) |\n|---|---|---|---|---|")
+        print("\n".join(probe(args, name) for name in SETTINGS if (folder(out, name) / "checkpoint.pt").exists()))
     return 0 if ok else 1
 
 

@@ -33,14 +33,13 @@ def rows_against_noise(args: argparse.Namespace) -> str:
     rows = {"one-hot": torch.eye(m), "learned:20 (start)": ClassEmbedding("learned", m, 20).weight.detach(),
             "prototype, image scale": raw, "prototype, unit scale": scale_prototypes(raw, "unit")[0]}
     schedule = CosineSchedule(T=args.T)
-    levels = [schedule.alpha_bar_at(t) for t in range(schedule.T)]
     head = " | ".join(str(t) for t in range(1, schedule.T + 1))
     lines = [f"Label named by z_(t-1) alone, block t = 1..{schedule.T} ({args.dataset}, {len(train)} images):", "",
              f"| rows | d | row norm | nearest / mean distance | {head} |",
              "|---|---|---|---|" + "---|" * schedule.T]
     for name, W in rows.items():
         dist = torch.cdist(W, W)[~torch.eye(m, dtype=torch.bool)]
-        acc = label_from_z_accuracy(W, levels, generator=torch.Generator().manual_seed(0))
+        acc = label_from_z_accuracy(W, schedule, generator=torch.Generator().manual_seed(0))
         lines.append(f"| {name} | {W.shape[1]} | {W.norm(dim=1).mean():.2f} | {dist.min():.2f} / {dist.mean():.2f} | "
                      + " | ".join(f"{a:.2f}" for a in acc) + " |")
     lines.append(f"\n(noise: unit variance per dimension, norm sqrt(d); chance {1 / m:.2f})")
@@ -69,15 +68,32 @@ def chain_along_blocks(args: argparse.Namespace) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{100 * c:.1f}" for c in cells) + " |")
     sizes = []
     z = torch.zeros(len(x), d)
-    coef = model.step_coefficients
-    for t in range(1, model.T + 1):
-        u_hat = torch.softmax(model.block_logits(t, x, z), dim=1) @ W
-        z = coef[t - 1, 0] * u_hat + coef[t - 1, 1] * z
+    for t in range(1, model.T + 1):  # the deterministic chain, step by step, to read each z_t
+        z = model.schedule.step(t, torch.softmax(model.block_logits(t, x, z), dim=1) @ W, z)
         ab = model.schedule.alpha_bar_at(t)
         trained = math.sqrt(ab * float(W.pow(2).sum(1).mean()) + (1 - ab) * d)
         sizes.append(f"{z.norm(dim=1).mean():.2f} / {trained:.2f}")
     lines += ["", "||z_t|| of the deterministic chain / of q(z_t | y), t = 1..T: " + ", ".join(sizes)]
+    lines += ["", rows_moved(args, W)]
     return "\n".join(lines)
+
+
+def rows_moved(args: argparse.Namespace, W: torch.Tensor) -> str:
+    """How far training moved the checkpoint's prototype rows from the rows it started from (same data, seed 0)."""
+    from noprop.checkpoint import load_checkpoint
+    from noprop.data import load_train_test
+    from noprop.model import prototype_rows, scale_prototypes
+
+    train_cfg = load_checkpoint(args.checkpoint).extra.get("train_config", {})
+    train, _ = load_train_test(args.dataset, root=args.data_root, subset=args.subset, seed=train_cfg.get("seed", 0))
+    start, factor = scale_prototypes(prototype_rows(train.x, train.y, train.num_classes, seed=train_cfg.get("seed", 0)),
+                                     train_cfg.get("prototype_scale") or "unit")
+    off = ~torch.eye(len(W), dtype=torch.bool)
+    cos = torch.nn.functional.cosine_similarity(W, start, dim=1)
+    return (f"Rows against their start (lr factor {factor:.3f}): moved {(W - start).norm() / start.norm():.1%}, "
+            f"mean norm {W.norm(dim=1).mean():.2f} (start {start.norm(dim=1).mean():.2f}), cosine with the start "
+            f"{cos.min():.2f}-{cos.max():.2f}, nearest pair {torch.cdist(W, W)[off].min():.3f} apart "
+            f"(start {torch.cdist(start, start)[off].min():.3f})")
 
 
 def main() -> int:

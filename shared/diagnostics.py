@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from noprop.data import LabelledData
+from noprop.model import class_posterior_logits
+from noprop.schedule import CosineSchedule
 
 
 @dataclass
@@ -82,18 +84,15 @@ def chain_diagnostics(model, data: LabelledData, mode: str = "deterministic", ba
 
 
 @torch.no_grad()
-def label_from_z_accuracy(embedding: torch.Tensor, alpha_bar: list[float], samples: int = 2000,
+def label_from_z_accuracy(embedding: torch.Tensor, schedule: CosineSchedule, samples: int = 2000,
                           generator: torch.Generator | None = None) -> list[float]:
-    """For each signal level alpha_bar_t: how often the exact posterior q(y | z_t) (uniform prior) names y when
-    z_t ~ q(z_t | y) = N(sqrt(ab) u_y, (1 - ab) I). Near 1 at a block's input, that block can learn to copy z
-    and ignore x; one-hot rows reach 0.9 only at the last blocks (issue 12's measurement of prototype rows)."""
+    """For each block t = 1..T: how often the exact posterior q(y | z_{t-1}) (uniform prior) names y when its input
+    z_{t-1} ~ q(z_{t-1} | y). Near 1, that block can learn to copy z and ignore x; one-hot rows reach 0.9 only at
+    the last blocks (issue 12's measurement of prototype rows)."""
     W = embedding.detach().float()
-    m = W.shape[0]
     out = []
-    for ab in alpha_bar:
-        y = torch.randint(0, m, (samples,), generator=generator)
-        noise = torch.randn(samples, W.shape[1], generator=generator)
-        z = ab**0.5 * W[y] + (1 - ab) ** 0.5 * noise
-        logits = (ab**0.5 * z @ W.T - 0.5 * ab * W.pow(2).sum(1)) / (1 - ab)
-        out.append(float((logits.argmax(1) == y).float().mean()))
+    for t in range(1, schedule.T + 1):
+        y = torch.randint(0, W.shape[0], (samples,), generator=generator)
+        z = schedule.sample_marginal(W[y], t - 1, generator=generator)
+        out.append(float((class_posterior_logits(z, W, schedule.alpha_bar_at(t - 1)).argmax(1) == y).float().mean()))
     return out

@@ -72,17 +72,18 @@ def model_config(name: str, input_shape: tuple[int, ...], num_classes: int, *, T
                  eta: float | None = None, clip: float = 1e-4, max_delta_snr: float | None = None,
                  steps: int | None = None, solver: str | None = None, fm_sigma: float = 0.1, norm: str = "batch",
                  z_skip: bool = False, embedding_lr_scale: float = 1.0, ct_l2_weight: str | None = None,
-                 grad_clip: float | None = None, prototype_z_path: str = "conv"):
+                 grad_clip: float | None = None, prototype_z_path: str | None = None):
     """The config of method `name`'s model from flat settings (noprop-train's and a federation's).
 
-    None means the method's own default (eta: dt 0.1, ct 1.0; steps, ct_l2_weight, grad_clip: the config class's
-    measured default).
+    None means the method's own default (eta: dt 0.1, ct 1.0; prototype_z_path: METHODS; steps, ct_l2_weight,
+    grad_clip: the config class's measured default).
     Raises ValueError for settings the method rejects. cnn takes the architecture only (T, eta, clip and steps
     do not apply to it and are ignored, as backprop ignores steps).
     """
     common = {"input_shape": tuple(input_shape), "num_classes": num_classes, "embedding": embedding,
               "head": head, "radial_sigma": radial_sigma, "channels": tuple(channels), "hidden": hidden,
-              "dropout": dropout, "embedding_lr_scale": embedding_lr_scale, "prototype_z_path": prototype_z_path}
+              "dropout": dropout, "embedding_lr_scale": embedding_lr_scale,
+              "prototype_z_path": prototype_z_path or method(name).prototype_z_path}
     config_class = method(name).config_class
     if config_class is CNNConfig:
         unused = ("radial_sigma", "embedding_lr_scale", "prototype_z_path")  # a CNN has no class embedding

@@ -197,6 +197,12 @@ def scale_prototypes(rows: torch.Tensor, scale: str = "unit") -> tuple[torch.Ten
     return rows * factor, factor
 
 
+def class_posterior_logits(z: torch.Tensor, embedding: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """log q(y | z) up to a constant for z ~ N(sqrt(ab) u_y, (1 - ab) I) under a uniform label prior:
+    (sqrt(ab) z . u_y - ab ||u_y||^2 / 2) / (1 - ab)."""
+    return (math.sqrt(alpha_bar) * z @ embedding.T - 0.5 * alpha_bar * embedding.pow(2).sum(1)) / (1.0 - alpha_bar)
+
+
 # -- the block of Figure 6 (left) ----------------------------------------------------------------------
 
 
@@ -410,9 +416,7 @@ class NoPropDT(ChainPredictor, nn.Module):
         (z_skip), the block learns only what x adds to it, and its reading of z cannot forget a class that its
         last owner never saw: under label skew, later blocks (which lean on z) otherwise drop whole classes.
         """
-        W = self.embedding.weight
-        ab = self.schedule.alpha_bar_at(t - 1)
-        return (math.sqrt(ab) * z @ W.T - 0.5 * ab * W.pow(2).sum(1)) / (1.0 - ab)
+        return class_posterior_logits(z, self.embedding.weight, self.schedule.alpha_bar_at(t - 1))
 
     def block_loss(self, t: int, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
                    log_prior: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:

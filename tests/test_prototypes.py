@@ -29,10 +29,9 @@ def test_unit_prototypes_give_the_label_away_no_sooner_than_one_hot():
     raw = prototype_rows(data.x, data.y, 4)
     unit, factor = scale_prototypes(raw, "unit")
     schedule = CosineSchedule(T=10)
-    levels = [schedule.alpha_bar_at(t) for t in range(schedule.T)]  # the inputs z_0 .. z_{T-1} of blocks 1..T
-    one_hot = label_from_z_accuracy(torch.eye(4), levels, generator=gen())
-    leak_raw = label_from_z_accuracy(raw, levels, generator=gen())
-    leak_unit = label_from_z_accuracy(unit, levels, generator=gen())
+    one_hot = label_from_z_accuracy(torch.eye(4), schedule, generator=gen())
+    leak_raw = label_from_z_accuracy(raw, schedule, generator=gen())
+    leak_unit = label_from_z_accuracy(unit, schedule, generator=gen())
     assert leak_raw[1] > 0.75 and one_hot[1] < 0.4  # measured: 0.81 against 0.29 (chance 0.25)
     for t, (u, o) in enumerate(zip(leak_unit, one_hot), start=1):
         assert u <= o + 0.08, f"block {t}: z gives the label away {u:.2f} of the time, one-hot {o:.2f}"
