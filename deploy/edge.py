@@ -17,6 +17,9 @@ message of proto/noprop/v1/inference.proto).
     noprop-edge serve model.onnx [--host 127.0.0.1] [--port 50051] [--max-request-bytes B]
     noprop-edge query HOST:PORT a.png [--info] [--health]
 
+Stochastic models: --seed N repeats a run; without it each run draws a fresh seed and reports it (a "seed" in
+JSON output, a note on stderr; `serve` in PredictResponse.seed).
+
 Exit codes: 0 success; 2 bad input (missing, corrupt or truncated model, an image of the wrong size or channel
 count, unreadable data, bad usage), with a one-line message on stderr; 1 a failed remote call (query);
 130 interrupted.
@@ -29,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -50,6 +54,8 @@ SERVICE_NAME = "noprop.v1.Inference"
 DEFAULT_PORT = 50051
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT = 64  # calls in progress or queued; more get RESOURCE_EXHAUSTED (bench/load_edge.py)
+SEED_LIMIT = 2**64  # --seed and PredictRequest.seed (uint64): 0 .. 2**64 - 1
+DRAWN_SEED_LIMIT = 2**53  # a seed drawn for an unseeded request stays exact as a JSON number (a double)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
@@ -71,6 +77,11 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def fresh_seed() -> int:
+    """A new seed for a request that gave none, so that unseeded calls differ (and each can be repeated)."""
+    return secrets.randbelow(DRAWN_SEED_LIMIT)
 
 
 def manifest_path_for(onnx_path: str | Path) -> Path:
@@ -328,12 +339,13 @@ class EdgeModel:
 
     def run(self, images: np.ndarray, noise: np.ndarray | None = None,
             rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities [N, classes], labels [N]). Stochastic models take noise [T + 1, N, d] or draw it."""
+        """(probabilities [N, classes], labels [N]). Stochastic models take noise [T + 1, N, d] or draw it from
+        rng; with neither, from fresh entropy (not reproducible: pass rng for that)."""
         x = self.check_images(images)
         feeds = {INPUT_NAME: x}
         if self.stochastic:
             if noise is None:
-                noise = self.make_noise(len(x), rng if rng is not None else np.random.default_rng(0))
+                noise = self.make_noise(len(x), rng if rng is not None else np.random.default_rng())
             noise = np.ascontiguousarray(noise, dtype=np.float32)
             t1, d = self.info.noise_shape
             if noise.shape != (t1, len(x), d):
@@ -625,11 +637,13 @@ class InferenceService:
                 self._invalid(context, f"{len(request.noise)} noise values, the model needs [T + 1, N, d] = "
                                        f"[{t1}, {n}, {d}] = {t1 * n * d}")
             noise = np.fromiter(request.noise, dtype=np.float32, count=len(request.noise)).reshape(t1, n, d)
+        drawn = self.model.stochastic and noise is None
+        seed = (request.seed if request.HasField("seed") else fresh_seed()) if drawn else None
         try:
-            probs, labels = self.model.run(x, noise, rng=np.random.default_rng(request.seed))
+            probs, labels = self.model.run(x, noise, rng=None if seed is None else np.random.default_rng(seed))
         except EdgeError as exc:
             self._invalid(context, str(exc))
-        response = self.pb.PredictResponse(model_sha256=self.model.sha256)
+        response = self.pb.PredictResponse(model_sha256=self.model.sha256, seed=seed)
         for p, label in zip(probs, labels, strict=True):
             response.predictions.add(label=int(label), class_name=info.class_names[int(label)],
                                      probabilities=p.tolist())
@@ -723,9 +737,10 @@ class RemoteError(Exception):
 
 
 def query(target: str, paths: list[str], show_info: bool = False, health_check: bool = False,
-          timeout: float = 10.0, resize: bool = False, convert: bool = False, seed: int = 0,
+          timeout: float = 10.0, resize: bool = False, convert: bool = False, seed: int | None = None,
           as_json: bool = False, tls_ca: bytes | None = None) -> int:
-    """Call a running `noprop-edge serve` (over TLS when tls_ca, the server's CA certificate, is given)."""
+    """Call a running `noprop-edge serve` (over TLS when tls_ca, the server's CA certificate, is given). seed None:
+    a stochastic server draws one and reports it (printed, so the call can be repeated)."""
     try:
         import grpc
     except ImportError:
@@ -757,25 +772,41 @@ def query(target: str, paths: list[str], show_info: bool = False, health_check: 
         x = load_images(paths, shape, resize, convert)
         request = pb.PredictRequest(shape=list(x.shape), pixels=x.ravel().tolist(), seed=seed)
         reply = stub.Predict(request, timeout=timeout)
+        used = reply.seed if reply.HasField("seed") else None
     except grpc.RpcError as exc:
         raise RemoteError(f"{target}: {exc.code().name}: {_one_line(exc.details())}") from None
     finally:
         channel.close()
     results = [{"file": str(p), "label": r.label, "class": r.class_name,
                 "probability": float(r.probabilities[r.label])} for p, r in zip(paths, reply.predictions, strict=True)]
-    _print_predictions(results, as_json)
+    _print_predictions(results, as_json, used, drawn=seed is None)
     return 0
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------
 
 
-def _print_predictions(results: list[dict], as_json: bool) -> None:
+def _print_predictions(results: list[dict], as_json: bool, seed: int | None = None, drawn: bool = False) -> None:
+    """seed: of a stochastic model's noise; in every JSON row, and on stderr when drawn (the user gave none)."""
+    if seed is not None:
+        results = [{**r, "seed": seed} for r in results]
+        if drawn:
+            print(f"noprop-edge: noise seed {seed} (pass --seed {seed} to repeat this)", file=sys.stderr)
     if as_json:
         print(json.dumps(results, indent=2))
         return
     for r in results:
         print(f"{r['file']}\t{r['label']}\t{r['class']}\t{r['probability']:.4f}")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0 .. 2**64 - 1")
+    return value
 
 
 def _format_info(model: EdgeModel) -> str:
@@ -842,7 +873,8 @@ def build_parser() -> argparse.ArgumentParser:
     def image_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--resize", action="store_true", help="scale images of another size to the model's")
         sp.add_argument("--convert", action="store_true", help="convert grayscale <-> RGB to the model's channels")
-        sp.add_argument("--seed", type=int, default=0, help="seed of the noise of a stochastic model")
+        sp.add_argument("--seed", type=_seed, help="seed of a stochastic model's noise (default: a fresh one, "
+                                                   "printed so the run can be repeated)")
 
     sp = sub.add_parser("info", help="show the model's metadata")
     model_args(sp)
@@ -931,34 +963,45 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "predict":
         x = load_images(args.images, model.info.input_shape, args.resize, args.convert)
-        probs, labels = model.run(x, rng=np.random.default_rng(args.seed))
+        seed = _resolve_seed(model, args.seed)
+        probs, labels = model.run(x, rng=np.random.default_rng(seed))
         _print_predictions([{"file": f, "label": int(lab), "class": model.info.class_names[int(lab)],
                              "probability": float(p[lab])} for f, p, lab in zip(args.images, probs, labels,
-                                                                               strict=True)], args.json)
+                                                                               strict=True)], args.json,
+                           seed, drawn=args.seed is None)
         return 0
     if args.command == "eval":
         if args.batch_size < 1:
             raise EdgeError("--batch-size must be at least 1")
         x, y = load_eval_data(args.data, model.info, args.limit, args.resize, args.convert)
+        seed = _resolve_seed(model, args.seed)
         model.run(x[: min(len(x), args.batch_size)])  # warm-up: first-run allocations are not throughput
         start = time.perf_counter()
-        _, labels = model.run_batches(x, args.batch_size, args.seed)
+        _, labels = model.run_batches(x, args.batch_size, seed or 0)
         elapsed = time.perf_counter() - start
         result = {"model": str(model.path), "data": str(args.data), "examples": int(len(y)),
                   "correct": int((labels == y).sum()), "accuracy": float((labels == y).mean()),
-                  "images_per_s": float(len(y) / elapsed), "batch_size": args.batch_size,
-                  "mode": model.info.mode, "precision": model.info.precision}
+                  "seconds": elapsed, "images_per_s": float(len(y) / elapsed), "batch_size": args.batch_size,
+                  "mode": model.info.mode, "precision": model.info.precision, "seed": seed}
         if args.json:
             print(json.dumps(result, indent=2))
         else:
+            noise = f", noise seed {seed}" if seed is not None else ""
             print(f"accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['examples']}) on "
                   f"{args.data}; {result['images_per_s']:.0f} images/s (batch {args.batch_size}, "
-                  f"{model.info.precision}, {model.info.mode})")
+                  f"{model.info.precision}, {model.info.mode}{noise})")
         return 0
     if args.command == "serve":
         serve(model, args.host, args.port, args.max_request_bytes, args.workers, args.grace, tls, args.max_concurrent)
         return 0
     raise AssertionError(args.command)
+
+
+def _resolve_seed(model: EdgeModel, seed: int | None) -> int | None:
+    """The seed of a stochastic model's noise: the given one, else a fresh one; None for a deterministic model."""
+    if not model.stochastic:
+        return None
+    return seed if seed is not None else fresh_seed()
 
 
 def main(argv: list[str] | None = None) -> int:

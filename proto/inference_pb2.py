@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19noprop/v1/inference.proto\x12\tnoprop.v1\x1a\x1cgoogle/protobuf/struct.proto\"L\n\x0ePredictRequest\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0e\n\x06pixels\x18\x02 \x03(\x02\x12\r\n\x05noise\x18\x03 \x03(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"F\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x03\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"S\n\x0fPredictResponse\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.noprop.v1.Prediction\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\"\x12\n\x10ModelInfoRequest\"<\n\rNormalisation\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03std\x18\x02 \x03(\x02\x12\x10\n\x08in_graph\x18\x03 \x01(\x08\"\xbd\x01\n\x08Schedule\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\t\n\x01T\x18\x02 \x01(\r\x12\t\n\x01s\x18\x03 \x01(\x01\x12\x0c\n\x04\x63lip\x18\x04 \x01(\x01\x12\x1a\n\rmax_delta_snr\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06gamma0\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x06gamma1\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\talpha_bar\x18\x08 \x03(\x01\x42\x10\n\x0e_max_delta_snrB\t\n\x07_gamma0B\t\n\x07_gamma1\"\xe2\x04\n\rModelManifest\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x02 \x01(\r\x12\x19\n\x11noprop_fl_version\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\x13\n\x0binput_shape\x18\x06 \x03(\x05\x12\x14\n\x0cinput_layout\x18\x07 \x01(\t\x12\x13\n\x0binput_scale\x18\x08 \x01(\t\x12/\n\rnormalisation\x18\t \x01(\x0b\x32\x18.noprop.v1.Normalisation\x12\t\n\x01T\x18\n \x01(\r\x12\x11\n\tembedding\x18\x0b \x01(\t\x12\x15\n\rembedding_dim\x18\x0c \x01(\r\x12\x0c\n\x04head\x18\r \x01(\t\x12%\n\x08schedule\x18\x0e \x01(\x0b\x32\x13.noprop.v1.Schedule\x12\x0c\n\x04mode\x18\x0f \x01(\t\x12\x11\n\tprecision\x18\x10 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x11 \x01(\t\x12\x31\n\x10training_metrics\x18\x12 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x65xporter\x18\x13 \x01(\t\x12\r\n\x05opset\x18\x14 \x01(\r\x12-\n\x0cquantization\x18\x15 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tfile_name\x18\x16 \x01(\t\x12\x13\n\x0b\x66ile_sha256\x18\x17 \x01(\t\x12\x12\n\nfile_bytes\x18\x18 \x01(\x04\x12\r\n\x05steps\x18\x19 \x01(\r\x12\x0e\n\x06solver\x18\x1a \x01(\t2\x91\x01\n\tInference\x12@\n\x07Predict\x12\x19.noprop.v1.PredictRequest\x1a\x1a.noprop.v1.PredictResponse\x12\x42\n\tModelInfo\x12\x1b.noprop.v1.ModelInfoRequest\x1a\x18.noprop.v1.ModelManifestb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19noprop/v1/inference.proto\x12\tnoprop.v1\x1a\x1cgoogle/protobuf/struct.proto\"Z\n\x0ePredictRequest\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0e\n\x06pixels\x18\x02 \x03(\x02\x12\r\n\x05noise\x18\x03 \x03(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"F\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x03\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"o\n\x0fPredictResponse\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.noprop.v1.Prediction\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x12\n\x10ModelInfoRequest\"<\n\rNormalisation\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03std\x18\x02 \x03(\x02\x12\x10\n\x08in_graph\x18\x03 \x01(\x08\"\xbd\x01\n\x08Schedule\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\t\n\x01T\x18\x02 \x01(\r\x12\t\n\x01s\x18\x03 \x01(\x01\x12\x0c\n\x04\x63lip\x18\x04 \x01(\x01\x12\x1a\n\rmax_delta_snr\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06gamma0\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x06gamma1\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\talpha_bar\x18\x08 \x03(\x01\x42\x10\n\x0e_max_delta_snrB\t\n\x07_gamma0B\t\n\x07_gamma1\"\xe2\x04\n\rModelManifest\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x02 \x01(\r\x12\x19\n\x11noprop_fl_version\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\x13\n\x0binput_shape\x18\x06 \x03(\x05\x12\x14\n\x0cinput_layout\x18\x07 \x01(\t\x12\x13\n\x0binput_scale\x18\x08 \x01(\t\x12/\n\rnormalisation\x18\t \x01(\x0b\x32\x18.noprop.v1.Normalisation\x12\t\n\x01T\x18\n \x01(\r\x12\x11\n\tembedding\x18\x0b \x01(\t\x12\x15\n\rembedding_dim\x18\x0c \x01(\r\x12\x0c\n\x04head\x18\r \x01(\t\x12%\n\x08schedule\x18\x0e \x01(\x0b\x32\x13.noprop.v1.Schedule\x12\x0c\n\x04mode\x18\x0f \x01(\t\x12\x11\n\tprecision\x18\x10 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x11 \x01(\t\x12\x31\n\x10training_metrics\x18\x12 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x65xporter\x18\x13 \x01(\t\x12\r\n\x05opset\x18\x14 \x01(\r\x12-\n\x0cquantization\x18\x15 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tfile_name\x18\x16 \x01(\t\x12\x13\n\x0b\x66ile_sha256\x18\x17 \x01(\t\x12\x12\n\nfile_bytes\x18\x18 \x01(\x04\x12\r\n\x05steps\x18\x19 \x01(\r\x12\x0e\n\x06solver\x18\x1a \x01(\t2\x91\x01\n\tInference\x12@\n\x07Predict\x12\x19.noprop.v1.PredictRequest\x1a\x1a.noprop.v1.PredictResponse\x12\x42\n\tModelInfo\x12\x1b.noprop.v1.ModelInfoRequest\x1a\x18.noprop.v1.ModelManifestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'noprop.proto.inference_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST']._serialized_start=70
-  _globals['_PREDICTREQUEST']._serialized_end=146
-  _globals['_PREDICTION']._serialized_start=148
-  _globals['_PREDICTION']._serialized_end=218
-  _globals['_PREDICTRESPONSE']._serialized_start=220
-  _globals['_PREDICTRESPONSE']._serialized_end=303
-  _globals['_MODELINFOREQUEST']._serialized_start=305
-  _globals['_MODELINFOREQUEST']._serialized_end=323
-  _globals['_NORMALISATION']._serialized_start=325
-  _globals['_NORMALISATION']._serialized_end=385
-  _globals['_SCHEDULE']._serialized_start=388
-  _globals['_SCHEDULE']._serialized_end=577
-  _globals['_MODELMANIFEST']._serialized_start=580
-  _globals['_MODELMANIFEST']._serialized_end=1190
-  _globals['_INFERENCE']._serialized_start=1193
-  _globals['_INFERENCE']._serialized_end=1338
+  _globals['_PREDICTREQUEST']._serialized_end=160
+  _globals['_PREDICTION']._serialized_start=162
+  _globals['_PREDICTION']._serialized_end=232
+  _globals['_PREDICTRESPONSE']._serialized_start=234
+  _globals['_PREDICTRESPONSE']._serialized_end=345
+  _globals['_MODELINFOREQUEST']._serialized_start=347
+  _globals['_MODELINFOREQUEST']._serialized_end=365
+  _globals['_NORMALISATION']._serialized_start=367
+  _globals['_NORMALISATION']._serialized_end=427
+  _globals['_SCHEDULE']._serialized_start=430
+  _globals['_SCHEDULE']._serialized_end=619
+  _globals['_MODELMANIFEST']._serialized_start=622
+  _globals['_MODELMANIFEST']._serialized_end=1232
+  _globals['_INFERENCE']._serialized_start=1235
+  _globals['_INFERENCE']._serialized_end=1380
 # @@protoc_insertion_point(module_scope)

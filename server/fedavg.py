@@ -27,7 +27,7 @@ from noprop.io import append_jsonl, atomic_write_text, read_jsonl
 from noprop.methods import build_model
 from noprop.model import parse_embedding
 from noprop.plots import plot_federated_run
-from noprop.records import arrays_to_record, record_to_arrays
+from noprop.records import arrays_to_record, record_to_arrays, state_digest
 from noprop.server.aggregate import Reply, validate_reply
 from noprop.server.rounds import FederationError
 from noprop.trainer import evaluate_accuracy
@@ -59,7 +59,8 @@ class CheckedReplies:
     def begin_round(self, arrays: ArrayRecord, msgs: list[Message]) -> None:
         """Remember what was sent this round: the reference the replies are checked against, and the traffic."""
         self.reference = record_to_arrays(arrays)
-        self.round_record = {"sent_to": sorted(m.metadata.dst_node_id for m in msgs),
+        self.round_record = {"model_in": state_digest(self.reference),  # the model this round trains from
+                             "sent_to": sorted(m.metadata.dst_node_id for m in msgs),
                              "bytes_to": {str(m.metadata.dst_node_id): m.content[self.arrayrecord_key].count_bytes()
                                           for m in msgs},
                              "bytes_from": {}, "num_examples": {}, "client_train_time_s": {},

@@ -6,6 +6,11 @@ can hold, and at least one per node whenever there are enough block slots. Secon
 are laid out once into T owner sets (one per block slot, largest remaining quota first, so the replicate
 policy never puts a node twice on one block), and round r shifts the slots by r. Over T rounds every block
 therefore passes through every slot, and so through every node's data, which is what non-IID data needs.
+
+Nodes that together hold fewer than T blocks are an error, unless the caller asks for a partial plan
+(partial=True, mid-run, after nodes left): then the plan covers as many blocks as the nodes can hold, a
+window that moves on by that many blocks each round so that none starves, and names the rest in uncovered;
+those keep their weights that round, like a dead node's blocks.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from noprop.federation import POLICIES
 
 
 class PlanError(Exception):
-    """The nodes cannot hold every block; the message says how many slots are missing."""
+    """The nodes cannot hold every block (or, for a partial plan, any); the message says how many they can."""
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,19 @@ class NodeCapacity:
 class OwnershipPlan:
     round: int
     policy: str
-    owners: dict[int, tuple[int, ...]]  # block t -> node ids
+    owners: dict[int, tuple[int, ...]]  # block t -> node ids (a partial plan: the covered blocks only)
     assignments: dict[int, tuple[int, ...]] = field(default_factory=dict)  # node id -> blocks
+    uncovered: tuple[int, ...] = ()  # blocks nobody trains this round (partial plans only)
 
     def blocks_of(self, node_id: int) -> tuple[int, ...]:
         return self.assignments.get(node_id, ())
 
     def to_json(self) -> dict:
-        return {"round": self.round, "policy": self.policy,
-                "owners": {str(t): list(n) for t, n in sorted(self.owners.items())}}
+        out = {"round": self.round, "policy": self.policy,
+               "owners": {str(t): list(n) for t, n in sorted(self.owners.items())}}
+        if self.uncovered:
+            out["uncovered"] = list(self.uncovered)
+        return out
 
 
 def apportion(weights: dict[int, float], total: int, caps: dict[int, int], floor: int) -> dict[int, int]:
@@ -67,9 +76,20 @@ def apportion(weights: dict[int, float], total: int, caps: dict[int, int], floor
     return quota
 
 
+def covered_window(T: int, capacity: int, round: int) -> list[int]:
+    """The capacity blocks a partial plan trains in this round: consecutive (cyclically from 1..T), starting
+    where the previous round's window ended, so any ceil(T / capacity) consecutive rounds train every block."""
+    start = (round * capacity) % T
+    return sorted((start + i) % T + 1 for i in range(capacity))
+
+
 def plan_ownership(capacities: list[NodeCapacity], T: int, round: int, seed: int = 0, policy: str = "rotate",
-                   replicas: int = 2) -> OwnershipPlan:
-    """Every block owned by at least one node; no node above its capacity; work in proportion to speed."""
+                   replicas: int = 2, partial: bool = False) -> OwnershipPlan:
+    """Every block owned by at least one node; no node above its capacity; work in proportion to speed.
+
+    Nodes that cannot hold T blocks raise PlanError, or with partial=True get the blocks they can hold
+    (covered_window), the rest in the plan's uncovered; PlanError still if they can hold none.
+    """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
     if not capacities:
@@ -77,18 +97,22 @@ def plan_ownership(capacities: list[NodeCapacity], T: int, round: int, seed: int
     nodes = {c.node_id: c for c in capacities}
     caps = {n: max(0, min(c.max_blocks, T)) for n, c in nodes.items()}
     total_cap = sum(caps.values())
+    blocks = list(range(1, T + 1))
     if total_cap < T:
-        raise PlanError(f"the {len(nodes)} node(s) can hold {total_cap} block(s) but T={T}: add nodes, raise "
-                        "--max-blocks, or lower T")
+        if not partial or total_cap == 0:
+            raise PlanError(f"the {len(nodes)} node(s) can hold {total_cap} block(s) but T={T}: add nodes, raise "
+                            "--max-blocks, or lower T")
+        blocks = covered_window(T, total_cap, round)
+    n_blocks = len(blocks)
     usable = [n for n in nodes if caps[n] > 0]
     if policy == "replicate":
         per_block = max(1, min(replicas, len(usable)))
     else:
         # more nodes than blocks: give blocks several owners so that every node's data is used
-        per_block = max(1, math.ceil(len(usable) / T))
-    while per_block > 1 and total_cap < per_block * T:
+        per_block = max(1, math.ceil(len(usable) / n_blocks))
+    while per_block > 1 and total_cap < per_block * n_blocks:
         per_block -= 1
-    slots = per_block * T
+    slots = per_block * n_blocks
     weights = {n: nodes[n].speed if nodes[n].speed > 0 else 1e-9 for n in usable}
     quota = apportion(weights, slots, caps, floor=1 if slots >= len(usable) else 0)
 
@@ -98,16 +122,17 @@ def plan_ownership(capacities: list[NodeCapacity], T: int, round: int, seed: int
     rank = {n: i for i, n in enumerate(order)}
     left = dict(quota)
     owner_sets: list[tuple[int, ...]] = []
-    for _ in range(T):
+    for _ in range(n_blocks):
         picks = sorted((n for n in usable if left[n] > 0), key=lambda n: (-left[n], rank[n]))[:per_block]
         for n in picks:
             left[n] -= 1
         owner_sets.append(tuple(sorted(picks, key=rank.get)))
-    shift = round % T
-    owners = {t: owner_sets[(t - 1 + shift) % T] for t in range(1, T + 1)}
+    shift = round % n_blocks
+    owners = {t: owner_sets[(i + shift) % n_blocks] for i, t in enumerate(blocks)}
     assignments: dict[int, list[int]] = {}
     for t, ns in owners.items():
         for n in ns:
             assignments.setdefault(n, []).append(t)
     return OwnershipPlan(round=round, policy=policy, owners=owners,
-                         assignments={n: tuple(sorted(b)) for n, b in assignments.items()})
+                         assignments={n: tuple(sorted(b)) for n, b in assignments.items()},
+                         uncovered=tuple(t for t in range(1, T + 1) if t not in owners))

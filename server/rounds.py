@@ -21,7 +21,7 @@ from noprop.federation import FederationConfig
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.model import NoPropDT, parse_embedding
 from noprop.plots import plot_chain_diagnostics, plot_federated_run
-from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
+from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state, to_torch_state
 from noprop.server.aggregate import Reply, aggregate, keys_for_blocks, validate_reply
 from noprop.server.grid import PromptGrid
 from noprop.server.planner import NodeCapacity, OwnershipPlan, PlanError, plan_ownership
@@ -114,10 +114,15 @@ class NoPropFederation:
         live = [self.state.capacities[n] for n in nodes if n in self.state.capacities]
         if not live:
             raise FederationError("no node answered discovery: check the clients' logs")
-        try:
-            plan = plan_ownership(live, self.cfg.T, rnd - 1, self.cfg.seed, self.cfg.policy, self.cfg.replicas)
+        try:  # mid-run (a resumed run too), nodes that left must not end it: train the blocks the rest can hold
+            plan = plan_ownership(live, self.cfg.T, rnd - 1, self.cfg.seed, self.cfg.policy, self.cfg.replicas,
+                                  partial=rnd > 1)
         except PlanError as exc:
             raise FederationError(str(exc)) from None
+        if plan.uncovered:
+            self.log(f"WARNING: round {rnd}: the {len(live)} node(s) hold {len(plan.owners)} of {self.cfg.T} blocks; "
+                     f"block(s) {', '.join(map(str, plan.uncovered))} keep their weights this round (start more "
+                     "noprop-client processes or raise --max-blocks)")
         replies, record = self.train(plan, rnd, clock)  # only replies that passed validation
         self.global_state = aggregate(self.global_state, plan, replies, self.cfg.aggregation, self.cfg.trim_fraction)
         self.model.load_state_dict(to_torch_state(self.global_state))
@@ -229,6 +234,7 @@ class NoPropFederation:
         """Send each node its blocks; return the replies that passed validation and the round's record."""
         clock = clock or PhaseClock()
         cfg = self.cfg
+        model_in = state_digest(self.global_state)  # the model this round trains from (after a resume too)
         sent: dict[str, tuple[int, list[str]]] = {}  # message id -> (node, keys)
         msgs, bytes_to = [], {}
         for node, blocks in sorted(plan.assignments.items()):
@@ -282,7 +288,8 @@ class NoPropFederation:
             self.state.capacities.pop(node, None)
         block_l2 = {str(t): sum(v) / len(v) for t, v in sorted(losses.items())}
         record = {
-            "round": rnd, "plan": plan.to_json()["owners"], "trained_by": sorted(r.node_id for r in replies),
+            "round": rnd, "model_in": model_in, "plan": plan.to_json()["owners"], "uncovered": list(plan.uncovered),
+            "trained_by": sorted(r.node_id for r in replies),
             "rejected": {str(k): v for k, v in rejected.items()}, "failed": sorted(failed),
             "block_l2": block_l2, "mean_l2": sum(block_l2.values()) / max(len(block_l2), 1),
             "bytes_to": bytes_to, "bytes_from": bytes_from,

@@ -22,7 +22,8 @@ from noprop.model import NoPropConfig
 FORMAT = "noprop-fl/checkpoint"
 FORMAT_VERSION = 1
 
-__all__ = ["METHODS", "Checkpoint", "CheckpointError", "build_model", "load_checkpoint", "save_checkpoint"]
+__all__ = ["METHODS", "Checkpoint", "CheckpointError", "build_model", "load_checkpoint", "load_train_state",
+           "save_checkpoint", "save_train_state"]
 
 
 class CheckpointError(Exception):
@@ -118,6 +119,31 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(method=payload["method"], config=config_from_dict(payload["method"], payload["config"]),
                       state_dict=payload["state_dict"], data=payload["data"], metrics=payload["metrics"],
                       extra=payload["extra"])
+
+
+def train_state_path(path: str | os.PathLike) -> Path:
+    """Where noprop-train keeps what --resume needs beyond the model: checkpoint.pt -> checkpoint.train-state.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.train-state{path.suffix}")
+
+
+def save_train_state(path: str | os.PathLike, epoch: int, optimizers: list[torch.optim.Optimizer]) -> Path:
+    """The optimizers' state and torch's RNG after `epoch`, written atomically beside the checkpoint at path (not
+    inside it: Adam's moments would triple the file every export reads), so a resumed run goes on as if unstopped."""
+    buf = io.BytesIO()
+    torch.save({"epoch": epoch, "optimizers": [o.state_dict() for o in optimizers], "rng": torch.get_rng_state()},
+               buf)
+    return atomic_write(train_state_path(path), lambda f: f.write(buf.getvalue()))
+
+
+def load_train_state(path: str | os.PathLike, epoch: int) -> dict | None:
+    """The train state saved with the checkpoint of `epoch`; None if missing, unreadable or of another epoch (a
+    crash between the two writes)."""
+    try:
+        state = torch.load(train_state_path(path), map_location="cpu", weights_only=True)
+    except Exception:  # missing, torn or foreign: the optimizers restart
+        return None
+    return state if isinstance(state, dict) and state.get("epoch") == epoch else None
 
 
 def load_latest_checkpoint(path: str | os.PathLike) -> tuple[Checkpoint, Path, str | None]:

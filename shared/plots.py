@@ -75,7 +75,7 @@ def plot_federated_run(records: list[dict], accuracy_path: str | Path, ownership
 
     nodes = sorted({int(n) for r in records for owners in r["plan"].values() for n in owners})
     index = {n: i for i, n in enumerate(nodes)}
-    T = max((int(t) for r in records for t in r["plan"]), default=0)
+    T = max((int(t) for r in records for t in (*r["plan"], *r.get("uncovered", ()))), default=0)  # partial plans
     if not records or not T:
         return
     grid = np.full((T, len(records)), np.nan)
@@ -84,6 +84,8 @@ def plot_federated_run(records: list[dict], accuracy_path: str | Path, ownership
         for t, owners in r["plan"].items():
             grid[int(t) - 1, j] = index[int(owners[0])]
             labels[int(t) - 1][j] = ",".join(str(index[int(n)]) for n in owners)
+        for t in r.get("uncovered", ()):  # nobody could hold it that round: it kept its weights
+            labels[int(t) - 1][j] = "-"
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(records) + 2), max(3, 0.4 * T + 1)))
     ax.imshow(grid, aspect="auto", cmap="tab20", vmin=0, vmax=max(19, len(nodes)), origin="lower",
               extent=(rounds[0] - 0.5, rounds[-1] + 0.5, 0.5, T + 0.5))

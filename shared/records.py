@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,3 +29,15 @@ def arrays_to_record(state: Mapping[str, np.ndarray], keys: list[str] | None = N
 
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
+
+
+def state_digest(state: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of a model state (names, dtypes, shapes and bytes, in name order): equal digests mean the same
+    weights bit for bit. Each round's metrics line records the digest of the model it trained from, so a resume
+    that does not continue from the checkpoint shows."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        value = np.ascontiguousarray(state[key])
+        h.update(f"{key}:{value.dtype.str}:{value.shape};".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()

@@ -1,7 +1,7 @@
 """noprop-train: train NoProp-DT, -CT, -FM, the adjoint ODE, the backprop baseline or the plain CNN on one machine.
 
-Writes into the run folder: metrics.jsonl (a line per epoch), checkpoint.pt (atomic, after every epoch),
-curves.png, and config.json.
+Writes into the run folder: metrics.jsonl (a line per epoch), checkpoint.pt (atomic, after every epoch) and
+beside it the optimizers' and RNG state for --resume, curves.png, and config.json.
 """
 
 from __future__ import annotations
@@ -16,12 +16,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from noprop.checkpoint import Checkpoint, build_model, save_checkpoint
+from noprop.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    load_train_state,
+    save_checkpoint,
+    save_train_state,
+)
 from noprop.config import EVAL_MODES, METHODS, ConfigError, TrainConfig, build_config
 from noprop.ct import CT_L2_WEIGHTS
 from noprop.data import DatasetError, load_train_test
 from noprop.device import resolve_device
-from noprop.io import append_jsonl, atomic_write_text
+from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.launch import OneLineParser
 from noprop.methods import make_optimizer
 from noprop.model import PROTOTYPE_SCALES, PROTOTYPE_Z_PATHS, parse_embedding, prototype_rows, scale_prototypes
@@ -84,11 +92,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --out's run after its last checkpointed epoch (same settings; --epochs may grow)")
     return p
 
 
-def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None) -> dict:
-    """Train as cfg says; returns the last epoch's metrics record.
+RESUME_SAME = ("subset", "seed", "lr", "weight_decay", "batch_size")  # besides the model: a resume must keep these
+
+
+def resume_from(out: Path, cfg: TrainConfig, model_cfg, data: dict, model) -> tuple[int, list[dict], dict | None]:
+    """--resume: OUT's checkpoint into model. Returns its epoch, the metrics lines up to it and the saved train
+    state (None: the optimizers restart). A checkpoint of other data, model or settings is a ConfigError."""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        print(f"noprop-train: no checkpoint in {out} to resume from: starting at epoch 1")
+        return 0, [], None
+    ckpt = load_checkpoint(path)
+    shape, classes = ckpt.data.get("input_shape"), ckpt.data.get("classes", [])
+    if shape != data["input_shape"] or classes != data["classes"]:
+        raise ConfigError(f"--resume: {path} was trained on input {shape} with {len(classes)} classes, the data "
+                          f"has {data['input_shape']} with {len(data['classes'])}: resume on its dataset or use a new "
+                          "--out")
+    if not {"epoch", "train_config"} <= set(ckpt.extra):
+        raise ConfigError(f"--resume: {path} was not written by noprop-train: use a new --out")
+    changed = [k for k in RESUME_SAME if ckpt.extra["train_config"].get(k) != getattr(cfg, k)]
+    if ckpt.method != cfg.method or ckpt.config != model_cfg:
+        changed.insert(0, "the model")
+    if changed:
+        raise ConfigError(f"--resume: {path} was trained with other settings ({', '.join(changed)}): give the "
+                          "original ones or use a new --out")
+    model.load_state_dict(ckpt.state_dict)
+    epoch = int(ckpt.extra["epoch"])
+    metrics = out / "metrics.jsonl"
+    records = [r for r in read_jsonl(metrics) if r["epoch"] < epoch] if metrics.exists() else []
+    records.append(ckpt.metrics)  # lines past the checkpoint (a crash after their append) are dropped
+    write_jsonl(metrics, records)
+    state = load_train_state(path, epoch)
+    print(f"noprop-train: resuming after epoch {epoch} from {path}"
+          + ("" if state else " (no optimizer state saved with it: the optimizers restart)"))
+    return epoch, records, state
+
+
+def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None, resume: bool = False) -> dict:
+    """Train as cfg says (resume: continue cfg.out's run, see resume_from); returns the last epoch's metrics record.
 
     on_event("train_start") runs once data and model are ready, on_event("epoch_trained") after each epoch's
     training and before its evaluation, on_event("epoch_done") after its checkpoint and plot: benchmarks use
@@ -108,9 +154,7 @@ def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None) -> dict
         test = test.subset(range(min(cfg.eval_limit, len(test))))
     out = Path(cfg.out or f"runs/{cfg.method}-{cfg.dataset.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
 
     init, embedding_lr_scale = None, 1.0
     if parse_embedding(cfg.embedding)[0] == "prototype":
@@ -129,11 +173,19 @@ def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None) -> dict
     trainer = BlockTrainer(model, optim) if cfg.method == "dt" else None
     optimizer = None if trainer is not None else make_optimizer(cfg.method, model.parameters(), cfg.lr,
                                                                 cfg.weight_decay)
+    optimizers = [*trainer.block_optimizers.values(), trainer.shared_optimizer] if trainer else [optimizer]
+    done, records, state = resume_from(out, cfg, model_cfg, train.describe(), model) if resume else (0, [], None)
+    if not done:
+        metrics_path.unlink(missing_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))  # after a resume's checks
+    if state is not None:
+        for opt, saved in zip(optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(saved)
+        torch.set_rng_state(state["rng"])
     modes = ("deterministic", "stochastic") if cfg.eval_mode == "both" else (cfg.eval_mode,)
     event("train_start")
-    records = []
     batches = -(-len(train) // cfg.batch_size)
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(done + 1, cfg.epochs + 1):
         start = time.perf_counter()
         record: dict = {"epoch": epoch, "method": cfg.method}
         if trainer is not None:
@@ -174,6 +226,7 @@ def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None) -> dict
         save_checkpoint(out / "checkpoint.pt", Checkpoint(
             method=cfg.method, config=model_cfg, state_dict=model.state_dict(), data=train.describe(),
             metrics=record, extra={"epoch": epoch, "train_config": cfg.to_dict()}))
+        save_train_state(out / "checkpoint.pt", epoch, optimizers)
         plot_training_curves(records, out / "curves.png", title=f"{cfg.method} on {train.name}")
         event("epoch_done")
     print(f"done: checkpoint {out / 'checkpoint.pt'}, metrics {metrics_path}, curves {out / 'curves.png'}")
@@ -182,11 +235,13 @@ def run(cfg: TrainConfig, on_event: Callable[[str], None] | None = None) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    toml_path = args.pop("config")
+    toml_path, resume = args.pop("config"), bool(args.pop("resume"))
     try:
         cfg = build_config(toml_path, args)
-        run(cfg)
-    except (ConfigError, DatasetError, ValueError) as exc:
+        if resume and not cfg.out:
+            raise ConfigError("--resume needs --out: the run folder to continue")
+        run(cfg, resume=resume)
+    except (ConfigError, DatasetError, CheckpointError, ValueError) as exc:
         print(f"noprop-train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,10 +2,13 @@
 is noprop's own wrapped so that the node holding partition 0 tampers each train reply it sends, one way per
 round (TAMPERS). Run by tests/test_faults.py as a script (Ray lives and dies with this process):
 
-    python tests/rogue_sim.py OUT NPZ
+    python tests/rogue_sim.py OUT NPZ VARIANT
 
-Each tampered reply is recorded in OUT/rogue.jsonl (round, node id, what was done) for the test to match against
-the server's metrics.jsonl.
+VARIANT (VARIANTS) picks the aggregation and the ownership: under median with rotate the rogue owns its block
+alone; under mean with replicate (and a learned embedding) each block has a second, honest owner, and the
+mean would follow a reply that got through. Each tampered reply is recorded in OUT/rogue.jsonl (round, node id,
+what was done) for the test to match against the server's metrics.jsonl, and every node's train message and
+reply (arrays and example count) in OUT/traffic/, for the test to rebuild the honest nodes' aggregate.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ NUM_NODES = 3
 T = 3
 SETTINGS = {"T": T, "channels": "8,16,16", "hidden": 64, "batch-size": 32, "lr": 3e-3, "dropout": 0.0,
             "local-epochs": 3, "eval-limit": 0, "client-threads": 1, "num-rounds": len(TAMPERS),
-            "min-nodes": NUM_NODES, "aggregation": "median"}
+            "min-nodes": NUM_NODES, "head-steps": 0}  # no server-side head fit: the aggregate is the whole model
+VARIANTS = {
+    "median-rotate": {"aggregation": "median", "policy": "rotate"},
+    "mean-replicate": {"aggregation": "mean", "policy": "replicate", "replicas": 2, "embedding": "learned:8"},
+}
 
 
 def tamper(arrays: dict[str, np.ndarray], metrics: dict, kind: str, rnd: int, blocks: list[int]) -> None:
@@ -60,27 +67,35 @@ def make_rogue_client_app(overrides: dict, log_path: Path):
     def evaluate(msg: Message, context):
         return honest(msg, context)
 
+    traffic = log_path.parent / "traffic"
+    traffic.mkdir(parents=True, exist_ok=True)
+
+    def record(name: str, arrays: dict[str, np.ndarray], num_examples: int) -> None:
+        np.savez(traffic / f"{name}.npz", **arrays, **{"~num-examples": np.asarray(num_examples)})
+
     @app.train()
     def train(msg: Message, context):
-        reply = honest(msg, context)
-        if int(context.node_config["partition-id"]) != ROGUE_PARTITION:
-            return reply
         config = msg.content["config"]
         rnd, blocks = int(config["round"]), [int(b) for b in config["blocks"]]
-        kind = TAMPERS[(rnd - 1) % len(TAMPERS)]
+        node = int(context.node_id)
+        record(f"r{rnd}-n{node}-in", record_to_arrays(msg.content["arrays"]), 0)
+        reply = honest(msg, context)
         arrays = record_to_arrays(reply.content["arrays"])
         metrics = dict(reply.content["metrics"])
-        tamper(arrays, metrics, kind, rnd, blocks)
-        reply.content["arrays"] = arrays_to_record(arrays)
-        reply.content["metrics"] = MetricRecord(metrics)
-        append_jsonl(log_path, {"round": rnd, "node": int(context.node_id), "tamper": kind})
-        print(f"rogue node {context.node_id}: round {rnd}: {kind}", flush=True)
+        if int(context.node_config["partition-id"]) == ROGUE_PARTITION:
+            kind = TAMPERS[(rnd - 1) % len(TAMPERS)]
+            tamper(arrays, metrics, kind, rnd, blocks)
+            reply.content["arrays"] = arrays_to_record(arrays)
+            reply.content["metrics"] = MetricRecord(metrics)
+            append_jsonl(log_path, {"round": rnd, "node": node, "tamper": kind})
+            print(f"rogue node {node}: round {rnd}: {kind}", flush=True)
+        record(f"r{rnd}-n{node}-out", arrays, int(metrics["num-examples"]))
         return reply
 
     return app
 
 
-def main(out: str, npz: str) -> int:
+def main(out: str, npz: str, variant: str) -> int:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     from noprop.launch import apply_flower_env
@@ -91,7 +106,7 @@ def main(out: str, npz: str) -> int:
     from noprop.server.app import make_server_app
     from noprop.server.sim import _shutdown_ray, backend_config
 
-    overrides = {**SETTINGS, "out": str(out_dir), "dataset": f"npz:{npz}"}
+    overrides = {**SETTINGS, **VARIANTS[variant], "out": str(out_dir), "dataset": f"npz:{npz}"}
     try:
         run_simulation(server_app=make_server_app(overrides),
                        client_app=make_rogue_client_app(overrides, out_dir / "rogue.jsonl"),
@@ -102,4 +117,4 @@ def main(out: str, npz: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from noprop.model import NoPropConfig, NoPropDT
+from noprop.records import to_numpy_state
 from noprop.server.aggregate import Reply, aggregate, keys_for_blocks, validate_reply, weighted_mean
 from noprop.server.planner import OwnershipPlan
 
@@ -127,12 +129,25 @@ def test_boolean_example_count_is_not_an_integer():
 
 PLAN5 = OwnershipPlan(round=0, policy="rotate", owners={1: (1, 2, 3, 4), 2: (5,)},
                       assignments={1: (1,), 2: (1,), 3: (1,), 4: (1,), 5: (2,)})
+# skewed honest values and unequal counts, so that median, trimmed mean, mean and weighted mean all differ; the
+# outlier claims most of the data, which would buy it the weighted median
+HONEST, COUNTS5 = (1.0, 1.05, 0.9, 1.3), (100, 200, 300, 400, 2000)
 
 
 def five_replies(outlier: float) -> list[Reply]:
-    """Five nodes whose shared tensors are 1.0, 1.1, 0.9, 1.05 and one outlier; block 1 held by four of them."""
-    values = [1.0, 1.1, 0.9, 1.05, outlier]
-    return [reply(n, (1,) if n < 5 else (2,), v, 100) for n, v in zip(range(1, 6), values)]
+    """Five nodes whose shared tensors are HONEST and one outlier; block 1 held by the first four."""
+    return [reply(n, (1,) if n < 5 else (2,), v, count)
+            for n, v, count in zip(range(1, 6), (*HONEST, outlier), COUNTS5)]
+
+
+def robust_rules(values: np.ndarray) -> dict[str, float]:
+    """What each combiner makes of the five values: median, trimmed mean (0.2 of 5 cuts one at each end), and
+    the two it must not be (the example-weighted mean and median)."""
+    order = np.argsort(values)
+    cumulative = np.cumsum(np.asarray(COUNTS5)[order])
+    weighted_median = values[order][np.searchsorted(cumulative, cumulative[-1] / 2)]
+    return {"median": float(np.median(values)), "trimmed-mean": float(np.sort(values)[1:-1].mean()),
+            "weighted mean": float(np.average(values, weights=COUNTS5)), "weighted median": float(weighted_median)}
 
 
 @pytest.mark.parametrize("method", ["median", "trimmed-mean"])
@@ -140,22 +155,88 @@ def test_one_outlier_moves_the_mean_but_not_the_robust_shared_tensors(method):
     calm, poisoned = five_replies(1.0), five_replies(40.0)
     mean_calm = aggregate(state(), PLAN5, calm)["head.linear.weight"]
     mean_poisoned = aggregate(state(), PLAN5, poisoned)["head.linear.weight"]
-    assert np.allclose(mean_poisoned, (1.0 + 1.1 + 0.9 + 1.05 + 40.0) / 5, atol=1e-5)  # the mean follows the outlier
+    rules = robust_rules(np.array([*HONEST, 40.0]))
+    assert np.allclose(mean_poisoned, rules["weighted mean"], atol=1e-5)  # the mean follows the outlier
     assert float(mean_poisoned.max() - mean_calm.max()) > 7.0
     robust_calm = aggregate(state(), PLAN5, calm, method, trim_fraction=0.2)["head.linear.weight"]
     robust_poisoned = aggregate(state(), PLAN5, poisoned, method, trim_fraction=0.2)["head.linear.weight"]
-    expected = 1.05 if method == "median" else (1.0 + 1.05 + 1.1) / 3  # trimmed: 0.9 and the outlier cut
-    assert np.allclose(robust_poisoned, expected, atol=1e-6)
-    assert np.allclose(robust_poisoned, robust_calm, atol=0.06)  # moved by less than the honest spread (0.2)
+    np.testing.assert_allclose(robust_poisoned, rules[method], rtol=0, atol=1e-6)
+    for name, value in rules.items():  # the replies tell the rules apart, so a wrong rule cannot pass
+        if name != method:
+            assert abs(value - rules[method]) > 0.05, (name, value)
+    np.testing.assert_allclose(robust_calm, robust_rules(np.array([*HONEST, 1.0]))[method], rtol=0, atol=1e-6)
+    assert np.abs(robust_poisoned - robust_calm).max() < 0.2  # moved by less than half the honest spread (0.4)
     assert robust_poisoned.dtype == np.float32
 
 
 def test_robust_option_leaves_blocks_to_their_owners_mean():
     new = aggregate(state(), PLAN5, five_replies(40.0), "median")
-    # block 1: weighted mean of its four owners (equal counts); block 2: only node 5 (the outlier) owned it
-    assert np.allclose(new["blocks.1.w"], (1.0 + 1.1 + 0.9 + 1.05) / 4)
-    assert np.allclose(new["blocks.2.w"], 40.0)
+    # block 1: example-weighted mean of its four owners (not their median 1.025, nor their plain mean 1.0625)
+    assert np.allclose(new["blocks.1.w"], np.average(HONEST, weights=COUNTS5[:4]), rtol=0, atol=1e-6)
+    assert np.allclose(new["blocks.1.w"], 1.1)
+    assert np.allclose(new["blocks.2.w"], 40.0)  # only node 5 (the outlier) owned block 2
     assert new["blocks.2.bn.num_batches_tracked"].dtype == np.int64
+
+
+# -- BatchNorm buffers of a real NoProp-DT (issue 14, item 11a) -----------------------------------------------
+
+
+BN_MODEL = NoPropConfig(input_shape=(1, 12, 12), num_classes=4, T=2, channels=(8, 16, 16), hidden=32, dropout=0.0)
+BN_PLAN = OwnershipPlan(round=0, policy="replicate", owners={1: (1, 2, 3), 2: (1,)},
+                        assignments={1: (1, 2), 2: (1,), 3: (1,)})
+BN_COUNTS = {1: 100, 2: 300, 3: 50}
+BN_TRACKED = {1: 10, 2: 20, 3: 9}  # weighted mean 16.56: rounding gives 17, truncation 16
+
+
+def bn_replies(real_state: dict[str, np.ndarray]) -> list[Reply]:
+    """Three owners of block 1 with their own running statistics (node 1 also owns block 2) and their own heads."""
+    rng = np.random.default_rng(0)
+    replies = []
+    for node, blocks in BN_PLAN.assignments.items():
+        arrays = {k: real_state[k].copy() for k in keys_for_blocks(real_state, blocks)}
+        for key, value in arrays.items():
+            if key.endswith("running_mean"):
+                arrays[key] = (2.0 * node + 0.1 * rng.normal(size=value.shape)).astype(np.float32)
+            elif key.endswith("running_var"):
+                arrays[key] = rng.uniform(0.5, 2.0 * node, size=value.shape).astype(np.float32)
+            elif key.endswith("num_batches_tracked"):
+                arrays[key] = np.array(BN_TRACKED[node], np.int64)
+            elif key.startswith("head."):
+                arrays[key] = value + np.float32(0.1 * node**2)
+        replies.append(Reply(node_id=node, arrays=arrays, num_examples=BN_COUNTS[node]))
+    return replies
+
+
+@pytest.mark.parametrize("method", ["mean", "median"])
+def test_batchnorm_buffers_are_pooled_over_the_blocks_owners(method):
+    """A block's BatchNorm buffers follow its owners' example counts under every method (the robust option is for
+    the shared tensors): running_mean their weighted mean, running_var the variance of their data pooled, and
+    num_batches_tracked the rounded weighted mean, still int64."""
+    real_state = to_numpy_state(NoPropDT(BN_MODEL).state_dict())
+    replies = bn_replies(real_state)
+    new = aggregate(real_state, BN_PLAN, replies, method)
+    weights = np.array([r.num_examples for r in replies], np.float64)
+    layers = [k.removesuffix(".running_mean") for k in real_state
+              if k.startswith("blocks.1.") and k.endswith("running_mean")]
+    assert len(layers) == 6, layers  # x path, z path (three) and fuse (two)
+    for layer in layers:
+        means = np.stack([r.arrays[f"{layer}.running_mean"] for r in replies]).astype(np.float64)
+        variances = np.stack([r.arrays[f"{layer}.running_var"] for r in replies]).astype(np.float64)
+        pooled_mean = np.average(means, axis=0, weights=weights)
+        pooled_var = np.average(variances + means**2, axis=0, weights=weights) - pooled_mean**2
+        np.testing.assert_allclose(new[f"{layer}.running_mean"], pooled_mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(new[f"{layer}.running_var"], pooled_var, rtol=1e-5, atol=1e-6)
+        # the spread of the owners' means counts: a plain average of the variances would be well below
+        assert (pooled_var - np.average(variances, axis=0, weights=weights)).min() > 0.5
+        tracked = new[f"{layer}.num_batches_tracked"]
+        assert tracked.dtype == np.int64 and tracked.shape == () and int(tracked) == 17
+        assert new[f"{layer}.running_mean"].dtype == new[f"{layer}.running_var"].dtype == np.float32
+    only_owner = replies[0]  # block 2: node 1's buffers as they came
+    for key in (k for k in real_state if k.startswith("blocks.2.")):
+        assert np.array_equal(new[key], only_owner.arrays[key]) and new[key].dtype == real_state[key].dtype, key
+    heads = np.stack([r.arrays["head.linear.weight"] for r in replies]).astype(np.float64)
+    shared = np.average(heads, axis=0, weights=weights) if method == "mean" else np.median(heads, axis=0)
+    np.testing.assert_allclose(new["head.linear.weight"], shared, rtol=0, atol=1e-6)
 
 
 def test_unknown_aggregation_is_refused():

@@ -62,7 +62,6 @@ class Row:
     setup: Setup | None  # writes the faulty input into the row's folder
     code: int | str  # expected exit code (2: bad usage or input) or gRPC status name
     phrase: str  # the last line of stderr (or the status details) must contain this
-    needs_flag: tuple[str, str] | None = None  # (script, flag): skip the row while the script lacks the flag
 
 
 # -- setups: each writes one faulty file into the row's folder -------------------------------------------
@@ -167,7 +166,7 @@ BAD_INPUT: list[Row] = [
     Row("train-cnn-learned-embedding", [*TRAIN, "--method", "cnn", "--embedding", "learned:8"], None, 2,
         "the cnn method has no class embedding: leave embedding at one-hot"),
     Row("train-resume-image-shape", [*TRAIN, "--dataset", "npz:{tmp}/wide.npz", "--resume"],
-        shape_mismatched_run, 2, "[1, 12, 12]", needs_flag=("noprop-train", "--resume")),
+        shape_mismatched_run, 2, "was trained on input [1, 12, 12]"),
     # federation settings
     Row("sim-T-0", ["noprop-sim", "--clients", "2", "--T", "0", "--out", "{tmp}/out"], None, 2,
         "T=0: must be at least 1"),
@@ -299,14 +298,11 @@ def outcomes(request, session, tmp_path_factory) -> dict[str, Future]:
                 if item.module.__name__ == this and hasattr(item, "callspec") and "row" in item.callspec.params}
     root = tmp_path_factory.mktemp("rows")
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="bad-input") as pool:
-        yield {row_id: pool.submit(run_row, row, session, root / row_id) for row_id, row in selected.items()
-               if not row.needs_flag or has_flag(*row.needs_flag)}
+        yield {row_id: pool.submit(run_row, row, session, root / row_id) for row_id, row in selected.items()}
 
 
 @pytest.mark.parametrize("row", BAD_INPUT, ids=[row.id for row in BAD_INPUT])
 def test_bad_input(row: Row, outcomes: dict[str, Future]):
-    if row.id not in outcomes:
-        pytest.skip(f"{row.needs_flag[0]} has no {row.needs_flag[1]} flag")
     out = outcomes[row.id].result(timeout=ROW_TIMEOUT_S * 2)
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
     shown = f"exit {out.code} after {out.seconds:.0f}s\nstderr:\n{out.stderr[-3000:]}\nstdout:\n{out.stdout[-1000:]}"

@@ -1,6 +1,7 @@
 """The ClientApp's handlers called directly with constructed Messages (no Flower processes)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,11 +11,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from synthetic import synthetic_arrays
 
 from noprop.client.app import make_client_app
+from noprop.device import resolve_device
 from noprop.model import NoPropConfig, NoPropDT
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state
-from noprop.server.aggregate import keys_for_blocks
+from noprop.server.aggregate import block_of_key, keys_for_blocks
 
 MODEL = NoPropConfig(input_shape=(1, 12, 12), num_classes=4, T=4, channels=(8, 16, 16), hidden=32, dropout=0.0)
+LEARNED = NoPropConfig(**{**MODEL.to_dict(), "embedding": "learned:8"})  # W is trained too
 
 
 @pytest.fixture
@@ -47,11 +50,11 @@ def instruction(content, message_type):
     return msg
 
 
-def train_message(state, blocks, epochs=1):
+def train_message(state, blocks, epochs=1, model_cfg: NoPropConfig = MODEL):
     keys = keys_for_blocks(state, blocks)
     config = ConfigRecord({"round": 1, "blocks": list(blocks), "local-epochs": epochs, "lr": 3e-3,
                            "weight-decay": 1e-3, "batch-size": 32, "seed": 0,
-                           "model-config": json.dumps(MODEL.to_dict())})
+                           "model-config": json.dumps(model_cfg.to_dict())})
     return instruction(RecordDict({"arrays": arrays_to_record(state, keys), "config": config}), MessageType.TRAIN)
 
 
@@ -60,27 +63,45 @@ def test_query_reports_capacity(npz):
     config = ConfigRecord({"model-config": json.dumps(MODEL.to_dict()), "batch-size": 32})
     reply = app(instruction(RecordDict({"config": config}), MessageType.QUERY), context(npz))
     cap = reply.content["capacity"]
-    assert cap["device"] == "cpu" and cap["num-examples"] == 300  # half of 600 (partition 0 of 2)
+    # the node config names no device, so the node reports what "auto" picks here (cuda on a GPU runner)
+    assert cap["device"] == resolve_device("auto").type and cap["num-examples"] == 300  # half of 600 (partition 0 of 2)
     assert cap["throughput"] > 0 and cap["max-blocks"] >= 1
 
 
 def test_train_replies_with_exactly_the_owned_blocks_and_losses_fall(npz):
+    """The reply is the owned blocks plus the shared tensors, nothing else, and everything in it that trains did.
+
+    Every floating tensor of an owned block changes: its weights and biases by AdamW, BatchNorm's running_mean and
+    running_var by the forward passes. BatchNorm's num_batches_tracked is an integer step count, checked apart.
+    With a learned embedding (learned:8) W is trained beside the head, so both change too.
+    """
     app = make_client_app()
     torch.manual_seed(0)
-    state = to_numpy_state(NoPropDT(MODEL).state_dict())
+    state = to_numpy_state(NoPropDT(LEARNED).state_dict())
     ctx = context(npz)
-    reply = app(train_message(state, (2, 4)), ctx)
+    owned = (2, 4)
+    reply = app(train_message(state, owned, model_cfg=LEARNED), ctx)
     got = record_to_arrays(reply.content["arrays"])
-    assert set(got) == set(keys_for_blocks(state, (2, 4)))
-    assert not any(k.startswith(("blocks.1.", "blocks.3.")) for k in got)
+    expected_keys = keys_for_blocks(state, owned)
+    assert sorted(got) == sorted(expected_keys)
+    assert {block_of_key(k) for k in got} == {None, *owned}  # no block the node does not own
+    assert {k for k in expected_keys if not k.startswith("blocks.")} == {"embedding.weight", "head.linear.weight",
+                                                                         "head.linear.bias"}
     assert all(got[k].shape == state[k].shape and got[k].dtype == state[k].dtype for k in got)
-    assert not np.array_equal(got["blocks.2.fuse.6.weight"], state["blocks.2.fuse.6.weight"])
+    floating = [k for k in got if got[k].dtype.kind == "f"]
+    assert {k for k in got if k not in floating} == {k for k in got if k.endswith("num_batches_tracked")}
+    unchanged = [k for k in floating if np.array_equal(got[k], state[k])]
+    assert not unchanged, f"the node sent these back untrained: {unchanged}"
+    for t in owned:
+        assert {k for k in floating if k.startswith(f"blocks.{t}.")}, f"block {t} is missing from the reply"
+    steps = {int(got[k]) - int(state[k]) for k in got if k.endswith("num_batches_tracked")}
+    assert steps == {math.ceil(300 / 32)}, steps  # one epoch of 300 examples in batches of 32, through every BN
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == 300
     first = metrics["l2-block-2"]
     state.update(got)
     for _ in range(3):
-        reply = app(train_message(state, (2, 4)), ctx)
+        reply = app(train_message(state, owned, model_cfg=LEARNED), ctx)
         state.update(record_to_arrays(reply.content["arrays"]))
     assert reply.content["metrics"]["l2-block-2"] < first
 

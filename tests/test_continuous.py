@@ -247,10 +247,12 @@ def test_adjoint_gradients_match_backprop_through_the_solver():
 # -- learning the synthetic task, predictions without labels ----------------------------------------------
 
 
-@pytest.mark.parametrize("method, epochs, lr, floor", [("ct", 6, 3e-3, 0.9), ("fm", 3, 3e-3, 0.6),
-                                                      ("adjoint", 3, 3e-3, 0.6)])
+@pytest.mark.parametrize("method, epochs, lr, floor", [("ct", 6, 3e-3, 0.98), ("fm", 3, 3e-3, 0.98),
+                                                      ("adjoint", 3, 3e-3, 0.74)])
 def test_learns_the_synthetic_task_well_above_chance(method, epochs, lr, floor):
-    """CT's floor is 0.9: with a randomly initialised head it stalled at 0.76 (measured), FM reaches 1.0."""
+    """Floors just under the measured accuracy (torch seeds 0-5): CT and FM reach 1.0 at every seed. The adjoint
+    baseline loses whole classes: 0.76 (3 of 4) at seed 0, the tests' seed, 0.49-0.76 at others, and 8 epochs,
+    lr 1e-2, a radial head or a learned embedding do not lift it; its floor guards the 3 classes it learns."""
     train, test = synthetic_data(512, seed=1), synthetic_data(400, seed=2)
     model = small_model(method, steps=10)
     opt = make_optimizer(method, model.parameters(), lr, 1e-3)
@@ -291,13 +293,16 @@ def npz(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("method", ["ct", "fm"])
-def test_cli_trains_ct_and_fm_end_to_end(tmp_path, npz, method):
+@pytest.mark.parametrize("method, epochs, floor", [("ct", 2, 0.97), ("fm", 3, 0.95)])
+def test_cli_trains_ct_and_fm_end_to_end(tmp_path, npz, method, epochs, floor):
+    """Floors under the deterministic accuracy measured over --seed 0-5: CT 0.995-1.0 after 2 epochs (a dip to
+    0.92 at epoch 3, seed 0), FM 0.965-1.0 after 3 (0.74-1.0 after 2)."""
     out = tmp_path / "run"
-    assert main(["--method", method, "--dataset", f"npz:{npz}", "--epochs", "2", "--embedding", "learned:8",
+    assert main(["--method", method, "--dataset", f"npz:{npz}", "--epochs", str(epochs), "--embedding", "learned:8",
                  "--out", str(out), *FAST]) == 0
     records = read_jsonl(out / "metrics.jsonl")
-    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["method"] == method
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1)) and records[-1]["method"] == method
+    assert records[-1]["test_acc_deterministic"] >= floor, records[-1]
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt.method == method and ckpt.config.steps == 5 and ckpt.config.embedding == "learned:8"
     x = torch.from_numpy(np.load(npz)["x_test"]).float().div(255).unsqueeze(1)

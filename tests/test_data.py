@@ -249,9 +249,12 @@ def test_step_raising_oserror_falls_through(monkeypatch, tiny_fashion: Path) -> 
     assert "read-only file system" in lines[0]
 
 
-@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb to build a test package")
 def test_apt_step_unpacks_a_debian_package(monkeypatch, tiny_fashion: Path, tmp_path: Path) -> None:
-    """A fake apt-get that 'downloads' a .deb built here: exercises download + dpkg-deb -x + install."""
+    """A fake apt-get that 'downloads' a .deb built here: exercises download + dpkg-deb -x + install.
+
+    No skip: the step needs dpkg-deb wherever apt-get runs (apt depends on dpkg, which Debian marks essential),
+    so a CI machine without it cannot test, nor use, the path this test protects."""
+    assert shutil.which("dpkg-deb"), "dpkg-deb is missing: install dpkg (the apt step and this test need it)"
     pkg = tmp_path / "pkg"
     arrays = write_mnist_tree(pkg / "usr" / "share" / "datasets" / "fashion-mnist", gz=True)
     (pkg / "DEBIAN").mkdir()
@@ -277,6 +280,12 @@ def test_apt_step_unpacks_a_debian_package(monkeypatch, tiny_fashion: Path, tmp_
     with pytest.raises(DatasetError):
         D.fetch_fashion_mnist(tiny_fashion, log=lines.append)
     assert any("Unable to locate package" in line for line in lines)
+
+    lines.clear()  # without dpkg-deb the step says so and gives way to the next source
+    monkeypatch.setattr(D, "DPKG_DEB", str(tmp_path / "no-dpkg-deb"))
+    assert D._fetch_from_apt(tiny_fashion, tiny_fashion / "FashionMNIST" / "raw", lines.append) is False
+    assert lines == [f"{fake}/{tmp_path / 'no-dpkg-deb'} not available: skipping the Debian package "
+                     "dataset-fashion-mnist"]
 
 
 # ------------------------------------------------------------------------------------------------ ImageFolder

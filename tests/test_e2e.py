@@ -86,17 +86,9 @@ class Federation:
         cleanup_all([*self.clients, self.server])
 
 
-def nodes_of(record: dict) -> int:
-    nodes = record.get("nodes")
-    if isinstance(nodes, list):
-        return len(nodes)
-    return int(nodes) if nodes is not None else len(record["trained_by"])
-
-
 def owners(record: dict) -> dict[int, set[int]]:
-    """Block -> nodes that owned it that round (metrics' "plan"), if the ServerApp logs it."""
-    plan = record.get("plan") or record.get("owners") or {}
-    return {int(t): {int(n) for n in (ns if isinstance(ns, list) else [ns])} for t, ns in plan.items()}
+    """Block -> the nodes that owned it that round (metrics' "plan")."""
+    return {int(t): set(ns) for t, ns in record["plan"].items()}
 
 
 def checkpoint_accuracy(out: Path, npz: Path) -> float:
@@ -118,12 +110,13 @@ class KilledRun:
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory, npz):
     """One federation for both tests below (a Flower round costs ~30 s here, so one run, not two): three clients,
-    three rounds; after round 1's metrics line, the last client's whole process tree is SIGKILLed. A short round
-    timeout lets the server give the dead node up."""
+    three rounds; after round 1's metrics line, the last client's whole process tree is SIGKILLed. The round
+    timeout lets the server give a dead node up; it leaves an honest reply on a loaded machine (up to ~60 s)
+    more than twice that."""
     start = time.monotonic()
     # the SuperLink in memory here (the fault tests run it on file: they restart the server under live clients)
     fed = Federation(tmp_path_factory.mktemp("federation"), npz, rounds=ROUNDS,
-                     extra=["--round-timeout", "60", "--superlink-db", "memory"])
+                     extra=["--round-timeout", "150", "--superlink-db", "memory"])
     try:
         wait_for(lambda: fed.metrics() or fed.server.proc.poll() is not None, 300, what="round 1's metrics line")
         if fed.server.proc.poll() is not None:
@@ -145,11 +138,9 @@ def test_server_and_three_clients_finish_rounds_and_checkpoint_predicts(killed_r
     records = killed_run.records
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), fed.report()
     first = records[0]
-    assert {"accuracy", "round_time_s"} <= set(first) and nodes_of(first) == NUM_CLIENTS, first
-    if owners(first):
-        assert set(owners(first)) == set(range(1, T + 1)), first  # every block owned
-    if "block_l2" in first:
-        assert {int(t) for t in first["block_l2"]} == set(range(1, T + 1)), first  # and trained
+    assert {"accuracy", "round_time_s"} <= set(first) and len(first["nodes"]) == NUM_CLIENTS, first
+    assert set(owners(first)) == set(range(1, T + 1)), first  # every block owned
+    assert {int(t) for t in first["block_l2"]} == set(range(1, T + 1)), first  # and trained
     # the round's breakdown (issue 11): the server's phases, and every reply's way through Flower and the worker
     assert {"discovery", "build_messages", "wait_for_replies", "aggregate", "evaluate", "checkpoint"} <= set(
         first["server_timing"]), first
@@ -162,7 +153,8 @@ def test_server_and_three_clients_finish_rounds_and_checkpoint_predicts(killed_r
         assert timing["imports"] == 0.0 and timing["worker_start"] == 0.0 and "relay" in timing, timing
     assert "ready on" in fed.clients[0].text(), fed.clients[0].text()[-3000:]
     acc = checkpoint_accuracy(fed.out, npz)
-    assert acc > 0.5, f"accuracy {acc:.3f} from the checkpoint (chance: 0.25)\n{fed.report()}"
+    print(f"e2e: accuracy {acc:.3f} from the checkpoint")
+    assert acc > 0.9, f"accuracy {acc:.3f} from the checkpoint (chance: 0.25; measured 1.00)\n{fed.report()}"
     assert "accuracy" in (fed.out / "DONE.json").read_text()
     text = fed.server.text()
     assert f"round {ROUNDS}/{ROUNDS}" in text and "final accuracy" in text and "checkpoint" in text, text
@@ -172,14 +164,15 @@ def test_server_and_three_clients_finish_rounds_and_checkpoint_predicts(killed_r
 def test_killed_client_does_not_stop_the_run(killed_run):
     fed = killed_run.fed
     assert killed_run.code == 0, fed.report()
-    assert nodes_of(killed_run.first) == NUM_CLIENTS, killed_run.first  # the kill came after a full round 1
+    assert len(killed_run.first["nodes"]) == NUM_CLIENTS, killed_run.first  # the kill came after a full round 1
     last = killed_run.records[-1]
-    assert last["round"] == ROUNDS and nodes_of(last) == NUM_CLIENTS - 1, f"the survivors run the last round\n{last}"
+    assert last["round"] == ROUNDS and len(last["nodes"]) == NUM_CLIENTS - 1, f"the survivors run round 3\n{last}"
+    # the dead node's block went to the others: every block owned, only by survivors, and trained
     plan = owners(last)
-    if plan:  # the dead node's block went to the others: every block owned, only by survivors
-        before = set().union(*owners(killed_run.first).values())
-        survivors = set().union(*plan.values())
-        assert set(plan) == set(range(1, T + 1)) and len(survivors) == NUM_CLIENTS - 1 and survivors < before, last
+    before = set().union(*owners(killed_run.first).values())
+    survivors = set().union(*plan.values())
+    assert set(plan) == set(range(1, T + 1)) and len(survivors) == NUM_CLIENTS - 1 and survivors < before, last
+    assert set(last["trained_by"]) == survivors and {int(t) for t in last["block_l2"]} == set(plan), last
 
 
 def test_ctrl_c_stops_the_server_and_leaves_nothing(tmp_path, npz, request):
@@ -194,10 +187,8 @@ def test_ctrl_c_stops_the_server_and_leaves_nothing(tmp_path, npz, request):
     assert server.proc.poll() is None, server.text()
     server.snapshot()
     assert server.seen, "the SuperLink should be running under noprop-server"
-    stopped = time.monotonic()
     server.proc.send_signal(signal.SIGINT)
-    code = server.proc.wait(60)
+    code = server.proc.wait(180)
     assert code == 130, server.text()
-    assert time.monotonic() - stopped < 45
-    wait_for(lambda: not server.leftovers(), 10, what="all of noprop-server's processes gone")
+    wait_for(lambda: not server.leftovers(), 60, what="all of noprop-server's processes gone")
     assert "stopping" in server.text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -18,11 +19,18 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from procs import wait_for
 from test_export import task_images, tiny_checkpoint
 
 from noprop.deploy import edge
 from noprop.deploy.export import export_onnx
 from noprop.proto import inference_pb2, inference_pb2_grpc
+
+# Deadlines, not durations: each only stops a hung wait, with room for a loaded machine (no test asserts a speed).
+HANG_S = 300  # a subprocess of the CLI
+START_S = 120  # `serve` printing its address and answering health checks
+STOP_S = 120  # `serve` exiting after SIGTERM
+RPC_S = 60  # one call to the running service
 
 # A sitecustomize that makes every import of torch fail: put its folder on PYTHONPATH of a child process.
 NO_TORCH = """
@@ -70,7 +78,7 @@ def no_torch_env(folder):
 
 
 def run(args: list[str], env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_predict_and_eval_in_a_process_where_torch_cannot_be_imported(models, pngs, folder, no_torch_env):
@@ -87,7 +95,14 @@ def test_predict_and_eval_in_a_process_where_torch_cannot_be_imported(models, pn
              "--json", "--threads", "1"], no_torch_env)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["examples"] == 200 and result["accuracy"] > 0.9 and result["images_per_s"] > 0
+    # the reference: the same model in this process, on the noise of the seed the run reports (it drew its own)
+    images, labels = task_images(folder)
+    _, expected = edge.EdgeModel(models["stochastic"], threads=1).run_batches(images, 256, result["seed"])
+    assert result["examples"] == 200 and result["correct"] == int((expected == labels).sum())
+    assert result["accuracy"] == result["correct"] / 200 >= 0.97  # measured 1.0 (seeds 0-3)
+    # the speed is the bench's business (bench/inference.py): here only what the number means
+    assert math.isfinite(result["seconds"]) and result["seconds"] > 0
+    assert result["images_per_s"] == pytest.approx(result["examples"] / result["seconds"], rel=1e-9)
     # the generated protocol modules and the edge module import without torch too
     r = run(["-c", "import sys, noprop.deploy.edge, noprop.proto.inference_pb2, noprop.proto.inference_pb2_grpc; "
                    "assert not any(m.split('.')[0] == 'torch' for m in sys.modules)"], no_torch_env)
@@ -126,6 +141,35 @@ def test_stochastic_runs_are_reproducible_and_seeded(models, folder):
     b = model.run(images[:5], rng=np.random.default_rng(1))[0]
     c = model.run(images[:5], rng=np.random.default_rng(2))[0]
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert not np.array_equal(model.run(images[:5])[0], model.run(images[:5])[0])  # no rng: fresh noise each call
+
+
+def test_cli_seed_repeats_a_stochastic_run_and_no_seed_draws_a_reported_one(models, pngs, capsys):
+    """No --seed: each run draws its own seed and reports it (JSON and stderr); that seed given back repeats it."""
+    paths = [str(p) for p in pngs[0][:3]]
+
+    def predict(*flags: str) -> tuple[list[dict], str]:
+        assert edge.main(["predict", str(models["stochastic"]), *paths, "--json", *flags]) == 0
+        out = capsys.readouterr()
+        return json.loads(out.out), out.err
+
+    seeded = [predict("--seed", "7") for _ in range(2)]
+    assert seeded[0] == seeded[1] and {r["seed"] for r in seeded[0][0]} == {7} and seeded[0][1] == ""
+    assert [r["probability"] for r in predict("--seed", "8")[0]] != [r["probability"] for r in seeded[0][0]]
+    drawn = [predict() for _ in range(2)]
+    seeds = [rows[0]["seed"] for rows, _ in drawn]
+    assert seeds[0] != seeds[1] and all(isinstance(s, int) and 0 <= s < 2**53 for s in seeds)
+    assert [r["probability"] for r in drawn[0][0]] != [r["probability"] for r in drawn[1][0]]
+    for (rows, err), seed in zip(drawn, seeds):
+        assert f"noise seed {seed} (pass --seed {seed}" in err
+        assert predict("--seed", str(seed))[0] == rows  # the reported seed reproduces the run
+    assert edge.main(["predict", str(models["deterministic"]), paths[0], "--json"]) == 0
+    out = capsys.readouterr()
+    assert "seed" not in json.loads(out.out)[0] and out.err == ""  # nothing random, nothing to report
+    with pytest.raises(SystemExit) as usage:  # a usage error: argparse's one line, exit 2
+        edge.main(["predict", str(models["stochastic"]), paths[0], "--seed", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert usage.value.code == 2 and len(err.splitlines()) == 1 and "outside 0 .. 2**64 - 1" in err, err
 
 
 def test_images_of_other_size_or_channels_need_flags(models, folder, capsys):
@@ -198,7 +242,9 @@ def test_eval_reads_a_folder_of_class_folders(models, folder, capsys):
         Image.fromarray(np.round(images[i, 0] * 255).astype(np.uint8)).save(root / names[labels[i]] / f"{i}.png")
     assert edge.main(["eval", str(models["deterministic"]), "--data", str(folder / "tree"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["examples"] == 12 and result["accuracy"] > 0.8
+    _, expected = edge.EdgeModel(models["deterministic"], threads=1).run(images[:12])  # uint8 / 255: PNG-exact
+    assert result["examples"] == 12 and result["correct"] == int((expected == labels[:12]).sum())
+    assert result["accuracy"] >= 11 / 12 and result["seed"] is None  # measured 12/12 (seeds 0-3); deterministic
 
 
 def test_eval_reads_mnist_style_idx_files(models, folder, capsys):
@@ -215,7 +261,9 @@ def test_eval_reads_mnist_style_idx_files(models, folder, capsys):
                                                  + labels.astype(np.uint8).tobytes())
     assert edge.main(["eval", str(models["deterministic"]), "--data", str(folder / "idx"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["examples"] == 200 and result["accuracy"] > 0.9
+    _, expected = edge.EdgeModel(models["deterministic"], threads=1).run(pixels[:, None] / np.float32(255))
+    assert result["examples"] == 200 and result["correct"] == int((expected == labels).sum())
+    assert result["accuracy"] >= 0.97  # measured 1.0 (seeds 0-3)
 
 
 # -- the gRPC service ----------------------------------------------------------------------------------------
@@ -230,16 +278,30 @@ def server(models, no_torch_env):
         env=no_torch_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def first_line() -> str | None:
+        if proc.poll() is not None and lines.empty():
+            raise AssertionError(f"noprop-edge serve exited {proc.returncode}: {proc.stderr.read()}")
+        return None if lines.empty() else lines.get()
+
+    def serving() -> bool:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     try:
-        line = lines.get(timeout=30)
-    except queue.Empty:
+        line = wait_for(first_line, START_S, 0.1, "noprop-edge serve printing its address")
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        target = f"127.0.0.1:{match.group(1)}"
+        channel = grpc.insecure_channel(target)
+        wait_for(serving, START_S, 0.2, f"noprop-edge serve at {target} answering SERVING")
+    except BaseException:
         proc.kill()
-        pytest.fail(f"noprop-edge serve did not start: {proc.stderr.read()}")
-    match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-    assert match, line
-    target = f"127.0.0.1:{match.group(1)}"
-    channel = grpc.insecure_channel(target)
-    grpc.channel_ready_future(channel).result(timeout=10)
+        proc.wait()
+        raise
     yield proc, target, channel
     channel.close()
     if proc.poll() is None:
@@ -247,7 +309,8 @@ def server(models, no_torch_env):
         proc.wait()
 
 
-def predict_request(images: np.ndarray, noise: np.ndarray | None = None, seed: int = 0):
+def predict_request(images: np.ndarray, noise: np.ndarray | None = None, seed: int | None = None):
+    """seed None leaves the field unset: a stochastic server draws a seed and reports it in the reply."""
     return inference_pb2.PredictRequest(shape=list(images.shape), pixels=images.ravel().tolist(),
                                         noise=[] if noise is None else noise.ravel().tolist(), seed=seed)
 
@@ -258,27 +321,42 @@ def test_grpc_service_predicts_informs_checks_health_and_survives_bad_requests(s
     stub = inference_pb2_grpc.InferenceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
     for name in ("", "noprop.v1.Inference"):
-        reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=RPC_S)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    manifest = stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=5)
+    manifest = stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=RPC_S)
     local = edge.EdgeModel(models["stochastic"], threads=1)
     assert manifest.mode == "stochastic" and list(manifest.input_shape) == [1, 12, 12]
     assert list(manifest.class_names) == ["top", "mid", "low", "base"] and manifest.file_sha256 == local.sha256
 
     images, labels = task_images(folder)
     noise = np.random.default_rng(3).standard_normal((4, 7, 4), dtype=np.float32)
-    reply = stub.Predict(predict_request(images[:7], noise), timeout=10)
+    reply = stub.Predict(predict_request(images[:7], noise), timeout=RPC_S)
     probs, expected = local.run(images[:7], noise)
     assert [p.label for p in reply.predictions] == expected.tolist()
     assert np.abs(np.array([p.probabilities for p in reply.predictions]) - probs).max() < 1e-6
     assert reply.predictions[0].class_name == manifest.class_names[expected[0]] and reply.model_sha256 == local.sha256
-    seeded = [stub.Predict(predict_request(images[:3], seed=11), timeout=10) for _ in range(2)]
-    assert seeded[0] == seeded[1]  # server-drawn noise is reproducible from the seed
+    assert not reply.HasField("seed")  # the caller's noise: no seed to report
+
+    def predict(seed: int | None) -> tuple[np.ndarray, int]:
+        """Probabilities of images[:3] with server-drawn noise, and the seed the reply reports."""
+        reply = stub.Predict(predict_request(images[:3], seed=seed), timeout=RPC_S)
+        assert reply.HasField("seed"), reply
+        return np.array([p.probabilities for p in reply.predictions]), reply.seed
+
+    (a, seed_a), (b, seed_b), (c, seed_c), (z, seed_z) = predict(11), predict(11), predict(12), predict(0)
+    assert np.array_equal(a, b) and seed_a == seed_b == 11  # an explicit seed is reproducible
+    assert not np.array_equal(a, c) and seed_c == 12
+    assert seed_z == 0 and np.array_equal(predict(0)[0], z)  # 0 is a seed like any other
+    np.testing.assert_allclose(a, local.run(images[:3], rng=np.random.default_rng(11))[0], atol=1e-6)
+    (u, seed_u), (v, seed_v) = predict(None), predict(None)  # no seed: each request draws its own
+    assert seed_u != seed_v and not np.array_equal(u, v)
+    for probs_drawn, seed in ((u, seed_u), (v, seed_v)):  # and the reported seed gives its output again
+        assert np.array_equal(predict(seed)[0], probs_drawn)
 
     def status_of(call, request) -> grpc.StatusCode:
         with pytest.raises(grpc.RpcError) as info:
-            call(request, timeout=10)
+            call(request, timeout=RPC_S)
         return info.value.code()
 
     bad = [
@@ -297,18 +375,27 @@ def test_grpc_service_predicts_informs_checks_health_and_survives_bad_requests(s
     assert status_of(stub.Predict, predict_request(oversized)) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     # still serving, and the CLI client agrees
-    again = stub.Predict(predict_request(images[:7], noise), timeout=10)
+    again = stub.Predict(predict_request(images[:7], noise), timeout=RPC_S)
     assert [p.label for p in again.predictions] == expected.tolist()
-    assert edge.main(["query", target, *map(str, pngs[0][:2]), "--health"]) == 0
-    out = capsys.readouterr().out
-    assert "SERVING" in out and len(out.strip().splitlines()) == 3
+    assert edge.main(["query", target, *map(str, pngs[0][:2]), "--health", "--timeout", str(RPC_S)]) == 0
+    out = capsys.readouterr()
+    assert "SERVING" in out.out and len(out.out.strip().splitlines()) == 3
+    seed = int(re.search(r"noise seed (\d+) \(pass --seed", out.err).group(1))  # the server drew it: reported
+    assert edge.main(["query", target, *map(str, pngs[0][:2]), "--json", "--seed", str(seed),
+                      "--timeout", str(RPC_S)]) == 0
+    repeated = json.loads(capsys.readouterr().out)
+    assert [r["seed"] for r in repeated] == [seed] * 2
+    again_local = local.run(edge.load_images(pngs[0][:2], (1, 12, 12)), rng=np.random.default_rng(seed))[0]
+    assert [r["probability"] for r in repeated] == pytest.approx(again_local.max(1).tolist(), abs=1e-6)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "small.png")
-    assert edge.main(["query", target, str(folder / "small.png")]) == 2  # wrong size: refused before sending
+    small = str(folder / "small.png")
+    assert edge.main(["query", target, small, "--timeout", str(RPC_S)]) == 2  # wrong size: refused before sending
     assert "12x12" in capsys.readouterr().err
 
     # graceful shutdown on SIGTERM: exit 0, and it says so
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=15) == 0
+    wait_for(lambda: proc.poll() is not None, STOP_S, 0.2, "noprop-edge serve exiting after SIGTERM")
+    assert proc.returncode == 0
     assert "stopped" in proc.stderr.read()
-    assert edge.main(["query", target, "--health", "--timeout", "2"]) == 1
+    assert edge.main(["query", target, "--health", "--timeout", str(RPC_S)]) == 1  # refused at once, not timed out
     assert "UNAVAILABLE" in capsys.readouterr().err

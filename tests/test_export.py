@@ -261,11 +261,19 @@ def test_cli_bad_inputs_are_one_line_errors(checkpoints, folder, capsys):
     assert not (folder / "x.onnx").exists()
 
 
-def test_dynamo_exporter_alternative(checkpoints, folder):
-    """The other exporter works for the softmax head (and says what to do for the radial one)."""
-    pytest.importorskip("onnxscript")
+def test_dynamo_exporter_alternative(checkpoints, folder, monkeypatch):
+    """The other exporter works for the softmax head (and says what to do for the radial one). No skip: the dev
+    extras install onnxscript, which torch's dynamo exporter needs."""
     _, ckpt = checkpoints["dt"]
+    calls, export = [], torch.onnx.export
+
+    def spy(*args, **kwargs):  # the metadata alone would not tell which exporter made the graph
+        calls.append(kwargs.get("dynamo"))
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
     out = export_onnx(ckpt, folder / "dynamo.onnx", exporter="dynamo")
+    assert calls == [True], calls
     assert read_metadata(out)["opset"] == "18" and "dynamo" in read_metadata(out)["exporter"]
     parity(out, ckpt, "deterministic", folder)
     with pytest.raises(ExportError, match="opset"):

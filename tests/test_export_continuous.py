@@ -190,7 +190,7 @@ def test_noprop_edge_without_torch_gives_the_pytorch_accuracy(ct, folder):
     out = export_checkpoint(path, folder / "ct-edge.onnx", steps=10).path
     images, labels = task_images(folder)
     torch_acc = float((torch_probs(ckpt, images, 10).argmax(1) == labels).mean())
-    assert torch_acc > 0.6, torch_acc  # chance is 0.25: the comparison is between models that learned
+    assert torch_acc >= 0.97, torch_acc  # measured 0.99-1.0 (seeds 0-3): the comparison is between models that learned
     blocker = folder / "no_torch"
     blocker.mkdir(exist_ok=True)
     (blocker / "sitecustomize.py").write_text(NO_TORCH)
@@ -211,7 +211,8 @@ def test_noprop_edge_without_torch_gives_the_pytorch_accuracy(ct, folder):
 
 def test_int8_quantization_of_an_unrolled_chain(ct, folder):
     """quantize.py needs nothing special: the shared weights are quantized once (not once per step) and the
-    accuracy holds. (The file size gain needs real layer sizes: bench/export_steps.py measures it.)"""
+    accuracy holds: int8 within 2 points of fp32, both above a floor (measured: equal, 0.99-1.0 over seeds 0-3).
+    (The file size gain needs real layer sizes: bench/export_steps.py measures it.)"""
     path, _ = ct
     fp32 = export_checkpoint(path, folder / "ct-q-fp32.onnx", steps=10)
     int8 = export_checkpoint(path, folder / "ct-q-int8.onnx", steps=10, int8=True, calibration=128)
@@ -226,7 +227,7 @@ def test_int8_quantization_of_an_unrolled_chain(ct, folder):
     images, labels = task_images(folder)
     acc = {name: float((EdgeModel(r.path, threads=1).run_batches(images, 64)[1] == labels).mean())
            for name, r in (("fp32", fp32), ("int8", int8))}
-    assert acc["int8"] >= acc["fp32"] - 0.03, acc
+    assert acc["fp32"] >= 0.97 and acc["int8"] >= 0.97 and abs(acc["int8"] - acc["fp32"]) <= 0.02, acc
     meta = read_metadata(int8.path)
     assert meta["precision"] == "int8" and meta["steps"] == "10" and meta["method"] == "ct"
 

@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from procs import Spawned, alive, cleanup_all, descendants, quiet_env, script, wait_for, write_synthetic_npz
@@ -39,6 +42,9 @@ from noprop.data import load_dataset
 from noprop.io import read_jsonl
 from noprop.launch import LaunchError, federation_config_from_args, free_port, port_free
 from noprop.model import NoPropConfig, NoPropDT
+from noprop.records import state_digest, to_numpy_state
+from noprop.server.aggregate import Reply, aggregate
+from noprop.server.planner import OwnershipPlan
 
 TESTS = Path(__file__).parent
 T = 3
@@ -78,16 +84,35 @@ def test_checkpoint_keeps_the_previous_one_and_falls_back_to_it(tmp_path):
     save_checkpoint(path, checkpoint_of_round(4), keep_previous=True)
     assert load_checkpoint(previous_path(path)).extra["round"] == 2 and load_checkpoint(path).extra["round"] == 4
 
-    flipped = bytearray(path.read_bytes())
-    flipped[-200] ^= 0xFF  # one bit-flipped byte inside the payload: caught by the checksum
-    path.write_bytes(bytes(flipped))
+    path.write_bytes(flip_payload_bit(path.read_bytes()))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_checkpoint(path)
     prev = previous_path(path)
     prev.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError) as err:
         load_latest_checkpoint(path)
     message = str(err.value)
     assert message.startswith("no usable checkpoint:") and "\n" not in message
-    assert str(path) in message and str(prev) in message and "start again" in message
+    assert f"{path} fails its checksum" in message and f"{prev} is not a readable" in message, message
+    assert "start again" in message
+
+
+def flip_payload_bit(data: bytes) -> bytes:
+    """The checkpoint with one bit flipped in the middle of its payload (the pickled model, most of it tensor
+    bytes), where the file stays a readable zip: only the checksum can tell. The payload is a bytes object that
+    torch's pickle stores as latin-1 text in UTF-8, so the flipped byte is an ASCII one between ASCII ones."""
+    body = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["payload"]
+    stored = body.decode("latin-1").encode("utf-8")
+    start = data.find(stored)
+    assert start > 0 and data.count(stored) == 1, "the payload must be stored once, as latin-1 text in UTF-8"
+    i = start + len(stored) // 2
+    while max(data[i - 1 : i + 2]) >= 0x80:
+        i += 1
+    flipped = bytearray(data)
+    flipped[i] ^= 0x01
+    loaded = torch.load(io.BytesIO(bytes(flipped)), map_location="cpu", weights_only=True)
+    assert loaded["payload"] != body and len(loaded["payload"]) == len(body)  # the zip and the pickle still read
+    return bytes(flipped)
 
 
 def test_resume_with_both_checkpoints_bad_is_one_line_exit_2(tmp_path):
@@ -128,33 +153,39 @@ def test_robust_aggregation_settings_are_flags(module):
 # -- a rogue node ---------------------------------------------------------------------------------------------
 
 
-def test_rogue_node_replies_are_rejected_by_node_id_and_the_run_learns(tmp_path, request):
+@pytest.mark.parametrize("variant", ["median-rotate", "mean-replicate"])
+def test_rogue_node_replies_are_rejected_by_node_id_and_the_run_learns(tmp_path, request, variant):
+    """Every tampered reply is rejected by node id, and the model after each round is exactly the honest nodes'
+    aggregate (rebuilt here from every node's recorded message and reply): under mean with a second owner per
+    block, a tampered reply that got through would move it."""
     sys.path.insert(0, str(TESTS))
-    from rogue_sim import NUM_NODES, SETTINGS, TAMPERS
+    from rogue_sim import NUM_NODES, TAMPERS, VARIANTS
 
     npz = write_synthetic_npz(tmp_path / "task.npz")
     out = tmp_path / "out"
     start = time.monotonic()
-    sim = Spawned([sys.executable, str(TESTS / "rogue_sim.py"), str(out), str(npz)], tmp_path / "rogue.log",
+    sim = Spawned([sys.executable, str(TESTS / "rogue_sim.py"), str(out), str(npz), variant], tmp_path / "rogue.log",
                   quiet_env(tmp_path / "flwr-home"), cwd=tmp_path)
     request.addfinalizer(sim.cleanup)
-    while sim.proc.poll() is None:
-        if time.monotonic() - start > 400:
-            pytest.fail(f"the rogue simulation did not finish within 400s\n{sim.text()[-5000:]}")
-        sim.snapshot()
-        time.sleep(1.0)
+    wait_for(lambda: sim.proc.poll() is not None and sim.snapshot() is not None, 600, interval=1.0,
+             what=f"the rogue simulation's end\n{sim.text()[-5000:]}")
     log = sim.text()
     assert sim.proc.returncode == 0, log[-5000:]
     tampered = read_jsonl(out / "rogue.jsonl")
-    records = {r["round"]: r for r in read_jsonl(out / "metrics.jsonl")}
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in records] == list(range(1, len(TAMPERS) + 1)), records
     assert [t["tamper"] for t in tampered] == list(TAMPERS), tampered  # one tampered reply per round, each kind
     rogue = {t["node"] for t in tampered}
     assert len(rogue) == 1
     rogue_id = rogue.pop()
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    settings = ckpt.extra["federation"]
+    assert {k: settings[k] for k in VARIANTS[variant]} == VARIANTS[variant], settings  # the run was the variant
     reasons = {"foreign-block": "holds block(s) it was not given", "stale-round": "not the current round",
                "huge-count": "exceeds the", "out-of-range": "beyond the bound"}
-    for t in tampered:
-        record = records[t["round"]]
+    final_digest = state_digest(to_numpy_state(ckpt.state_dict))
+    for t, record in zip(tampered, records, strict=True):
+        assert t["round"] == record["round"]
         assert set(record["rejected"]) == {str(rogue_id)}, record  # rejected, by node id, in metrics.jsonl
         assert reasons[t["tamper"]] in record["rejected"][str(rogue_id)], (t, record["rejected"])
         assert f"node {rogue_id}: reply rejected: {record['rejected'][str(rogue_id)]}" in log  # and on the console
@@ -163,11 +194,52 @@ def test_rogue_node_replies_are_rejected_by_node_id_and_the_run_learns(tmp_path,
         assert set(record["num_examples"]) == {str(n) for n in honest}
         owned_by_honest = {int(b) for b, owners in record["plan"].items() if set(owners) & honest}
         assert {int(b) for b in record["block_l2"]} == owned_by_honest, record
-    assert SETTINGS["aggregation"] == "median" and records[len(TAMPERS)]["accuracy"] > 0.8, records
+        # the model after the round is the honest replies' aggregate, bit for bit: the next round's starting
+        # digest, or the final checkpoint's
+        before, plan, replies = rebuild_round(out, record)
+        assert state_digest(before) == record["model_in"], "the recorded messages must hold the whole model"
+        expected = aggregate(before, plan, [replies[n] for n in sorted(honest)], settings["aggregation"],
+                             settings["trim-fraction"])
+        after = records[record["round"]]["model_in"] if record["round"] < len(records) else final_digest
+        assert state_digest(expected) == after, (t, differing_keys(expected, out, record, records, ckpt))
+        assert state_digest(expected) != record["model_in"]  # the round moved the model
+        if t["tamper"] != "foreign-block":  # the aggregate with the rogue's reply would be another model
+            with_rogue = aggregate(before, plan, [replies[n] for n in sorted(replies)], settings["aggregation"],
+                                   settings["trim-fraction"])
+            assert state_digest(with_rogue) != after, t
     test = load_dataset(f"npz:{npz}", "test")
-    acc = (load_checkpoint(out / "checkpoint.pt").model().predict(test.x) == test.y).float().mean().item()
-    assert acc > 0.8, f"accuracy {acc:.3f} (chance 0.25): the run should learn from the honest nodes"
-    print(f"rogue simulation: {time.monotonic() - start:.0f}s, final accuracy {acc:.3f}")
+    acc = (ckpt.model().predict(test.x) == test.y).float().mean().item()
+    assert acc > 0.9, f"accuracy {acc:.3f} (chance 0.25; measured 1.00): the run learns from the honest nodes"
+    print(f"rogue simulation ({variant}): {time.monotonic() - start:.0f}s, final accuracy {acc:.3f}")
+
+
+def traffic(out: Path, rnd: int, node: int, direction: str) -> tuple[dict[str, np.ndarray], int]:
+    """What rogue_sim recorded of a node's train message ("in") or reply ("out"), and the reply's example count."""
+    with np.load(out / "traffic" / f"r{rnd}-n{node}-{direction}.npz") as f:
+        return {k: f[k] for k in f.files if k != "~num-examples"}, int(f["~num-examples"])
+
+
+def rebuild_round(out: Path, record: dict) -> tuple[dict[str, np.ndarray], OwnershipPlan, dict[int, Reply]]:
+    """The global model at the round's start (every node's message together), its plan, and every reply."""
+    rnd, before, replies = record["round"], {}, {}
+    for node in record["nodes"]:
+        sent, _ = traffic(out, rnd, node, "in")
+        for key, value in sent.items():  # the shared tensors went to every node alike
+            assert key not in before or np.array_equal(before[key], value), key
+            before[key] = value
+        arrays, count = traffic(out, rnd, node, "out")
+        replies[node] = Reply(node_id=node, arrays=arrays, num_examples=count, round=rnd)
+    owners = {int(b): tuple(o) for b, o in record["plan"].items()}
+    return before, OwnershipPlan(round=rnd - 1, policy="", owners=owners), replies
+
+
+def differing_keys(expected: dict, out: Path, record: dict, records: list[dict], ckpt: Checkpoint) -> list[str]:
+    """For a failure message: the tensors where the run's model after the round differs from the expectation."""
+    if record["round"] < len(records):
+        actual, _, _ = rebuild_round(out, records[record["round"]])
+    else:
+        actual = to_numpy_state(ckpt.state_dict)
+    return sorted(k for k in expected if not np.array_equal(expected[k], actual[k]))
 
 
 # -- crashes, a straggler and a server restart in one federation of real processes ------------------------------
@@ -240,6 +312,22 @@ class FaultyRun:
         return "\n".join(parts)
 
 
+def keep_checkpoint(run: FaultyRun, rnd: int) -> None:
+    """Copy the checkpoint the round just wrote (before its metrics line; the next one comes a round later), for
+    the tests to compare weights across rounds: the run itself keeps only the last two."""
+    shutil.copy2(run.out / "checkpoint.pt", run.tmp / f"checkpoint-round{rnd}.pt")
+
+
+def kept_checkpoint(run: FaultyRun, rnd: int) -> Checkpoint:
+    ckpt = load_checkpoint(run.tmp / f"checkpoint-round{rnd}.pt")
+    assert ckpt.extra["round"] == rnd, ckpt.extra["round"]
+    return ckpt
+
+
+def digest(ckpt: Checkpoint) -> str:
+    return state_digest(to_numpy_state(ckpt.state_dict))
+
+
 def watch(run: FaultyRun, check, timeout: float, what: str):
     try:
         return wait_for(check, timeout, interval=0.1, what=what)
@@ -259,6 +347,7 @@ def faulty_run(tmp_path_factory) -> FaultyRun:
         run.clients = [run.client(i, f"client{i}") for i in range(NUM_CLIENTS)]
         straggler, victim = run.clients[STRAGGLER], run.clients[VICTIM]
         watch(run, lambda: run.metrics(), 400, "round 1's metrics line")
+        keep_checkpoint(run, 1)
 
         # round 2: the victim dies and the straggler freezes, each while it trains
         pending = {VICTIM, STRAGGLER}
@@ -277,6 +366,7 @@ def faulty_run(tmp_path_factory) -> FaultyRun:
                 pending.discard(STRAGGLER)
         run.restarted = run.client(VICTIM, "client2-restarted")  # same partition, a new process
         watch(run, lambda: len(run.metrics()) >= 2, ROUND_TIMEOUT + 240, "round 2's metrics line")
+        keep_checkpoint(run, 2)
         run.events["straggler_log_at_cont"] = len(straggler.text())
         signal_tree(set(run.events["straggler_tree"]) | tree(straggler), signal.SIGCONT)
         run.events["straggler_continued"] = time.monotonic() - start
@@ -288,7 +378,8 @@ def faulty_run(tmp_path_factory) -> FaultyRun:
         run.server.proc.kill()
         killed = time.monotonic()
         run.events["server_killed"] = killed - start
-        watch(run, lambda: not any(alive(p) for p in server_tree), 60, "every process of the killed server gone")
+        # without PR_SET_PDEATHSIG they would live on: the deadline only leaves a loaded machine room
+        watch(run, lambda: not any(alive(p) for p in server_tree), 180, "every process of the killed server gone")
         run.events["server_tree_gone_s"] = round(time.monotonic() - killed, 1)
         run.events["ports_free"] = port_free("127.0.0.1", fleet) and port_free("127.0.0.1", control)
         run.events["metrics_at_kill"] = run.metrics()
@@ -340,6 +431,18 @@ def test_client_killed_while_training_costs_only_its_own_work(faulty_run):
     assert len(r2["failed"]) == 2 and not r2["rejected"], r2
     trained_blocks = {int(b) for b in r2["block_l2"]}
     assert trained_blocks == {int(b) for b, o in r2["plan"].items() if set(o) & set(r2["trained_by"])}, r2
+    # the failed owners' blocks kept their weights, bit for bit (BatchNorm buffers too); the survivor's moved
+    kept = {int(b) for b, o in r2["plan"].items() if set(o) <= set(r2["failed"])}
+    assert len(kept) == 2 and kept.isdisjoint(trained_blocks), r2
+    before, after = kept_checkpoint(run, 1).state_dict, kept_checkpoint(run, 2).state_dict
+    assert r2["model_in"] == state_digest(to_numpy_state(before)), "round 2 must start from round 1's model"
+    for t in range(1, T + 1):
+        keys = [k for k in before if k.startswith(f"blocks.{t}.")]
+        unchanged = [k for k in keys if torch.equal(before[k], after[k])]
+        if t in kept:
+            assert unchanged == keys, (t, sorted(set(keys) - set(unchanged)))
+        else:
+            assert not any(before[k].is_floating_point() for k in unchanged), (t, unchanged)
     # round 3: the dead node is planned out, every block has an owner, the run finishes
     assert victim not in r3["nodes"] and set(r3["plan"]) == {str(t) for t in range(1, T + 1)}, r3
     assert (run.out / "DONE.json").exists()
@@ -353,12 +456,13 @@ def test_straggler_does_not_hold_the_round_and_its_late_reply_never_counts(fault
     stopped_for = run.events["straggler_continued"] - run.events["straggler_stopped"]
     # frozen mid-training: round 2 started, not finished, when the round ended ...
     assert "round 2: training" in text[:at_cont] and "round 2: trained" not in text[:at_cont], text[-3000:]
+    # it finished training after SIGCONT (its warm worker was stopped with it, and the late reply below needs the
+    # handler's end): its clock shows the stop
     late_training = trained_in(run.clients[STRAGGLER], 2)
-    if late_training is not None:  # it finished after SIGCONT (else Flower stopped the task): its clock shows the stop
-        assert late_training >= stopped_for - 5, (late_training, stopped_for)
-    # ... and the round ended at the timeout (plus discovery, evaluation and checkpoint time), while it was still
-    # stopped (the test wakes it only after round 2's metrics line)
-    assert r2["round_time_s"] < ROUND_TIMEOUT + 60, r2
+    assert late_training is not None and late_training >= stopped_for - 5, (late_training, stopped_for, text[-3000:])
+    # ... and the round ended while it was still stopped: the test wakes it only after round 2's metrics line, so a
+    # server that waited for it would never have written that line and the fixture would fail at its deadline (no
+    # bound on the round's time here: load stretches it)
     straggler = next(n for n in r2["failed"] if n in owners_of(r1) and n in owners_of(r3))
     assert straggler not in r2["trained_by"] and str(straggler) not in r2["num_examples"], r2
     # woken up, its SuperNode sends a late round-2 reply (nothing was logged while it was stopped), which the
@@ -377,9 +481,9 @@ def test_restarted_client_joins_again_and_gets_blocks(faulty_run):
     got = re.findall(r"round 3: training block\(s\) ([0-9, ]+) on", text)
     assert got and re.search(r"round 3: trained in", text), run.report()
     assert re.search(r"SuperNode ID: (\d+)", text).group(1) not in {str(n) for n in node_ids(r1)}, text[:3000]
-    # ... and when it made it back in time after the server restart, it trained the completed round 3 too
-    newcomers = owners_of(r3) - node_ids(r1)
-    assert len(newcomers) <= 1 and newcomers <= set(r3["trained_by"]), r3
+    # ... and after the server restart it was one of the three nodes the resumed round 3 waited for: it trained it
+    restarted = int(re.search(r"SuperNode ID: (\d+)", text).group(1))
+    assert owners_of(r3) - node_ids(r1) == {restarted} and restarted in r3["trained_by"], (restarted, r3)
 
 
 def test_server_killed_mid_run_resumes_with_history_and_accuracy(faulty_run):
@@ -387,7 +491,7 @@ def test_server_killed_mid_run_resumes_with_history_and_accuracy(faulty_run):
     ev = run.events
     # SIGKILL of noprop-server alone took its SuperLink, SuperExec, ServerApp and log stream down, ports freed
     assert len(ev["server_tree"]) >= 4, ev
-    assert ev["server_tree_gone_s"] < 30 and ev["ports_free"], ev
+    assert ev["ports_free"], ev  # gone (within the fixture's deadline: server_tree_gone_s), and the ports with them
     assert run.resumed.proc.returncode == 0, run.report()
     run_logs = "".join(p.read_text(errors="replace") for p in (run.out / ".flower").glob("run-*.log"))
     assert "resuming after round 2 from" in run_logs, run.report()
@@ -400,7 +504,11 @@ def test_server_killed_mid_run_resumes_with_history_and_accuracy(faulty_run):
     assert ckpt.extra["round"] == ROUNDS
     assert ckpt.extra["ownership"][:2] == [r["plan"] for r in before]  # the same ownership history
     assert ckpt.extra["ownership"][2] == records[2]["plan"]
-    assert load_checkpoint(previous_path(run.out / "checkpoint.pt")).extra["round"] == 2
+    previous = load_checkpoint(previous_path(run.out / "checkpoint.pt"))
+    assert previous.extra["round"] == 2
+    # the resumed round 3 trained from round 2's checkpoint, bit for bit (the digest of the server's model state
+    # when it built round 3's messages), and that checkpoint is the one written before the kill
+    assert records[2]["model_in"] == digest(previous) == digest(kept_checkpoint(run, 2)), records[2]
     # clients survived the server restart: the first client's launcher never stopped, and trained after it
     assert run.clients[ALIVE].proc.poll() is None
     first = next(iter(owners_of(records[0]) & owners_of(records[2]) & set(records[2]["trained_by"])), None)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from dataclasses import fields
 
 import pytest
-from procs import alive, descendants, quiet_env, script, write_synthetic_npz
+from procs import alive, descendants, quiet_env, script, wait_for, write_synthetic_npz
 
 from noprop.client import launcher as client_launcher
 from noprop.federation import FederationConfig
@@ -206,15 +205,13 @@ def test_client_with_missing_data_fails_before_anything_starts(capsys, tmp_path)
 
 def test_client_with_unreachable_server_exits_quickly_with_one_line(tmp_path, npz):
     port = free_port()  # nothing listens there
-    start = time.monotonic()
+    # gives up after its --wait (a client that retried forever would hit the subprocess timeout and fail here)
     res = subprocess.run([script("noprop-client"), "--server", f"127.0.0.1:{port}", "--data", f"npz:{npz}",
                           "--partition", "0/2", "--wait", "2", "--state-dir", str(tmp_path / "home"), "--insecure"],
-                         capture_output=True, text=True, env=quiet_env(), timeout=120)
-    elapsed = time.monotonic() - start
+                         capture_output=True, text=True, env=quiet_env(), timeout=300)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("noprop-client: error: no server answers at"), res.stderr
-    assert elapsed < 60, elapsed
     assert "SuperNode" not in res.stdout  # nothing was started
 
 
@@ -245,16 +242,11 @@ def test_process_group_stop_ends_the_whole_tree(tmp_path):
     code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
     group = ProcessGroup("test", [sys.executable, "-c", code], quiet_env(), log_path=tmp_path / "log")
-    deadline = time.monotonic() + 20
-    while not descendants(group.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: descendants(group.pid), 120, interval=0.1, what="the leader's child")
     tree = descendants(group.pid) | {group.pid}
     assert len(tree) == 2
-    start = time.monotonic()
-    group.stop(grace=1.0)
-    assert time.monotonic() - start < 10
-    time.sleep(0.2)
-    assert not [pid for pid in tree if alive(pid)]
+    group.stop(grace=1.0)  # the leader ignores SIGTERM: only the escalation to SIGKILL ends it
+    wait_for(lambda: not [pid for pid in tree if alive(pid)], 60, interval=0.1, what="the whole group gone")
     assert group not in ProcessGroup.live
 
 

@@ -1,5 +1,7 @@
 """The ownership planner: coverage, capacity, proportional work, rotation, determinism, edge cases."""
 
+import math
+
 import pytest
 
 from noprop.server.planner import NodeCapacity, PlanError, plan_ownership
@@ -96,3 +98,69 @@ def test_node_leaving_is_planned_out_and_joining_planned_in():
     assert set(plan.assignments) == {101, 102}
     plan = plan_ownership(three, 10, 5)
     assert set(plan.assignments) == {101, 102, 103}
+
+
+# -- churn: nodes leaving mid-run (issue 14, item 11c) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["rotate", "replicate"])
+def test_survivors_of_a_node_leaving_cover_every_block_within_their_capacity(policy):
+    four = caps((4, 100), (4, 300), (4, 50), (4, 100))
+    before = plan_ownership(four, 10, 4, seed=2, policy=policy)
+    check_plan(before, four, 10)
+    assert 102 in before.assignments
+    survivors = [c for c in four if c.node_id != 102]  # 102 left after round 5's plan; the rest hold 12 >= 10
+    for r in range(5, 15):
+        plan = plan_ownership(survivors, 10, r, seed=2, policy=policy)
+        check_plan(plan, survivors, 10)
+        assert set(plan.assignments) == {101, 103, 104} and not plan.uncovered
+        assert all(102 not in owners for owners in plan.owners.values())
+
+
+def test_survivors_that_cannot_hold_T_are_an_error_unless_the_plan_may_be_partial():
+    survivors = caps((3, 100), (2, 300), (2, 50))  # 7 blocks of T = 10
+    with pytest.raises(PlanError, match=r"the 3 node\(s\) can hold 7 block\(s\) but T=10"):
+        plan_ownership(survivors, 10, 5)
+    plan = plan_ownership(survivors, 10, 5, partial=True)
+    assert len(plan.owners) == 7 and len(plan.uncovered) == 3
+    assert set(plan.owners).isdisjoint(plan.uncovered) and set(plan.owners) | set(plan.uncovered) == set(range(1, 11))
+    assert {n: len(b) for n, b in plan.assignments.items()} == {101: 3, 102: 2, 103: 2}  # each node at its capacity
+    assert all(len(owners) == 1 for owners in plan.owners.values())
+    assert all(node in plan.owners[t] for node, blocks in plan.assignments.items() for t in blocks)
+    assert plan.to_json()["uncovered"] == list(plan.uncovered)
+
+
+def test_partial_is_the_full_plan_when_the_nodes_can_hold_T_and_an_error_when_they_hold_nothing():
+    capacities = caps((4, 100), (4, 300), (4, 50))
+    for r in range(4):
+        full = plan_ownership(capacities, 10, r, seed=5)
+        assert plan_ownership(capacities, 10, r, seed=5, partial=True) == full
+        assert not full.uncovered and "uncovered" not in full.to_json()
+    with pytest.raises(PlanError, match="can hold 0 block"):
+        plan_ownership(caps((0, 100), (0, 100)), 10, 3, partial=True)
+
+
+@pytest.mark.parametrize("policy", ["rotate", "replicate"])
+@pytest.mark.parametrize("specs", [[(3, 100), (2, 300), (2, 50)], [(1, 100)], [(1, 100)] * 3, [(5, 100), (4, 10)],
+                                   [(9, 100), (3, 100)]])
+@pytest.mark.parametrize("start", [0, 7])
+def test_partial_plans_leave_no_block_out_for_long(policy, specs, start):
+    """Over T consecutive rounds from any round every block is trained, each equally often (capacity times);
+    any ceil(T / capacity) consecutive rounds already train every block. No node is ever above its capacity."""
+    capacities, T = caps(*specs), 10
+    capacity = sum(min(c.max_blocks, T) for c in capacities)
+    plans = [plan_ownership(capacities, T, r, seed=1, policy=policy, partial=True) for r in range(start, start + T)]
+    times_trained = {t: 0 for t in range(1, T + 1)}
+    for plan in plans:
+        covered = set(plan.owners)
+        assert len(covered) == min(capacity, T) and set(plan.uncovered) == set(range(1, T + 1)) - covered
+        assert all(plan.owners[t] for t in covered)
+        for node, blocks in plan.assignments.items():
+            assert len(blocks) <= next(c.max_blocks for c in capacities if c.node_id == node)
+            assert all(node in plan.owners[t] for t in blocks)
+        for t in covered:
+            times_trained[t] += 1
+    assert set(times_trained.values()) == {min(capacity, T)}, times_trained
+    window = math.ceil(T / capacity)
+    for i in range(T - window + 1):
+        assert set().union(*(plan.owners for plan in plans[i:i + window])) == set(range(1, T + 1))

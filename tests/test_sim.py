@@ -36,12 +36,13 @@ def test_sim_three_clients_two_rounds(tmp_path, request):
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2], log[-3000:]
     for r in records:
-        trained = {int(t) for t in r.get("block_l2", {})} or {int(t) for t in r.get("plan", {})}
-        assert trained == set(range(1, T + 1)), r  # all blocks trained each round
-        assert len(r["trained_by"]) == 3 and not r.get("failed"), r
+        assert {int(t) for t in r["block_l2"]} == set(range(1, T + 1)), r  # all blocks trained each round
+        assert set(r["plan"]) == {str(t) for t in range(1, T + 1)}, r
+        assert len(r["trained_by"]) == 3 and not r["failed"] and not r["rejected"], r
     test = load_dataset(f"npz:{npz}", "test")
     acc = (load_checkpoint(out / "checkpoint.pt").model().predict(test.x) == test.y).float().mean().item()
-    assert acc > 0.5, f"accuracy {acc:.3f} (chance 0.25)\n{log[-3000:]}"
+    print(f"sim: accuracy {acc:.3f} from the checkpoint")
+    assert acc > 0.9, f"accuracy {acc:.3f} (chance 0.25; measured 1.00)\n{log[-3000:]}"
     assert "final accuracy" in log
     for name in ("accuracy.png", "ownership.png", "DONE.json"):
         assert (out / name).exists(), name

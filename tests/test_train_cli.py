@@ -82,3 +82,57 @@ def test_corrupt_checkpoint_is_detected(tmp_path, npz):
     (tmp_path / "foreign.pt").write_text(json.dumps({"a": 1}))
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+@pytest.mark.parametrize("method", ["dt", "backprop"])
+def test_resume_loads_the_checkpoint_and_continues_as_if_never_stopped(tmp_path, npz, method, monkeypatch, capsys):
+    """2 epochs, then --resume to 3: training restarts from the checkpoint's model bit for bit, at epoch 3, with
+    the optimizers' and RNG state, so the result is the uninterrupted 3-epoch run's exactly."""
+    base = ["--method", method, "--dataset", f"npz:{npz}", *FAST]
+    assert main([*base, "--epochs", "3", "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "resumed"
+    assert main([*base, "--epochs", "2", "--out", str(out)]) == 0
+    saved = load_checkpoint(out / "checkpoint.pt")
+    from noprop import train_cli
+
+    first: dict = {}
+    real = train_cli.BlockTrainer.train_block_epoch if method == "dt" else train_cli.train_end_to_end_epoch
+
+    def spy(*args, **kwargs):  # the model's state when training goes on
+        model = args[0].model if method == "dt" else args[0]
+        first.setdefault("state", {k: v.clone() for k, v in model.state_dict().items()})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_cli.BlockTrainer if method == "dt" else train_cli,
+                        "train_block_epoch" if method == "dt" else "train_end_to_end_epoch", spy)
+    capsys.readouterr()
+    assert main([*base, "--epochs", "3", "--out", str(out), "--resume"]) == 0
+    assert "resuming after epoch 2" in capsys.readouterr().out
+    assert first["state"].keys() == saved.state_dict.keys()
+    assert all(torch.equal(first["state"][k], v) for k, v in saved.state_dict.items())
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    done, straight = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    assert done.extra["epoch"] == 3
+    assert all(torch.equal(straight.state_dict[k], v) for k, v in done.state_dict.items())
+    assert records[-1]["test_acc_deterministic"] == read_jsonl(tmp_path / "straight" / "metrics.jsonl")[-1][
+        "test_acc_deterministic"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "1e-2"], "other settings (lr)"),
+    (["--hidden", "32"], "other settings (the model)"),
+    (["--method", "backprop"], "other settings (the model)"),
+])
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, npz, argv, message, capsys):
+    base = ["--dataset", f"npz:{npz}", "--out", str(tmp_path / "run"), *FAST]
+    assert main([*base, "--epochs", "1"]) == 0
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("checkpoint.pt", "config.json",
+                                                                        "metrics.jsonl")}
+    capsys.readouterr()
+    assert main([*base, "--epochs", "2", "--resume", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before  # the run is untouched
+    assert main(["--dataset", f"npz:{npz}", "--epochs", "1", "--resume", *FAST]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Nodes leaving a run, in process: the real federation loop (server/rounds.py) and the real ClientApp, joined by
+a grid that hands each message straight to a node's app (no Flower processes: each test is a few seconds).
+
+When the survivors cannot hold every block, the run goes on with the blocks they can hold; the others keep
+their weights that round and come back into the plan in the next ones. Before the first round, too few slots
+stay an error.
+"""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from procs import write_synthetic_npz
+from test_client_app import task_identity  # noqa: F401 - fixture
+
+from noprop.client.app import make_client_app
+from noprop.federation import FederationConfig
+from noprop.io import read_jsonl
+from noprop.records import state_digest
+from noprop.server.rounds import FederationError, NoPropFederation
+
+T = 3
+
+
+class LocalGrid:
+    """The two Grid calls the federation makes, answered by each node's ClientApp in this process. A node in
+    ``gone`` is offline: it is not listed and a message to it gets no reply."""
+
+    def __init__(self, npz, num_nodes: int, max_blocks: int, run_config: dict):
+        self.app = make_client_app()
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=run_config,
+                             node_config={"data": f"npz:{npz}", "partition-id": i, "num-partitions": num_nodes,
+                                          "threads": 1, "max-blocks": max_blocks})
+            for i in range(num_nodes)}
+        self.gone: set[int] = set()
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self.contexts if n not in self.gone]
+
+    def send_and_receive(self, messages, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink does on push
+            node = msg.metadata.dst_node_id
+            if node not in self.gone:
+                replies.append(self.app(msg, self.contexts[node]))
+        return replies
+
+
+def federation(tmp_path, max_blocks: int, rounds: int, min_nodes: int = 3
+               ) -> tuple[NoPropFederation, LocalGrid, list[str]]:
+    npz = write_synthetic_npz(tmp_path / "task.npz", n_train=600, n_test=200)
+    cfg = FederationConfig(T=T, num_rounds=rounds, min_nodes=min_nodes, channels="4,8,8", hidden=16, dropout=0.0,
+                           batch_size=64, min_local_steps=0, head_steps=20, eval_limit=0, eval_in_background=False,
+                           join_timeout=0.01, dataset=f"npz:{npz}", out=str(tmp_path / "out"))
+    grid = LocalGrid(npz, 3, max_blocks, cfg.to_run_config())
+    lines: list[str] = []
+    return NoPropFederation(grid, cfg, log=lines.append), grid, lines
+
+
+def blocks_digest(fed: NoPropFederation, t: int) -> str:
+    return state_digest({k: v for k, v in fed.global_state.items() if k.startswith(f"blocks.{t}.")})
+
+
+def test_survivors_that_cannot_hold_every_block_train_what_they_can_and_the_rest_keep_their_weights(tmp_path):
+    fed, grid, lines = federation(tmp_path, max_blocks=1, rounds=4)
+    first = fed.run_round(1, first=True)
+    assert set(first["plan"]) == {"1", "2", "3"} and first["uncovered"] == [], first
+    grid.gone.add(102)  # a node leaves: two nodes of one block each are left for three blocks
+    held = {t: blocks_digest(fed, t) for t in range(1, T + 1)}
+    records, uncovered_seen = [], set()
+    for rnd in (2, 3, 4):
+        record = fed.run_round(rnd)
+        records.append(record)
+        left_out = set(record["uncovered"])
+        assert len(left_out) == 1 and set(record["plan"]) == {str(t) for t in range(1, T + 1)} - {str(*left_out)}
+        assert set(record["trained_by"]) == {100, 101} and {int(t) for t in record["block_l2"]} | left_out == {1, 2, 3}
+        for t in range(1, T + 1):  # the block left out keeps its weights, bit for bit; the others train
+            now = blocks_digest(fed, t)
+            assert (now == held[t]) == (t in left_out), (record["round"], t)
+            held[t] = now
+        uncovered_seen |= left_out
+        assert any(f"round {record['round']}: " in line and "WARNING" in line and "block" in line for line in lines)
+    assert len(uncovered_seen) >= 2, records  # the block left out moves on: none starves
+    assert [r["round"] for r in read_jsonl(fed.out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert fed.finish()["rounds"] == 4 and (fed.out / "ownership.png").exists()  # the plot takes partial plans
+
+
+def test_nodes_that_cannot_hold_every_block_before_the_first_round_are_an_error(tmp_path):
+    fed, grid, _ = federation(tmp_path, max_blocks=1, rounds=2, min_nodes=2)
+    grid.gone.add(102)
+    with pytest.raises(FederationError, match=r"can hold 2 block\(s\) but T=3"):
+        fed.run_round(1, first=True)
+    assert not (fed.out / "metrics.jsonl").exists() and not (fed.out / "checkpoint.pt").exists()
