@@ -259,17 +259,43 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def run_supernode(cmd: list[str], env: dict[str, str], host: str, port: int, max_restarts: int = 5) -> int:
+FORGOTTEN = "Invalid node ID"  # the SuperLink's answer to a node id it does not know (UNAUTHENTICATED)
+
+
+class ForgottenNodeWatch:
+    """Tells a SuperNode stuck after the SuperLink forgot its node. Flower 1.39's SuperNode usually exits 0 then,
+    but when its heartbeat thread sees the refusal first, the exit path fails ("Heartbeat sender is not running")
+    and it retries with the old id forever."""
+
+    def __init__(self, patience: float = 30.0):
+        self.patience = patience
+        self.forgotten_at: float | None = None
+
+    def see(self, line: str) -> None:
+        if FORGOTTEN in line and self.forgotten_at is None:
+            self.forgotten_at = time.monotonic()
+
+    def stuck(self) -> str | None:
+        if self.forgotten_at is not None and time.monotonic() - self.forgotten_at > self.patience:
+            return f"the SuperNode has not ended {self.patience:.0f}s after the server forgot this node"
+        return None
+
+
+def run_supernode(cmd: list[str], env: dict[str, str], host: str, port: int, max_restarts: int = 5,
+                  patience: float = 30.0) -> int:
     """Run the SuperNode; start it again when it ends on its own with exit code 0. Flower's SuperNode does that
     when the SuperLink no longer knows its node id: a server restarted with `--superlink-db memory` forgot every
-    node. Started again, it joins as a new node, and the server discovers it. A failure exit (bad key, TLS) or
-    more than max_restarts in 10 minutes ends the client, with the SuperNode's exit code."""
+    node. Started again, it joins as a new node, and the server discovers it. One still running `patience`
+    seconds after that refusal is stuck (ForgottenNodeWatch) and is restarted the same way. A failure exit (bad
+    key, TLS) or more than max_restarts in 10 minutes ends the client, with the SuperNode's exit code."""
     restarts: list[float] = []
     while True:
+        watch = ForgottenNodeWatch(patience)
         # a connected SuperNode unregisters and exits in ~2.5 s on SIGTERM; one whose server is gone keeps
         # retrying instead, so then there is nothing to wait for
         rc = supervise(PROG, "flower-supernode", cmd, env, "stopping the SuperNode",
-                       grace=lambda: 6.0 if tcp_answers(host, port, 0.5) is None else 1.0)
+                       grace=lambda: 6.0 if tcp_answers(host, port, 0.5) is None else 1.0, watch=watch.see,
+                       stuck=watch.stuck)
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < 600.0]
         if rc != 0 or len(restarts) >= max_restarts:

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -553,6 +554,15 @@ def _child_setup() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _forward_lines(pipe, watch: Callable[[str], None]) -> None:
+    """Copy a child's output to ours line by line, showing each line to watch."""
+    for raw in iter(pipe.readline, b""):
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+        watch(raw.decode(errors="replace"))
+    pipe.close()
+
+
 class ProcessGroup:
     """A child started in its own session (so Ctrl-C in the terminal reaches only the launcher), stopped as a
     group. All live ones are stopped at interpreter exit."""
@@ -560,16 +570,20 @@ class ProcessGroup:
     live: list[ProcessGroup] = []
 
     def __init__(self, name: str, cmd: Sequence[str], env: dict[str, str], log_path: Path | None = None,
-                 cwd: str | os.PathLike | None = None):
+                 cwd: str | os.PathLike | None = None, watch: Callable[[str], None] | None = None):
+        """log_path: the child's output goes there; else to ours, and with watch, through a pipe whose every line
+        is also handed to watch (on a reader thread)."""
         self.name = name
         self.cmd = list(cmd)
         self.log_path = log_path
         self._log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 - closed in stop()
-        out = self._log if self._log is not None else None
+        out = self._log if self._log is not None else (subprocess.PIPE if watch is not None else None)
         self.proc = subprocess.Popen(self.cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT if out is not None else None,
                                      start_new_session=True, preexec_fn=_child_setup)
         self.pid = self.proc.pid
+        if out is subprocess.PIPE:
+            threading.Thread(target=_forward_lines, args=(self.proc.stdout, watch), daemon=True).start()
         ProcessGroup.live.append(self)
 
     def poll(self) -> int | None:
@@ -685,14 +699,26 @@ def shield_signals() -> None:
 
 
 def supervise(prog: str, name: str, cmd: Sequence[str], env: dict[str, str], stopping: str,
-              grace: Callable[[], float]) -> int:
+              grace: Callable[[], float], watch: Callable[[str], None] | None = None,
+              stuck: Callable[[], str | None] | None = None) -> int:
     """Run one child process group until it exits (its exit code, signals as 128 + n) or until Ctrl-C / SIGTERM
-    (130); either way the group is stopped, with grace() seconds for it to exit on its own."""
+    (130); either way the group is stopped, with grace() seconds for it to exit on its own. watch sees each line
+    of the child's output; when stuck() gives a reason, the child is stopped and 0 returned, as if it had ended
+    on its own."""
     install_signal_handlers()
     child: ProcessGroup | None = None
     try:
-        child = ProcessGroup(name, list(cmd), env)
-        rc = child.wait()
+        child = ProcessGroup(name, list(cmd), env, watch=watch)
+        while True:
+            try:
+                rc = child.wait(None if stuck is None else 1.0)
+                break
+            except subprocess.TimeoutExpired:
+                why = stuck()
+                if why:
+                    say(prog, f"{why}: stopping it")
+                    child.stop(grace())
+                    return 0
         return rc if rc >= 0 else 128 - rc
     except KeyboardInterrupt as exc:
         shield_signals()

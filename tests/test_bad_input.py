@@ -273,7 +273,7 @@ def session(tmp_path_factory):
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
-        match = re.search(r"listening on (127\.0\.0\.1:\d+)", lines.get(timeout=60))
+        match = re.search(r"listening on (127\.0\.0\.1:\d+)", lines.get(timeout=180))  # loaded machines
     except queue.Empty:
         match = None
     if not match:

@@ -282,3 +282,28 @@ def test_round_line_shows_the_round_beside_its_slowest_training():
     assert "75.5 s (slowest client's training 63.4 s)" in line and "2 nodes" in line, line
     del record["client_train_time_s"]  # a FedAvg line, or one from before issue 11
     assert "75.5 s, 2 nodes" in server_launcher.round_line(record, 4)
+
+
+def test_a_supernode_stuck_after_the_server_forgot_its_node_is_restarted(tmp_path):
+    """Flower's SuperNode sometimes keeps retrying with its old id after the SuperLink forgot it (a server restarted
+    in memory): noprop-client restarts it after its patience, as it does one that exits on its own."""
+    runs = tmp_path / "runs"
+    fake = tmp_path / "fake_supernode.py"
+    fake.write_text(
+        "import pathlib, sys, time\n"
+        f"runs = pathlib.Path({str(runs)!r})\n"
+        "n = int(runs.read_text()) if runs.exists() else 0\n"
+        "runs.write_text(str(n + 1))\n"
+        "print('grpc: status = StatusCode.UNAUTHENTICATED, UNAUTHENTICATED:Invalid node ID', flush=True)\n"
+        "if n == 0:\n"
+        "    time.sleep(3600)  # stuck: retrying with the forgotten id\n"
+        "sys.exit(3)  # the second one ends the client, so that the test sees the restart\n")
+    code = ("import sys; from noprop.client.launcher import run_supernode; "
+            f"sys.exit(run_supernode([sys.executable, {str(fake)!r}], dict(__import__('os').environ), '127.0.0.1', "
+            f"{free_port()}, patience=1.0))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=quiet_env(), timeout=240)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert runs.read_text() == "2", "the stuck SuperNode must have been stopped and a new one started"
+    out = res.stdout + res.stderr
+    assert "has not ended 1s after the server forgot this node" in out and "joining again as a new node" in out, out
+    assert out.count("Invalid node ID") == 2, out  # the SuperNode's output still reaches the client's

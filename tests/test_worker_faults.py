@@ -51,7 +51,8 @@ def test_worker_killed_while_training_fails_fast_keeps_blocks_and_comes_back(tmp
     victim_node = int(re.search(r"SuperNode ID: (\d+)", victim.text()).group(1))
     # round 2: the victim failed at once (an error reply, not the timeout), the others' work counted
     assert r2["failed"] == [victim_node] and victim_node not in r2["trained_by"], r2
-    assert len(r2["trained_by"]) == 2 and r2["round_time_s"] < ROUND_TIMEOUT / 3, r2
+    # (a round that waited for the timeout would last ROUND_TIMEOUT at least; the margin below is load's)
+    assert len(r2["trained_by"]) == 2 and r2["round_time_s"] < 0.8 * ROUND_TIMEOUT, r2
     assert "closed the connection before replying" in fed.server.text() + "".join(
         p.read_text(errors="replace") for p in (fed.out / ".flower").glob("run-*.log")), fed.report()
     # its blocks of round 2 kept their round-1 weights; the blocks the others trained moved
