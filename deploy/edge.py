@@ -921,10 +921,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.command == "query":
         try:
@@ -937,6 +933,8 @@ def _run(args: argparse.Namespace) -> int:
         raise EdgeError("--threads must be at least 1")
     tls = None
     if args.command == "serve":
+        from noprop.launch import is_loopback  # serve needs the package (noprop.proto) anyway; no torch there
+
         if bool(args.tls_cert) != bool(args.tls_key):
             raise EdgeError("give both --tls-cert and --tls-key, or neither")
         if args.tls_cert:
@@ -944,7 +942,7 @@ def _run(args: argparse.Namespace) -> int:
                 tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
             except OSError as exc:
                 raise EdgeError(f"cannot read the TLS files ({_one_line(exc, 100)})") from None
-        elif not _is_loopback(args.host) and not args.insecure:
+        elif not is_loopback(args.host) and not args.insecure:
             raise EdgeError(f"--host {args.host} opens the service to the network: give --tls-cert/--tls-key, "
                             "or --insecure to serve without TLS")
         if args.workers < 1 or args.max_concurrent < args.workers:

@@ -73,7 +73,7 @@ from noprop.deploy.edge import (
     manifest_path_for,
 )
 from noprop.io import atomic_write, atomic_write_text
-from noprop.methods import method as method_spec
+from noprop.methods import method_named
 
 CHECKPOINT_FORMAT = "noprop-fl/checkpoint"
 DEFAULT_OPSET = 17
@@ -132,7 +132,7 @@ class UnrolledChain(nn.Module):
 
 
 def is_continuous(ckpt: Checkpoint) -> bool:
-    return method_spec(ckpt.method).continuous
+    return method_named(ckpt.method).continuous
 
 
 def export_steps(ckpt: Checkpoint, steps: int | None) -> int | None:

@@ -169,7 +169,8 @@ def prepare(args: argparse.Namespace) -> Plan:
                               f"{what}")
     check_dataset(cfg)
     if cfg.resume:
-        note = check_in_subprocess("noprop.server.launcher:check_resume", {"out": cfg.out})["note"]
+        note = check_in_subprocess("noprop.server.launcher:check_resume",
+                                   {"out": cfg.out, "run-config": cfg.to_run_config()})["note"]
         if note:
             say(PROG, f"WARNING: {note}")
     if cfg.resume and args.superlink_db == "memory":
@@ -225,17 +226,30 @@ def check_eval_data(payload: dict) -> dict:
 
 
 def check_resume(payload: dict) -> dict:
-    """--resume: OUT's checkpoint (or the previous one, if the latest is torn or corrupt) must load, so that a run
-    that cannot resume fails here with one line rather than inside the ServerApp."""
+    """--resume: OUT's checkpoint (or the previous one, if the latest is torn or corrupt) must load and hold the
+    model this run builds (method, and the config from the settings and the data's shape and classes), so that a
+    run that cannot resume fails here with one line rather than inside the ServerApp."""
     from noprop.checkpoint import CheckpointError, load_latest_checkpoint, previous_path
+    from noprop.data import load_dataset
+    from noprop.federation import FederationConfig
 
     path = Path(str(payload["out"])) / "checkpoint.pt"
     if not path.exists() and not previous_path(path).exists():
         return {"note": ""}  # nothing to resume: the run starts at round 1 (the ServerApp says so)
     try:
-        _, _, note = load_latest_checkpoint(path)
+        ckpt, used, note = load_latest_checkpoint(path)
     except CheckpointError as exc:
         raise LaunchError(f"--resume: {exc}") from None
+    cfg = FederationConfig.from_run_config(payload["run-config"])
+    data = load_dataset(cfg.dataset, "test", root=cfg.data_root or None)  # check_dataset has loaded it once
+    saved = (list(ckpt.config.input_shape), ckpt.config.num_classes)
+    if saved != (list(data.input_shape), data.num_classes):
+        raise LaunchError(f"--resume: {used} was trained on input {saved[0]} with {saved[1]} classes, --dataset "
+                          f"{cfg.dataset} has {list(data.input_shape)} with {data.num_classes}: resume on the "
+                          "original data, or use a new --out")
+    if ckpt.method != cfg.method or ckpt.config != cfg.model_config(data.input_shape, data.num_classes):
+        raise LaunchError(f"--resume: {used} holds a {ckpt.method} model of other settings than this run's: give "
+                          "the original settings, or use a new --out")
     return {"note": note or ""}
 
 

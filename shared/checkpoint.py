@@ -22,8 +22,8 @@ from noprop.model import NoPropConfig
 FORMAT = "noprop-fl/checkpoint"
 FORMAT_VERSION = 1
 
-__all__ = ["METHODS", "Checkpoint", "CheckpointError", "build_model", "load_checkpoint", "load_train_state",
-           "save_checkpoint", "save_train_state"]
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "load_train_state", "save_checkpoint",
+           "save_train_state"]
 
 
 class CheckpointError(Exception):

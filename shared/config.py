@@ -10,11 +10,9 @@ from noprop.adjoint import ADJOINT_SOLVERS
 from noprop.continuous import ContinuousConfig
 from noprop.ct import CT_L2_WEIGHTS
 from noprop.fm import FM_SOLVERS
-from noprop.methods import METHODS as METHOD_SPECS
-from noprop.methods import method, model_config
+from noprop.methods import METHODS, method_named, model_config
 from noprop.model import HEAD_KINDS, PROTOTYPE_SCALES, PROTOTYPE_Z_PATHS, NoPropConfig, parse_embedding
 
-METHODS = tuple(METHOD_SPECS)  # dt, ct, fm, adjoint, backprop, cnn
 EVAL_MODES = ("deterministic", "stochastic", "both")
 
 
@@ -69,7 +67,7 @@ class TrainConfig:
             self.eta = 1.0 if self.method == "ct" else 0.1
         if self.steps is not None and self.steps < 1:
             raise bad("steps", "must be at least 1")
-        if self.steps is not None and not method(self.method).continuous:
+        if self.steps is not None and not method_named(self.method).continuous:
             fixed = "is one network call" if self.method == "cnn" else "has T blocks (--T)"
             raise bad("steps", f"applies to ct, fm and adjoint; {self.method} {fixed}")
         solvers = {"fm": FM_SOLVERS, "adjoint": ADJOINT_SOLVERS}.get(self.method, ())
@@ -104,11 +102,11 @@ class TrainConfig:
         if self.eval_limit is not None and self.eval_limit < 1:
             raise bad("eval_limit", "must be a positive number of test examples")
         if self.prototype_scale is None:
-            self.prototype_scale = method(self.method).prototype_scale
+            self.prototype_scale = method_named(self.method).prototype_scale
         if self.prototype_scale not in PROTOTYPE_SCALES:
             raise bad("prototype_scale", f"use one of {', '.join(PROTOTYPE_SCALES)}")
         if self.prototype_z_path is None:
-            self.prototype_z_path = method(self.method).prototype_z_path
+            self.prototype_z_path = method_named(self.method).prototype_z_path
         if self.prototype_z_path not in PROTOTYPE_Z_PATHS:
             raise bad("prototype_z_path", f"use one of {', '.join(PROTOTYPE_Z_PATHS)}")
         if self.head not in HEAD_KINDS:

@@ -11,6 +11,8 @@ Sources (the ``name`` of :func:`load_dataset`):
   downloader); the others by torchvision's downloader when ``download=True``.
 - ``imagefolder:PATH``: a torchvision ImageFolder tree (``PATH/train`` and ``PATH/test`` if present).
 - ``npz:PATH``: an ``.npz`` of arrays (``x_train, y_train, x_test, y_test`` or ``x, y``).
+- A bare ``PATH``: an existing folder is read as ``imagefolder:PATH``, a file (or a name ending in .npz) as
+  ``npz:PATH``.
 
 Normalisation: ``mean`` and ``std`` hold one entry per entry of dimension 1 of ``x`` -- per channel for
 images (``[N, C, H, W]``), per feature for tabular data (``[N, F]``) -- computed on the *full* train split
@@ -495,6 +497,9 @@ def _npz_images(x: np.ndarray, where: str) -> torch.Tensor:
 
 
 def _load_npz(path: Path, split: str) -> _Raw:
+    if path.is_dir():
+        raise DatasetError(f"{path} is a folder, not an .npz file: give the .npz file, or imagefolder:{path} for a "
+                           "folder of class subfolders")
     if not path.is_file():
         raise DatasetError(f"npz file not found: {path} (give an existing .npz path, e.g. npz:data/mine.npz)")
     if not zipfile.is_zipfile(path):
@@ -646,9 +651,15 @@ def _parse_name(name: str) -> tuple[str, Path | None]:
                 raise DatasetError(f"dataset {name!r} needs a path after the colon, e.g. {prefix}data/mine")
             return prefix[:-1], Path(rest).expanduser()
     key = _builtin_key(name)
-    if key is None:
-        raise DatasetError(f"unknown dataset {name!r}: choose one of {_valid_names()}")
-    return key, None
+    if key is not None:
+        return key, None
+    path = Path(name.strip()).expanduser()  # a bare path: the kind follows from what is there
+    if path.is_dir():
+        return "imagefolder", path
+    if path.suffix.lower() == ".npz" or path.is_file():
+        return "npz", path
+    raise DatasetError(f"unknown dataset {name!r}: choose one of {_valid_names()}, or the path of an existing "
+                       ".npz file or image folder")
 
 
 def _load_raw(name: str, split: str, root: Path | str | None, download: bool) -> _Raw:

@@ -449,13 +449,20 @@ def coerce(name: str, value: object, default: object, where: str) -> object:
 
 
 def resolve_dataset_spec(spec: str, base: Path | None = None) -> str:
-    """``npz:rel/file.npz`` -> ``npz:/abs/rel/file.npz`` (same for imagefolder:); other specs unchanged."""
+    """``npz:rel/file.npz`` -> ``npz:/abs/rel/file.npz`` (same for imagefolder:), and a bare path that exists
+    (``rel/mine.npz``, ``./images``: one with a / or a dot, which no built-in dataset name has) -> its absolute
+    path, so that the Flower processes, which run elsewhere, find it; other specs unchanged."""
+
+    def absolute(text: str) -> str:
+        path = Path(text).expanduser()
+        return str(((base or Path.cwd()) / path).resolve() if not path.is_absolute() else path.resolve())
+
     for prefix in ("npz:", "imagefolder:"):
         if spec.startswith(prefix) and spec[len(prefix):].strip():
-            path = Path(spec[len(prefix):].strip()).expanduser()
-            if not path.is_absolute():
-                path = (base or Path.cwd()) / path
-            return prefix + str(path.resolve())
+            return prefix + absolute(spec[len(prefix):].strip())
+    bare = spec.strip()
+    if ("/" in bare or "." in bare) and Path(bare).expanduser().exists():
+        return absolute(bare)
     return spec
 
 

@@ -52,7 +52,8 @@ METHODS: dict[str, Method] = {
 }
 
 
-def method(name: str) -> Method:
+def method_named(name: str) -> Method:
+    """The Method of a --method name; a one-line error naming the known ones otherwise."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
     return METHODS[name]
@@ -60,7 +61,7 @@ def method(name: str) -> Method:
 
 def build_model(name: str, cfg, embedding_init: torch.Tensor | None = None) -> nn.Module:
     """The model of method `name` from its config (and, for prototype embeddings, the initial rows)."""
-    spec = method(name)
+    spec = method_named(name)
     if not isinstance(cfg, spec.config_class):
         raise ValueError(f"method {name!r} needs a {spec.config_class.__name__}, got {type(cfg).__name__}")
     return spec.model_class(cfg, embedding_init)
@@ -83,8 +84,8 @@ def model_config(name: str, input_shape: tuple[int, ...], num_classes: int, *, T
     common = {"input_shape": tuple(input_shape), "num_classes": num_classes, "embedding": embedding,
               "head": head, "radial_sigma": radial_sigma, "channels": tuple(channels), "hidden": hidden,
               "dropout": dropout, "embedding_lr_scale": embedding_lr_scale,
-              "prototype_z_path": prototype_z_path or method(name).prototype_z_path}
-    config_class = method(name).config_class
+              "prototype_z_path": prototype_z_path or method_named(name).prototype_z_path}
+    config_class = method_named(name).config_class
     if config_class is CNNConfig:
         unused = ("radial_sigma", "embedding_lr_scale", "prototype_z_path")  # a CNN has no class embedding
         return CNNConfig(**{k: v for k, v in common.items() if k not in unused})
@@ -102,12 +103,12 @@ def model_config(name: str, input_shape: tuple[int, ...], num_classes: int, *, T
 
 
 def config_from_dict(name: str, d: dict):
-    return method(name).config_class.from_dict(d)
+    return method_named(name).config_class.from_dict(d)
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """The end-to-end optimizer of the paper's Table 3 (Adam for CT/FM, AdamW otherwise); DT uses BlockTrainer."""
-    kind = method(name).optimizer
+    kind = method_named(name).optimizer
     if kind == "adam":
         return torch.optim.Adam(param_groups(params, lr), lr=lr, weight_decay=weight_decay)
     if kind == "adamw":

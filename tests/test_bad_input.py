@@ -122,6 +122,13 @@ def shape_mismatched_run(folder: Path, s: Session) -> None:
     images_npz("wide.npz", 20)(folder, s)
 
 
+def shape_mismatched_server_run(folder: Path, s: Session) -> None:
+    """An output folder holding a checkpoint of 12x12 images, resumed on a dataset of 20x20 ones."""
+    (folder / "out").mkdir()
+    (folder / "out" / "checkpoint.pt").write_bytes(Path(s.values["ckpt"]).read_bytes())
+    images_npz("wide.npz", 20)(folder, s)
+
+
 # -- gRPC rows: a real call to the running `noprop-edge serve` ------------------------------------------
 
 
@@ -178,6 +185,8 @@ BAD_INPUT: list[Row] = [
     Row("sim-partition-classes-unused", ["noprop-sim", "--clients", "2", "--partition", "classes:1", "--dataset",
                                          "npz:{task}", "--out", "{tmp}/out"], None, 2,
         "2 partitions x 1 classes each cannot hold all 4 classes"),
+    Row("server-resume-image-shape", [*SERVER, "--dataset", "npz:{tmp}/wide.npz", "--resume"],
+        shape_mismatched_server_run, 2, "was trained on input [1, 12, 12] with 4 classes"),
     Row("server-toml-wrong-type", [*SERVER, "--config", "{tmp}/run.toml"], text("run.toml", 'rounds = "three"\n'),
         2, "key 'rounds' must be a whole number, not 'three'"),
     Row("client-negative-max-blocks", [*CLIENT, "--server", "127.0.0.1:{closed_port}", "--max-blocks", "-1"], None,

@@ -431,6 +431,27 @@ def test_npz_unreadable_or_missing(tmp_path: Path) -> None:
         D.load_dataset(f"npz:{tmp_path / 'missing.npz'}")
     with pytest.raises(DatasetError, match="needs a path"):
         D.load_dataset("npz:")
+    with pytest.raises(DatasetError, match=rf"{tmp_path} is a folder, not an .npz file: .*imagefolder:{tmp_path}"):
+        D.load_dataset(f"npz:{tmp_path}")
+
+
+def test_a_bare_path_is_read_as_what_it_is(tmp_path: Path, monkeypatch) -> None:
+    """An .npz file or a folder of class folders, named without npz: / imagefolder:, loads as with the prefix."""
+    path = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.integers(0, 256, (20, 6, 5), dtype=np.uint8), y=np.arange(20) % 4)
+    folder = tmp_path / "images"
+    for i, cls in enumerate(["cat", "dog"]):
+        save_images(folder, cls, 5, "L", seed=i)
+    monkeypatch.chdir(tmp_path)
+    for bare, spec in ((str(path), f"npz:{path}"), ("d.npz", f"npz:{path}"), (str(folder), f"imagefolder:{folder}"),
+                       ("images", f"imagefolder:{folder}")):
+        got, want = D.load_dataset(bare, "test"), D.load_dataset(spec, "test")
+        assert torch.equal(got.x, want.x) and torch.equal(got.y, want.y) and got.classes == want.classes, bare
+    with pytest.raises(DatasetError, match="npz file not found"):  # a name ending in .npz is a file that is missing
+        D.load_dataset("missing.npz")
+    with pytest.raises(DatasetError, match="unknown dataset 'svhn'.*or the path of an existing .npz file or image"):
+        D.load_dataset("svhn")
 
 
 # ------------------------------------------------------------------------------------------------ in memory

@@ -399,3 +399,16 @@ def test_grpc_service_predicts_informs_checks_health_and_survives_bad_requests(s
     assert "stopped" in proc.stderr.read()
     assert edge.main(["query", target, "--health", "--timeout", str(RPC_S)]) == 1  # refused at once, not timed out
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_serve_beyond_loopback_without_tls_is_refused_whatever_the_name_looks_like(models, capsys):
+    """A host is loopback by its address (ipaddress, shared with the launchers), not by its spelling: a name that
+    starts with "127." may resolve anywhere."""
+    from noprop.launch import is_loopback
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")] == [True] * 5
+    assert [is_loopback(h) for h in ("127.example.com", "10.0.0.1", "0.0.0.0", "example.org")] == [False] * 4
+    for host in ("127.example.com", "0.0.0.0"):
+        assert edge.main(["serve", str(models["deterministic"]), "--host", host, "--port", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--host {host} opens the service to the network" in err, err

@@ -23,6 +23,7 @@ from noprop.launch import (
     flag_name,
     free_port,
     parse_address,
+    resolve_dataset_spec,
 )
 from noprop.server import launcher as server_launcher
 from noprop.server import sim
@@ -307,3 +308,18 @@ def test_a_supernode_stuck_after_the_server_forgot_its_node_is_restarted(tmp_pat
     out = res.stdout + res.stderr
     assert "has not ended 1s after the server forgot this node" in out and "joining again as a new node" in out, out
     assert out.count("Invalid node ID") == 2, out  # the SuperNode's output still reaches the client's
+
+
+def test_dataset_specs_become_absolute_paths_for_the_flower_processes(tmp_path, monkeypatch):
+    """The ServerApp and ClientApps run in other folders: every path in a dataset spec goes out absolute, a bare
+    one too; names of built-in datasets (no / and no dot) stay names, even beside a folder of that name."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "d.npz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_dataset_spec("npz:d.npz") == f"npz:{tmp_path / 'd.npz'}"
+    assert resolve_dataset_spec("imagefolder:images") == f"imagefolder:{tmp_path / 'images'}"
+    assert resolve_dataset_spec("d.npz") == str(tmp_path / "d.npz")
+    assert resolve_dataset_spec("./images") == str(tmp_path / "images")
+    assert resolve_dataset_spec("mnist") == "mnist" and resolve_dataset_spec("fashion-mnist") == "fashion-mnist"
+    assert resolve_dataset_spec("missing.npz") == "missing.npz"  # left for the loader's "not found"
