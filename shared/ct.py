@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop.continuous import ContinuousConfig, ContinuousPredictor, start_state
-from noprop.schedule import LearnedNoiseSchedule
+from noprop.schedule import LearnedNoiseSchedule, posterior_step
 
 CT_L2_WEIGHTS = ("snr", "log-snr")
 
@@ -97,7 +97,5 @@ class NoPropCT(ContinuousPredictor, nn.Module):
         z = start_state(x, W, noise)
         for k in range(steps):
             u_hat = self.denoise(features, z, k / steps)
-            z = coef[k, 0] * u_hat + coef[k, 1] * z
-            if noise is not None:
-                z = z + coef[k, 2].sqrt() * noise[k + 1]
+            z = posterior_step(coef[k], u_hat, z, None if noise is None else noise[k + 1])
         return F.softmax(self.head(z, W), dim=1)

@@ -379,8 +379,6 @@ class NoPropDT(ChainPredictor, nn.Module):
         self.blocks = nn.ModuleDict({str(t): DenoisingBlock(cfg) for t in owned})
         self.head = OutputHead(d, cfg.num_classes, cfg.head, cfg.radial_sigma)
         self.head.init_nearest_embedding(self.embedding.weight)
-        # buffers so that the coefficients travel with the module (device moves, export)
-        self.register_buffer("step_coefficients", self.schedule.step_coefficients, persistent=False)
 
     @property
     def T(self) -> int:
@@ -462,14 +460,9 @@ class NoPropDT(ChainPredictor, nn.Module):
             raise RuntimeError(f"inference needs all {self.T} blocks; this model holds {self.owned_blocks}")
         W = self.embedding.weight
         z = torch.zeros(x.shape[0], W.shape[1], device=x.device, dtype=x.dtype) if noise is None else noise[0]
-        coef = self.step_coefficients
         for t in range(1, self.T + 1):
             probs = F.softmax(self.block_logits(t, x, z), dim=1)
             if on_block is not None:
                 on_block(t, probs)
-            u_hat = probs @ W
-            a, b, c = coef[t - 1, 0], coef[t - 1, 1], coef[t - 1, 2]
-            z = a * u_hat + b * z
-            if noise is not None:
-                z = z + c.sqrt() * noise[t]
+            z = self.schedule.step(t, probs @ W, z, None if noise is None else noise[t])
         return z

@@ -15,6 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def posterior_step(coefficients, u_hat: torch.Tensor, z_prev: torch.Tensor,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """z' = a u_hat + b z_prev + sqrt(c) eps, for coefficients (a, b, c) (floats, or a [3] row of a
+    step_coefficients table); eps = 0 when noise is None. The one step every sampler here takes: NoProp-DT's
+    chain (CosineSchedule.step), NoProp-CT's DDIM and stochastic steps."""
+    a, b, c = coefficients
+    z = a * u_hat + b * z_prev
+    if noise is not None:
+        z = z + c**0.5 * noise
+    return z
+
+
 @dataclass(frozen=True)
 class CosineSchedule:
     """Time-reversed Nichol-Dhariwal cosine schedule for NoProp-DT.
@@ -110,11 +122,7 @@ class CosineSchedule:
         self, t: int, u_hat: torch.Tensor, z_prev: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         """One inference step z_t = a_t u_hat + b_t z_{t-1} + sqrt(c_t) eps (eps = 0 when noise is None)."""
-        a, b, c = self.step_coefficients_at(t)
-        z = a * u_hat + b * z_prev
-        if noise is not None:
-            z = z + math.sqrt(c) * noise
-        return z
+        return posterior_step(self.step_coefficients_at(t), u_hat, z_prev, noise)
 
     def kl_prior(self, u: torch.Tensor) -> torch.Tensor:
         """KL(q(z_0 | y) || N(0, I)) per example, for embeddings u of shape [N, d]."""

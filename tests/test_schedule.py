@@ -88,3 +88,42 @@ def test_kl_prior_matches_the_closed_form():
 def test_bad_schedule_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         CosineSchedule(**kwargs)
+
+
+def test_every_sampler_steps_through_the_schedule(monkeypatch):
+    """One posterior step, in one place: NoProp-DT's chain takes CosineSchedule.step once per block (t = 1..T,
+    its noise eps_t, or none), and NoProp-CT's forward takes posterior_step once per integration step, with the
+    schedule's own coefficient rows."""
+    from noprop import ct as ct_module
+    from noprop.methods import build_model, model_config
+    from noprop.model import NoPropConfig, NoPropDT
+
+    cfg = NoPropConfig(input_shape=(1, 12, 12), num_classes=4, T=3, channels=(4, 8, 8), hidden=16, dropout=0.0)
+    model = NoPropDT(cfg).eval()
+    x, noise = torch.rand(5, 1, 12, 12), torch.randn(4, 5, 4)
+    seen, real_step = [], CosineSchedule.step
+
+    def step(self, t, u_hat, z_prev, eps=None):
+        seen.append((t, eps is None or bool(torch.equal(eps, noise[t]))))
+        return real_step(self, t, u_hat, z_prev, eps)
+
+    monkeypatch.setattr(CosineSchedule, "step", step)
+    with torch.no_grad():
+        model.chain(x)
+        assert seen == [(1, True), (2, True), (3, True)]
+        seen.clear()
+        model.chain(x, noise)
+    assert seen == [(1, True), (2, True), (3, True)]
+
+    ct = build_model("ct", model_config("ct", (1, 12, 12), 4, channels=(4, 8, 8), hidden=16, dropout=0.0,
+                                        steps=4)).eval()
+    rows, real_posterior = [], ct_module.posterior_step
+
+    def posterior(coefficients, u_hat, z_prev, eps=None):
+        rows.append(coefficients.clone())
+        return real_posterior(coefficients, u_hat, z_prev, eps)
+
+    monkeypatch.setattr(ct_module, "posterior_step", posterior)
+    with torch.no_grad():
+        ct(x, torch.randn(5, 5, 4))
+    assert torch.equal(torch.stack(rows), ct.schedule.step_coefficients(4, "stochastic"))
