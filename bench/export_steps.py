@@ -69,7 +69,7 @@ def measure(variant: str, ckpt_path: Path, args: argparse.Namespace) -> dict:
 
     from noprop.checkpoint import load_checkpoint
     from noprop.deploy.edge import EdgeModel, load_eval_data
-    from noprop.deploy.export import export_checkpoint
+    from noprop.deploy.export_cli import export_checkpoint
 
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(ckpt_path)

@@ -30,7 +30,7 @@ import torch
 from noprop.checkpoint import load_checkpoint
 from noprop.data import load_dataset
 from noprop.deploy.edge import EdgeModel
-from noprop.deploy.export import export_checkpoint
+from noprop.deploy.export_cli import export_checkpoint
 
 RSS_BATCH = 100
 

@@ -54,7 +54,6 @@ import dataclasses
 import io
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -358,46 +357,3 @@ def make_readable(path: Path) -> Path:
     """atomic_write keeps its temporary file's mode, 0600; a model is meant to be copied and read: 0644."""
     os.chmod(path, 0o644)
     return path
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    manifest: Path | None
-    bytes: int
-    fp32_bytes: int
-    precision: str
-    steps: int | None = None  # ct, fm, adjoint: the unrolled step count
-
-
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mode: str = "deterministic",
-                      opset: int | None = None, exporter: str = "torchscript", int8: bool = False,
-                      calibration: int = 512, data: str | None = None, data_root: str | os.PathLike | None = None,
-                      seed: int = 0, write_manifest: bool = True, steps: int | None = None) -> ExportResult:
-    """noprop-export's work: load, export fp32, optionally quantize to int8 (calibrated on training images)."""
-    import tempfile
-
-    from noprop.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
-    out = Path(out)
-    steps = export_steps(ckpt, steps)  # a bad --steps fails before any work (or calibration data loading)
-    if not int8:
-        path = export_onnx(ckpt, out, mode, opset, exporter, write_manifest, steps)
-        size = path.stat().st_size
-        return ExportResult(path, manifest_path_for(path) if write_manifest else None, size, size, "fp32", steps)
-    from noprop.deploy.quantize import calibration_images, quantize_model
-
-    dataset = data or (ckpt.data or {}).get("name")
-    if not dataset:
-        raise ExportError("the checkpoint does not name its dataset: pass --data for the calibration images")
-    images = calibration_images(dataset, calibration, root=data_root, seed=seed,
-                                expect_shape=tuple(ckpt.config.input_shape))
-    with tempfile.TemporaryDirectory(prefix="noprop-export-") as tmp:
-        fp32 = export_onnx(ckpt, Path(tmp) / "fp32.onnx", mode, opset, exporter, write_manifest=False, steps=steps)
-        fp32_bytes = fp32.stat().st_size
-        path = quantize_model(fp32, out, images, seed=seed, dataset=dataset)
-    if write_manifest:
-        write_manifest_file(path)
-    return ExportResult(path, manifest_path_for(path) if write_manifest else None, path.stat().st_size,
-                        fp32_bytes, "int8", steps)

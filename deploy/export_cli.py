@@ -15,21 +15,66 @@ the .onnx goes <name>.manifest.json (the ModelManifest of proto/noprop/v1/infere
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from noprop.checkpoint import CheckpointError
 from noprop.data import DatasetError
-from noprop.deploy.edge import EdgeError
+from noprop.deploy.edge import EdgeError, manifest_path_for
 from noprop.deploy.export import (
     DEFAULT_OPSET,
     EXPORTERS,
     MODES,
     ExportError,
-    export_checkpoint,
+    export_onnx,
+    export_steps,
     write_checkpoint_manifest,
+    write_manifest_file,
 )
+from noprop.deploy.quantize import calibration_images, quantize_model
 from noprop.launch import OneLineParser
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: Path | None
+    bytes: int
+    fp32_bytes: int
+    precision: str
+    steps: int | None = None  # ct, fm, adjoint: the unrolled step count
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mode: str = "deterministic",
+                      opset: int | None = None, exporter: str = "torchscript", int8: bool = False,
+                      calibration: int = 512, data: str | None = None, data_root: str | os.PathLike | None = None,
+                      seed: int = 0, write_manifest: bool = True, steps: int | None = None) -> ExportResult:
+    """noprop-export's work: load, export fp32, optionally quantize to int8 (calibrated on training images)."""
+    from noprop.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    out = Path(out)
+    steps = export_steps(ckpt, steps)  # a bad --steps fails before any work (or calibration data loading)
+    if not int8:
+        path = export_onnx(ckpt, out, mode, opset, exporter, write_manifest, steps)
+        size = path.stat().st_size
+        return ExportResult(path, manifest_path_for(path) if write_manifest else None, size, size, "fp32", steps)
+    dataset = data or (ckpt.data or {}).get("name")
+    if not dataset:
+        raise ExportError("the checkpoint does not name its dataset: pass --data for the calibration images")
+    images = calibration_images(dataset, calibration, root=data_root, seed=seed,
+                                expect_shape=tuple(ckpt.config.input_shape))
+    with tempfile.TemporaryDirectory(prefix="noprop-export-") as tmp:
+        fp32 = export_onnx(ckpt, Path(tmp) / "fp32.onnx", mode, opset, exporter, write_manifest=False, steps=steps)
+        fp32_bytes = fp32.stat().st_size
+        path = quantize_model(fp32, out, images, seed=seed, dataset=dataset)
+    if write_manifest:
+        write_manifest_file(path)
+    return ExportResult(path, manifest_path_for(path) if write_manifest else None, path.stat().st_size,
+                        fp32_bytes, "int8", steps)
 
 
 def build_parser() -> argparse.ArgumentParser:

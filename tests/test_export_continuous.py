@@ -20,7 +20,8 @@ from noprop.checkpoint import Checkpoint, save_checkpoint
 from noprop.data import load_train_test
 from noprop.deploy import export_cli
 from noprop.deploy.edge import EdgeModel, ModelInfo, file_sha256, manifest_path_for
-from noprop.deploy.export import ExportError, export_checkpoint, export_onnx, read_metadata
+from noprop.deploy.export import ExportError, export_onnx, read_metadata
+from noprop.deploy.export_cli import export_checkpoint
 from noprop.methods import build_model, config_from_dict, make_optimizer
 from noprop.model import NoPropConfig, prototype_rows
 from noprop.proto import inference_pb2
