@@ -18,6 +18,7 @@ import ipaddress
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -505,9 +506,9 @@ def check_in_subprocess(target: str, payload: dict, timeout: float = 1800.0) -> 
     """Run ``target`` ("module:function", taking and returning a JSON-able dict) in a fresh interpreter.
     A LaunchError there becomes a LaunchError here (its one line); anything else, a LaunchError saying so."""
     code = "import sys\nfrom noprop.launch import _run_check\nsys.exit(_run_check(sys.argv[1], sys.argv[2]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, target, json.dumps(payload)], env=flower_env(),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_child_setup)
+    cmd, preexec = dying_with_us([sys.executable, "-c", code, target, json.dumps(payload)])
+    proc = subprocess.Popen(cmd, env=flower_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:  # Ctrl-C or timeout: the child goes too
@@ -561,6 +562,19 @@ def _child_setup() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+_SETPRIV = shutil.which("setpriv")  # util-linux, essential on Debian
+
+
+def dying_with_us(cmd: Sequence[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """(command, preexec_fn) for a child that gets SIGTERM when this process dies, even by SIGKILL
+    (PR_SET_PDEATHSIG). With util-linux's setpriv the child sets it itself before it execs the command, so no
+    Python runs between fork and exec (a preexec_fn can deadlock there when the parent has threads, as the
+    launchers do); without setpriv, prctl in a preexec_fn."""
+    if _SETPRIV is not None:
+        return [_SETPRIV, "--pdeathsig", "TERM", "--", *cmd], None
+    return list(cmd), _child_setup if _LIBC is not None else None
+
+
 def _forward_lines(pipe, watch: Callable[[str], None]) -> None:
     """Copy a child's output to ours line by line, showing each line to watch."""
     for raw in iter(pipe.readline, b""):
@@ -585,9 +599,10 @@ class ProcessGroup:
         self.log_path = log_path
         self._log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 - closed in stop()
         out = self._log if self._log is not None else (subprocess.PIPE if watch is not None else None)
-        self.proc = subprocess.Popen(self.cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+        argv, preexec = dying_with_us(self.cmd)
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT if out is not None else None,
-                                     start_new_session=True, preexec_fn=_child_setup)
+                                     start_new_session=True, preexec_fn=preexec)
         self.pid = self.proc.pid
         if out is subprocess.PIPE:
             threading.Thread(target=_forward_lines, args=(self.proc.stdout, watch), daemon=True).start()
@@ -656,8 +671,9 @@ atexit.register(stop_all, 5.0)
 def run_quiet(cmd: Sequence[str], env: dict[str, str], timeout: float, cwd: str | os.PathLike | None = None
               ) -> subprocess.CompletedProcess:
     """A short-lived command (the flwr CLI), its own session, killed with its group on timeout."""
-    proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_child_setup)
+    argv, preexec = dying_with_us(cmd)
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec)
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
@@ -665,7 +681,7 @@ def run_quiet(cmd: Sequence[str], env: dict[str, str], timeout: float, cwd: str 
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,11 +3,14 @@ the generated Flower app, node-config quoting through Flower's own parser, and p
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 import tomllib
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from procs import alive, descendants, quiet_env, script, wait_for, write_synthetic_npz
@@ -323,3 +326,29 @@ def test_dataset_specs_become_absolute_paths_for_the_flower_processes(tmp_path, 
     assert resolve_dataset_spec("./images") == str(tmp_path / "images")
     assert resolve_dataset_spec("mnist") == "mnist" and resolve_dataset_spec("fashion-mnist") == "fashion-mnist"
     assert resolve_dataset_spec("missing.npz") == "missing.npz"  # left for the loader's "not found"
+
+
+def test_a_launchers_children_end_when_it_is_killed(tmp_path):
+    """PR_SET_PDEATHSIG, set by setpriv before the child's exec (no preexec_fn in a threaded launcher): a
+    launcher SIGKILLed takes its ProcessGroup children and its check subprocesses' with it."""
+    from noprop import launch
+
+    assert launch._SETPRIV is not None, "util-linux's setpriv is missing: install util-linux (Debian: essential)"
+    code = ("import sys, time; from noprop.launch import ProcessGroup; "
+            "g = ProcessGroup('sleeper', [sys.executable, '-c', 'import time; time.sleep(600)'], {}); "
+            "print(g.pid, flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=quiet_env())
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        wait_for(lambda: "time.sleep(600)" in Path(f"/proc/{child}/cmdline").read_text(errors="replace"), 60,
+                 interval=0.1, what="the child's exec of its own command")
+        assert not Path(f"/proc/{child}/cmdline").read_text().startswith(launch._SETPRIV)  # setpriv exec'd it
+        parent.kill()
+        parent.wait(30)
+        wait_for(lambda: not alive(child), 60, interval=0.1, what="the child gone with its launcher")
+    finally:
+        parent.kill()
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
