@@ -341,9 +341,11 @@ def test_a_launchers_children_end_when_it_is_killed(tmp_path):
     child = None
     try:
         child = int(parent.stdout.readline())
-        wait_for(lambda: "time.sleep(600)" in Path(f"/proc/{child}/cmdline").read_text(errors="replace"), 60,
-                 interval=0.1, what="the child's exec of its own command")
-        assert not Path(f"/proc/{child}/cmdline").read_text().startswith(launch._SETPRIV)  # setpriv exec'd it
+        def execed() -> bool:  # setpriv has set the signal and exec'd the command (same pid)
+            argv = Path(f"/proc/{child}/cmdline").read_text(errors="replace").split("\0")
+            return argv[0] != launch._SETPRIV and "import time; time.sleep(600)" in argv
+
+        wait_for(execed, 60, interval=0.1, what="the child's exec of its own command")
         parent.kill()
         parent.wait(30)
         wait_for(lambda: not alive(child), 60, interval=0.1, what="the child gone with its launcher")
