@@ -454,9 +454,8 @@ def resolve_dataset_spec(spec: str, base: Path | None = None) -> str:
     (``rel/mine.npz``, ``./images``: one with a / or a dot, which no built-in dataset name has) -> its absolute
     path, so that the Flower processes, which run elsewhere, find it; other specs unchanged."""
 
-    def absolute(text: str) -> str:
-        path = Path(text).expanduser()
-        return str(((base or Path.cwd()) / path).resolve() if not path.is_absolute() else path.resolve())
+    def absolute(text: str) -> str:  # joining an absolute path keeps it as it is
+        return str(((base or Path.cwd()) / Path(text).expanduser()).resolve())
 
     for prefix in ("npz:", "imagefolder:"):
         if spec.startswith(prefix) and spec[len(prefix):].strip():
