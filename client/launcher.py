@@ -19,28 +19,23 @@ import sys
 import time
 from pathlib import Path
 
-from noprop.certs import check_node_key, check_root_certificate, speaks_tls, tls_handshake
 from noprop.client.worker import start_worker, stop_worker, worker_dir
-from noprop.launch import (
-    LaunchError,
-    OneLineParser,
-    check_in_subprocess,
+from noprop.ops.certs import check_node_key, check_root_certificate, speaks_tls, tls_handshake
+from noprop.ops.cli import LaunchError, OneLineParser, fail, say
+from noprop.ops.flower import config_string, flower_command, flower_env
+from noprop.ops.network import (
     check_port,
-    config_string,
-    fail,
-    flower_command,
-    flower_env,
     format_address,
     free_port,
     is_loopback,
     parse_address,
     port_free,
-    resolve_dataset_spec,
-    say,
-    supervise,
     tcp_answers,
     wait_tcp,
 )
+from noprop.ops.processes import check_in_subprocess
+from noprop.ops.run_flags import resolve_dataset_spec
+from noprop.ops.supervision import supervise
 
 PROG = "noprop-client"
 DEFAULT_FLEET_PORT = 9092
@@ -149,7 +144,7 @@ def node_config(args: argparse.Namespace) -> dict[str, int | str]:
 
 
 def check_node(config: dict) -> dict:
-    """Run in a child process (noprop.launch.check_in_subprocess): the device exists, the partitioning parses,
+    """Run in a child process (noprop.ops.processes.check_in_subprocess): the device exists, the partitioning parses,
     the data loads (so a wrong name or path fails here, not inside Flower) and splits. Returns the data root
     (default resolved) and the partition's size (for iid; the whole train split's otherwise)."""
     from noprop.data import DatasetError, default_data_root, load_dataset, parse_partitioning, partition

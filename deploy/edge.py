@@ -933,7 +933,7 @@ def _run(args: argparse.Namespace) -> int:
         raise EdgeError("--threads must be at least 1")
     tls = None
     if args.command == "serve":
-        from noprop.launch import is_loopback  # serve needs the package (noprop.proto) anyway; no torch there
+        from noprop.ops.network import is_loopback  # serve needs the package (noprop.proto) anyway; no torch there
 
         if bool(args.tls_cert) != bool(args.tls_key):
             raise EdgeError("give both --tls-cert and --tls-key, or neither")

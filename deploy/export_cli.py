@@ -35,7 +35,7 @@ from noprop.deploy.export import (
     write_manifest_file,
 )
 from noprop.deploy.quantize import calibration_images, quantize_model
-from noprop.launch import OneLineParser
+from noprop.ops.cli import OneLineParser
 
 
 @dataclass

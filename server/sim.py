@@ -12,18 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from noprop.launch import (
-    LaunchError,
-    OneLineParser,
-    add_federation_flags,
-    apply_flower_env,
-    check_partitioning,
-    fail,
-    federation_config_from_args,
-    flower_env,
-    say,
-    supervise,
-)
+from noprop.ops.cli import LaunchError, OneLineParser, fail, say
+from noprop.ops.flower import apply_flower_env, flower_env
+from noprop.ops.run_flags import add_federation_flags, check_partitioning, federation_config_from_args
+from noprop.ops.supervision import supervise
 
 PROG = "noprop-sim"
 CHILD_ENV = "NOPROP_SIM_CHILD"  # set in the child that runs the simulation

@@ -23,7 +23,7 @@ from noprop.data import (
     fetch_dataset,
     load_train_test,
 )
-from noprop.launch import OneLineParser
+from noprop.ops.cli import OneLineParser
 
 
 def _parser() -> argparse.ArgumentParser:

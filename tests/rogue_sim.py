@@ -98,7 +98,7 @@ def make_rogue_client_app(overrides: dict, log_path: Path):
 def main(out: str, npz: str, variant: str) -> int:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from noprop.launch import apply_flower_env
+    from noprop.ops.flower import apply_flower_env
 
     apply_flower_env(out_dir / ".flower" / "flwr-home")  # before flwr and Ray are imported
     from flwr.simulation import run_simulation

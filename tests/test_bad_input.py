@@ -31,7 +31,7 @@ from synthetic import synthetic_arrays
 from test_export import task_images, tiny_checkpoint
 
 from noprop.deploy.export import export_onnx
-from noprop.launch import free_port
+from noprop.ops.network import free_port
 from noprop.proto import inference_pb2, inference_pb2_grpc
 
 ROW_TIMEOUT_S = 240  # a row that hangs (a client waiting forever for a server) fails on this

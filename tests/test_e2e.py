@@ -16,7 +16,7 @@ from procs import Spawned, cleanup_all, quiet_env, script, wait_for, write_synth
 from noprop.checkpoint import load_checkpoint
 from noprop.data import load_dataset
 from noprop.io import read_jsonl
-from noprop.launch import free_port
+from noprop.ops.network import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -404,7 +404,7 @@ def test_grpc_service_predicts_informs_checks_health_and_survives_bad_requests(s
 def test_serve_beyond_loopback_without_tls_is_refused_whatever_the_name_looks_like(models, capsys):
     """A host is loopback by its address (ipaddress, shared with the launchers), not by its spelling: a name that
     starts with "127." may resolve anywhere."""
-    from noprop.launch import is_loopback
+    from noprop.ops.network import is_loopback
 
     assert [is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")] == [True] * 5
     assert [is_loopback(h) for h in ("127.example.com", "10.0.0.1", "0.0.0.0", "example.org")] == [False] * 4

@@ -40,8 +40,10 @@ from noprop.checkpoint import (
 )
 from noprop.data import load_dataset
 from noprop.io import read_jsonl
-from noprop.launch import LaunchError, federation_config_from_args, free_port, port_free
 from noprop.model import NoPropConfig, NoPropDT
+from noprop.ops.cli import LaunchError
+from noprop.ops.network import free_port, port_free
+from noprop.ops.run_flags import federation_config_from_args
 from noprop.records import state_digest, to_numpy_state
 from noprop.server.aggregate import Reply, aggregate
 from noprop.server.planner import OwnershipPlan

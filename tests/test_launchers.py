@@ -17,19 +17,13 @@ from procs import alive, descendants, quiet_env, script, wait_for, write_synthet
 
 from noprop.client import launcher as client_launcher
 from noprop.federation import FederationConfig
-from noprop.launch import (
-    FLAG_ALIASES,
-    LaunchError,
-    ProcessGroup,
-    config_string,
-    federation_config_from_args,
-    flag_name,
-    free_port,
-    parse_address,
-    resolve_dataset_spec,
-)
+from noprop.ops.cli import LaunchError
+from noprop.ops.flower import config_string
+from noprop.ops.network import free_port, parse_address
+from noprop.ops.processes import ProcessGroup
+from noprop.ops.run_flags import FLAG_ALIASES, federation_config_from_args, flag_name, resolve_dataset_spec
+from noprop.server import flower_app, progress, sim
 from noprop.server import launcher as server_launcher
-from noprop.server import sim
 
 # a valid, non-default value for each field (fields added later fall back to a generic one per type)
 VALID = {"policy": "replicate", "embedding": "learned:8", "head": "radial", "eval_mode": "stochastic",
@@ -96,7 +90,7 @@ def test_generated_app_holds_every_key_and_flower_builds_it(tmp_path):
     from flwr.cli.config_utils import load_and_validate
 
     cfg = FederationConfig(num_rounds=7, T=4, out="/tmp/o", dataset="npz:/tmp/x.npz", resume=True)
-    path = server_launcher.write_app(tmp_path / "app", cfg)
+    path = flower_app.write_app(tmp_path / "app", cfg)
     with open(path, "rb") as f:
         doc = tomllib.load(f)
     app = doc["tool"]["flwr"]["app"]
@@ -110,11 +104,11 @@ def test_generated_app_holds_every_key_and_flower_builds_it(tmp_path):
 
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(tmp_path / "app"))).namelist()
     assert "pyproject.toml" in names and not any(n.startswith("noprop/") for n in names), names
-    conn = server_launcher.write_connection(tmp_path / "home", "127.0.0.1:9999")
+    conn = flower_app.write_connection(tmp_path / "home", "127.0.0.1:9999")
     with open(conn, "rb") as f:
         superlink = tomllib.load(f)["superlink"]
-    assert superlink["default"] == server_launcher.CONNECTION
-    assert superlink[server_launcher.CONNECTION] == {"address": "127.0.0.1:9999", "insecure": True}
+    assert superlink["default"] == flower_app.CONNECTION
+    assert superlink[flower_app.CONNECTION] == {"address": "127.0.0.1:9999", "insecure": True}
 
 
 def test_node_config_survives_flowers_parser():
@@ -266,7 +260,7 @@ def test_console_scripts_report_errors_in_one_line(tmp_path):
 
 
 def test_signal_handlers_turn_sigterm_into_interrupt():
-    from noprop.launch import Interrupted, install_signal_handlers
+    from noprop.ops.supervision import Interrupted, install_signal_handlers
 
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -282,10 +276,10 @@ def test_signal_handlers_turn_sigterm_into_interrupt():
 def test_round_line_shows_the_round_beside_its_slowest_training():
     record = {"round": 2, "accuracy": 0.5, "round_time_s": 75.5, "nodes": [1, 2],
               "client_train_time_s": {"1": 40.0, "2": 63.4}}
-    line = server_launcher.round_line(record, 4)
+    line = progress.round_line(record, 4)
     assert "75.5 s (slowest client's training 63.4 s)" in line and "2 nodes" in line, line
     del record["client_train_time_s"]  # a FedAvg line, or one from before issue 11
-    assert "75.5 s, 2 nodes" in server_launcher.round_line(record, 4)
+    assert "75.5 s, 2 nodes" in progress.round_line(record, 4)
 
 
 def test_a_supernode_stuck_after_the_server_forgot_its_node_is_restarted(tmp_path):
@@ -331,10 +325,10 @@ def test_dataset_specs_become_absolute_paths_for_the_flower_processes(tmp_path, 
 def test_a_launchers_children_end_when_it_is_killed(tmp_path):
     """PR_SET_PDEATHSIG, set by setpriv before the child's exec (no preexec_fn in a threaded launcher): a
     launcher SIGKILLed takes its ProcessGroup children and its check subprocesses' with it."""
-    from noprop import launch
+    from noprop.ops import processes
 
-    assert launch._SETPRIV is not None, "util-linux's setpriv is missing: install util-linux (Debian: essential)"
-    code = ("import sys, time; from noprop.launch import ProcessGroup; "
+    assert processes._SETPRIV is not None, "util-linux's setpriv is missing: install util-linux (Debian: essential)"
+    code = ("import sys, time; from noprop.ops.processes import ProcessGroup; "
             "g = ProcessGroup('sleeper', [sys.executable, '-c', 'import time; time.sleep(600)'], {}); "
             "print(g.pid, flush=True); time.sleep(600)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=quiet_env())
@@ -343,7 +337,7 @@ def test_a_launchers_children_end_when_it_is_killed(tmp_path):
         child = int(parent.stdout.readline())
         def execed() -> bool:  # setpriv has set the signal and exec'd the command (same pid)
             argv = Path(f"/proc/{child}/cmdline").read_text(errors="replace").split("\0")
-            return argv[0] != launch._SETPRIV and "import time; time.sleep(600)" in argv
+            return argv[0] != processes._SETPRIV and "import time; time.sleep(600)" in argv
 
         wait_for(execed, 60, interval=0.1, what="the child's exec of its own command")
         parent.kill()

@@ -8,7 +8,7 @@ import pytest
 from procs import Spawned, alive, cleanup_all, descendants, quiet_env, wait_for
 from test_e2e import NUM_CLIENTS, ROUNDS, Federation, npz  # noqa: F401 - fixture
 
-from noprop.launch import port_free
+from noprop.ops.network import port_free
 
 pytestmark = pytest.mark.e2e
 

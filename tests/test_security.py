@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from procs import Relay, Spawned, cleanup_all, quiet_env, script, wait_for, write_synthetic_npz
 
-from noprop.certs import authorized_keys, check_server_certificates, speaks_tls, tls_handshake
 from noprop.client import launcher as client_launcher
 from noprop.io import read_jsonl
-from noprop.launch import free_port
+from noprop.ops.certs import authorized_keys, check_server_certificates, speaks_tls, tls_handshake
+from noprop.ops.network import free_port
 from noprop.server import launcher as server_launcher
+from noprop.server import preflight
 
 SMALL = ["--T", "2", "--channels", "4,8,8", "--hidden", "16", "--batch-size", "32", "--local-epochs", "1",
          "--eval-limit", "0", "--client-threads", "1", "--rounds", "1"]
@@ -250,7 +251,7 @@ def prime_state(state: Path, certs: Path, keys: Path, out: Path) -> None:
     fleet, control = free_port(), free_port()
     while control == fleet:
         control = free_port()
-    plan = server_launcher.Plan(
+    plan = preflight.Plan(
         cfg=FederationConfig(out=str(out)), overrides={}, host="127.0.0.1", port=fleet, control_port=control,
         state=state, verbose=False, startup_timeout=180.0, tls=check_server_certificates(certs),
         node_keys=tuple(authorized_keys(keys)))

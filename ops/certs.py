@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from noprop.io import atomic_write
-from noprop.launch import LaunchError, OneLineParser, fail, format_address
+from noprop.ops.cli import LaunchError, OneLineParser, fail
+from noprop.ops.network import format_address
 
 PROG = "noprop-certs"
 CA_CERT, CA_KEY = "ca.crt", "ca.key"

@@ -1,0 +1,5 @@
+"""Operations: starting, watching and stopping Flower's processes, their network, flags and security.
+
+Not the method: noprop (shared/) holds NoProp itself, its data and records; this subpackage holds what the
+console scripts (noprop-server, noprop-client, noprop-sim, noprop-certs) need around it to run a federation.
+"""

@@ -1,0 +1,107 @@
+"""Following a run from the launcher: a line per round from OUT/metrics.jsonl, and the run log echoed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+
+class MetricsTail:
+    """New complete lines of OUT/metrics.jsonl. Lines already there at the start are skipped; a file that is
+    replaced (a fresh run unlinks the old one) is read from its start."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        st = self._stat()
+        self.offset = st.st_size if st else 0
+        self.ino = st.st_ino if st else None
+        self.buffer = b""
+
+    def _stat(self):
+        try:
+            return self.path.stat()
+        except OSError:
+            return None
+
+    def poll(self) -> list[dict]:
+        st = self._stat()
+        if st is None:
+            if self.ino is not None:
+                self.ino, self.offset, self.buffer = None, 0, b""
+            return []
+        if st.st_ino != self.ino or st.st_size < self.offset:
+            self.ino, self.offset, self.buffer = st.st_ino, 0, b""
+        if st.st_size == self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        self.offset += len(chunk)
+        data = self.buffer + chunk
+        *lines, self.buffer = data.split(b"\n")
+        records = []
+        for line in lines:
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    records.append(value)
+        return records
+
+
+def round_line(record: dict, num_rounds: int) -> str:
+    parts = [f"round {record.get('round', '?')}/{num_rounds}"]
+    acc = record.get("accuracy")
+    if isinstance(acc, int | float):
+        parts.append(f"accuracy {100 * acc:.2f}%")
+    nearest, blocks = record.get("nearest_accuracy"), record.get("block_accuracy")
+    if isinstance(nearest, int | float) and isinstance(blocks, dict) and blocks:
+        parts[-1] += (f" (nearest embedding {100 * nearest:.1f}%, blocks {100 * min(blocks.values()):.0f}-"
+                      f"{100 * max(blocks.values()):.0f}%)")
+    t = record.get("round_time_s")
+    if isinstance(t, int | float):
+        train = record.get("client_train_time_s")
+        slowest = max(train.values()) if isinstance(train, dict) and train else None
+        if isinstance(slowest, int | float):
+            parts.append(f"{t:.1f} s (slowest client's training {slowest:.1f} s)")
+        else:
+            parts.append(f"{t:.1f} s")
+    nodes = record.get("nodes")
+    if nodes is None and isinstance(record.get("trained_by"), list):
+        nodes = len(record["trained_by"])
+    if isinstance(nodes, list):
+        nodes = len(nodes)
+    if nodes is not None:
+        parts.append(f"{nodes} nodes")
+    failed = record.get("failed")
+    if failed:
+        parts.append(f"no reply from node(s) {', '.join(str(n) for n in failed)}")
+    rejected = record.get("rejected")
+    if isinstance(rejected, dict):
+        parts += [f"reply of node {node} rejected: {why}" for node, why in rejected.items()]
+    return ", ".join(parts)
+
+
+class LogFollower:
+    """Echo new lines of a growing text file (the run log) to stdout."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    def poll(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return
+        if size <= self.offset:  # a restarted stream rewrites the same log from its start: wait until it is past
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        cut = chunk.rfind(b"\n") + 1
+        if cut:
+            sys.stdout.write(chunk[:cut].decode(errors="replace"))
+            sys.stdout.flush()
+            self.offset += cut
