@@ -33,7 +33,7 @@ from noprop.client.handlers import NodeSettings, check_compatible
 from noprop.data import load_dataset
 from noprop.federation import FederationConfig
 from noprop.io import append_jsonl, atomic_write_text
-from noprop.model import NoPropConfig
+from noprop.model_configs import NoPropConfig
 from noprop.trainer import evaluate_accuracy
 
 

@@ -290,7 +290,8 @@ def warm_up_torch(input_shape: tuple[int, ...], num_classes: int) -> None:
     import torch
 
     from noprop.baseline import BackpropChain
-    from noprop.model import NoPropConfig, NoPropDT
+    from noprop.model import NoPropDT
+    from noprop.model_configs import NoPropConfig
     from noprop.trainer import BlockTrainer, OptimConfig
 
     cfg = NoPropConfig(input_shape=input_shape, num_classes=num_classes, T=2, channels=(2, 2, 2), hidden=8)

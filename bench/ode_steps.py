@@ -21,10 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from synthetic import synthetic_data  # noqa: E402
 
-from noprop.ct import CTConfig  # noqa: E402
-from noprop.fm import FMConfig  # noqa: E402
 from noprop.io import atomic_write_text  # noqa: E402
 from noprop.methods import build_model, make_optimizer  # noqa: E402
+from noprop.model_configs import (
+    CTConfig,  # noqa: E402
+    FMConfig,  # noqa: E402
+)
 from noprop.trainer import train_end_to_end_epoch  # noqa: E402
 
 STEPS = (1, 2, 5, 10, 20, 50, 100)

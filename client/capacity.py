@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from noprop.data import LabelledData
-from noprop.model import NoPropConfig, NoPropDT
+from noprop.model import NoPropDT
+from noprop.model_configs import NoPropConfig
 from noprop.trainer import BlockTrainer, OptimConfig
 
 

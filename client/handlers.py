@@ -25,7 +25,8 @@ from noprop.client.fedavg import train_whole_network
 from noprop.data import LabelledData, load_dataset, partition
 from noprop.device import resolve_device
 from noprop.federation import FederationConfig
-from noprop.model import NoPropConfig, NoPropDT
+from noprop.model import NoPropDT
+from noprop.model_configs import NoPropConfig
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
 from noprop.trainer import (
     BlockTrainer,

@@ -8,18 +8,9 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from noprop.federation import FederationConfig  # torch-free: its method checks build config dataclasses only
 from noprop.ops.cli import LaunchError
-
-if TYPE_CHECKING:  # importing noprop.federation imports torch (~300 MB): the client launcher never needs it
-    from noprop.federation import FederationConfig
-
-
-def _federation_config() -> type[FederationConfig]:
-    from noprop.federation import FederationConfig
-
-    return FederationConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Run flags generated from FederationConfig
@@ -131,7 +122,7 @@ def add_federation_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = 
                        help="TOML file of run settings (keys = these flags' names, dashes or underscores); "
                             "flags win over it")
     flags = {}
-    for f in fields(_federation_config()):
+    for f in fields(FederationConfig):
         if f.name in skip:
             continue
         default = field_default(f)
@@ -163,7 +154,7 @@ def load_config_toml(path: str | os.PathLike) -> dict[str, object]:
         raise LaunchError(f"config file {path} is not valid TOML: {exc}") from None
     if isinstance(raw.get("federation"), dict):
         raw = raw["federation"]
-    known = {f.name: field_default(f) for f in fields(_federation_config())}
+    known = {f.name: field_default(f) for f in fields(FederationConfig)}
     aliases = {alias.lstrip("-").replace("-", "_"): name for name, names in FLAG_ALIASES.items() for alias in names}
     values: dict[str, object] = {}
     for key, value in raw.items():
@@ -218,7 +209,6 @@ def federation_config_from_args(args: argparse.Namespace, extra: dict[str, objec
                                 resolve_paths: bool = True) -> tuple[FederationConfig, dict[str, object]]:
     """Defaults < --config TOML < ``extra`` < flags. Returns the validated config and the overridden fields.
     Relative paths (out, data root, npz:/imagefolder: specs) become absolute. Raises LaunchError."""
-    FederationConfig = _federation_config()  # noqa: N806 - the class
     values: dict[str, object] = {}
     if getattr(args, "config", None):
         values.update(load_config_toml(args.config))
@@ -240,14 +230,22 @@ def federation_config_from_args(args: argparse.Namespace, extra: dict[str, objec
         cfg = FederationConfig(**values).validate()
     except (ValueError, TypeError) as exc:
         raise LaunchError(str(exc)) from None
-    check_partitioning(cfg.partition_type, "partition-type")
     return cfg, values
 
 
 def check_partitioning(spec: str, what: str) -> None:
+    """A partitioning spec (iid, dirichlet:ALPHA, classes:K) parses; LaunchError ``what: why`` otherwise. The parser
+    lives with the partitioners in noprop.data, which imports torch: a launcher calls it in a child
+    (:func:`check_partitioning_in_child`) or in a check that loads data anyway."""
     from noprop.data import DatasetError, parse_partitioning
 
     try:
         parse_partitioning(spec)
     except DatasetError as exc:
         raise LaunchError(f"{what}: {exc}") from None
+
+
+def check_partitioning_in_child(payload: dict) -> dict:
+    """check_in_subprocess target: {"spec": ..., "what": ...} -> {} or a LaunchError."""
+    check_partitioning(str(payload["spec"]), str(payload["what"]))
+    return {}

@@ -25,7 +25,7 @@ from noprop.data import load_dataset
 from noprop.federation import FederationConfig
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl
 from noprop.methods import build_model
-from noprop.model import parse_embedding
+from noprop.model_configs import parse_embedding
 from noprop.plots import plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, state_digest
 from noprop.server.aggregate import Reply, validate_reply

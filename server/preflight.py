@@ -12,7 +12,7 @@ from noprop.ops.certs import authorized_keys, certificate_names, check_server_ce
 from noprop.ops.cli import LaunchError, say
 from noprop.ops.network import check_port, format_address, is_loopback, port_free_soon
 from noprop.ops.processes import check_in_subprocess
-from noprop.ops.run_flags import federation_config_from_args
+from noprop.ops.run_flags import check_partitioning, federation_config_from_args
 
 PROG = "noprop-server"
 
@@ -109,14 +109,17 @@ def check_security(args: argparse.Namespace, host: str) -> tuple[dict[str, Path]
 
 def check_dataset(cfg: FederationConfig) -> int:
     """The server evaluates on the dataset's test split: load it now (in a child process, so that this long-lived
-    process does not keep it in memory) so that a wrong name or path fails here. Returns its size."""
-    payload = {"dataset": cfg.dataset, "data-root": cfg.data_root}
+    process does not keep torch and the data in memory) so that a wrong name or path fails here, and check the
+    partition-type there too (its parser imports torch). Returns the split's size."""
+    payload = {"dataset": cfg.dataset, "data-root": cfg.data_root, "partition-type": cfg.partition_type}
     return int(check_in_subprocess("noprop.server.preflight:check_eval_data", payload)["examples"])
 
 
 def check_eval_data(payload: dict) -> dict:
+    """In a child: the run's partition-type parses and the evaluation dataset's test split loads (torch)."""
     from noprop.data import DatasetError, load_dataset
 
+    check_partitioning(str(payload["partition-type"]), "partition-type")
     spec = str(payload["dataset"])
     try:
         data = load_dataset(spec, "test", root=str(payload["data-root"]) or None)

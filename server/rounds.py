@@ -19,7 +19,8 @@ from noprop.data import load_dataset
 from noprop.diagnostics import chain_diagnostics
 from noprop.federation import FederationConfig
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
-from noprop.model import NoPropDT, parse_embedding
+from noprop.model import NoPropDT
+from noprop.model_configs import parse_embedding
 from noprop.plots import plot_chain_diagnostics, plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state, to_torch_state
 from noprop.server.aggregate import Reply, aggregate, keys_for_blocks, validate_reply

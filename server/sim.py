@@ -14,7 +14,8 @@ from pathlib import Path
 
 from noprop.ops.cli import LaunchError, OneLineParser, fail, say
 from noprop.ops.flower import apply_flower_env, flower_env
-from noprop.ops.run_flags import add_federation_flags, check_partitioning, federation_config_from_args
+from noprop.ops.processes import check_in_subprocess
+from noprop.ops.run_flags import add_federation_flags, federation_config_from_args
 from noprop.ops.supervision import supervise
 
 PROG = "noprop-sim"
@@ -54,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
             raise LaunchError(f"--clients {args.clients}: need at least 1 virtual client")
         extra: dict[str, object] = {}
         if args.partition is not None:
-            check_partitioning(args.partition, "--partition")
             extra["partition_type"] = args.partition.strip()
         if args.cfg_min_nodes is None:
             extra["min_nodes"] = args.clients  # every virtual client is there from the start
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         num_cpus = args.num_cpus if args.num_cpus is not None else (os.cpu_count() or 1)
         if num_cpus < 1 or not args.client_cpus > 0:
             raise LaunchError("--num-cpus must be at least 1 and --client-cpus positive")
+        if os.environ.get(CHILD_ENV) != "1":  # the partitioning parser imports torch: a short child checks it
+            what = "--partition" if args.partition is not None else "partition-type"
+            check_in_subprocess("noprop.ops.run_flags:check_partitioning_in_child",
+                                {"spec": cfg.partition_type, "what": what})
     except LaunchError as exc:
         return fail(PROG, str(exc))
 

@@ -9,28 +9,13 @@ forward pass, so memory does not grow with the number of steps (the paper's comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from noprop.continuous import ContinuousConfig, ContinuousPredictor, TimeConditionedBlock, start_state
-
-# fixed-grid torchdiffeq solvers: the step count, not a tolerance, sets the cost (as in the paper's T = 1000)
-ADJOINT_SOLVERS = ("euler", "midpoint", "rk4")
-
-
-@dataclass
-class AdjointConfig(ContinuousConfig):
-    solver: str = "euler"
-    steps: int = 10  # used in training and at inference; training cost grows linearly with it
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.solver not in ADJOINT_SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r} for adjoint: use one of {', '.join(ADJOINT_SOLVERS)}")
+from noprop.continuous import ContinuousPredictor, TimeConditionedBlock, start_state
+from noprop.model_configs import AdjointConfig
 
 
 class _Dynamics(nn.Module):

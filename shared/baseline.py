@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop.model import ChainPredictor, ClassEmbedding, DenoisingBlock, NoPropConfig, OutputHead, parse_embedding
+from noprop.model import ChainPredictor, ClassEmbedding, DenoisingBlock, OutputHead
+from noprop.model_configs import NoPropConfig, parse_embedding
 
 
 class BackpropChain(ChainPredictor, nn.Module):

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import torch
 
-from noprop.cnn import CNNConfig
-from noprop.continuous import ContinuousConfig
 from noprop.io import atomic_write
 from noprop.methods import METHODS, build_model, config_from_dict
-from noprop.model import NoPropConfig
+from noprop.model_configs import CNNConfig, ContinuousConfig, NoPropConfig
 
 FORMAT = "noprop-fl/checkpoint"
 FORMAT_VERSION = 1

@@ -10,54 +10,14 @@ inference is one network call in either mode.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop.model import ChainPredictor, ModelShape, conv_path, mlp_path, normalise_and_check, parse_embedding
+from noprop.model import ChainPredictor, conv_path, mlp_path
+from noprop.model_configs import CNNConfig
 
 MODES = ("deterministic", "stochastic")
-
-
-@dataclass
-class CNNConfig(ModelShape):
-    """Everything needed to rebuild the CNN; stored in every checkpoint.
-
-    embedding and head stay at their defaults (one-hot, softmax) so that the tools that read any config
-    (export metadata, ModelShape.embedding_dim = the number of classes) read this one too.
-    """
-
-    input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for feature vectors
-    num_classes: int
-    embedding: str = "one-hot"  # the only value: the CNN has no class embedding
-    head: str = "softmax"  # the only value: a linear layer and softmax
-    channels: tuple[int, int, int] = (32, 64, 128)
-    hidden: int = 256
-    dropout: float = 0.2
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        normalise_and_check(self)
-        if parse_embedding(self.embedding)[0] != "one-hot":
-            raise ValueError(f"the cnn method has no class embedding: leave embedding at one-hot, "
-                             f"not {self.embedding!r}")
-        if self.head != "softmax":
-            raise ValueError(f"the cnn method ends in a linear layer and softmax: leave head at softmax, "
-                             f"not {self.head!r}")
-
-    @property
-    def T(self) -> int:
-        """The inference chain's length: one network call."""
-        return 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CNNConfig:
-        return cls(**d)
 
 
 def x_path(cfg: CNNConfig) -> nn.Sequential:

@@ -6,12 +6,18 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from noprop.adjoint import ADJOINT_SOLVERS
-from noprop.continuous import ContinuousConfig
-from noprop.ct import CT_L2_WEIGHTS
-from noprop.fm import FM_SOLVERS
 from noprop.methods import METHODS, method_named, model_config
-from noprop.model import HEAD_KINDS, PROTOTYPE_SCALES, PROTOTYPE_Z_PATHS, NoPropConfig, parse_embedding
+from noprop.model_configs import (
+    ADJOINT_SOLVERS,
+    CT_L2_WEIGHTS,
+    FM_SOLVERS,
+    HEAD_KINDS,
+    PROTOTYPE_SCALES,
+    PROTOTYPE_Z_PATHS,
+    ContinuousConfig,
+    NoPropConfig,
+    parse_embedding,
+)
 
 EVAL_MODES = ("deterministic", "stochastic", "both")
 

@@ -8,60 +8,13 @@ integrates from t = 0 to 1 in a chosen number of steps live here, once.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop.model import (
-    ChainPredictor,
-    ClassEmbedding,
-    ModelShape,
-    OutputHead,
-    conv_path,
-    mlp_path,
-    normalise_and_check,
-    parse_embedding,
-)
-
-
-@dataclass
-class ContinuousConfig(ModelShape):
-    """The architecture, embedding, head and inference steps; the subclasses add their method's settings."""
-
-    input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for feature vectors
-    num_classes: int
-    embedding: str = "one-hot"  # one-hot | learned:D | prototype
-    head: str = "softmax"  # softmax | radial
-    radial_sigma: float = 0.5
-    steps: int = 10  # integration steps from t = 0 to 1 at inference (the length of an unrolled chain)
-    channels: tuple[int, int, int] = (32, 64, 128)
-    hidden: int = 256
-    dropout: float = 0.2
-    time_dim: int = 64  # sinusoidal embedding of t
-    embedding_lr_scale: float = 1.0  # W trains at lr x this (unit-scaled prototypes: see scale_prototypes)
-    prototype_z_path: str = "conv"  # prototype z through a conv path (the paper) or FC-ReLU like other embeddings
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        normalise_and_check(self)
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.time_dim < 2 or self.time_dim % 2:
-            raise ValueError(f"time_dim must be an even number >= 2, got {self.time_dim}")
-
-    @property
-    def T(self) -> int:
-        """The inference chain's length: the number of integration steps."""
-        return self.steps
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        return cls(**d)
+from noprop.model import ChainPredictor, ClassEmbedding, OutputHead, conv_path, mlp_path
+from noprop.model_configs import ContinuousConfig, parse_embedding
 
 
 def sinusoidal_time_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:

@@ -8,44 +8,13 @@ the schedule (DDIM-style, or the stochastic posterior step) to t = 1, where the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop.continuous import ContinuousConfig, ContinuousPredictor, start_state
+from noprop.continuous import ContinuousPredictor, start_state
+from noprop.model_configs import CTConfig
 from noprop.schedule import LearnedNoiseSchedule, posterior_step
-
-CT_L2_WEIGHTS = ("snr", "log-snr")
-
-
-@dataclass
-class CTConfig(ContinuousConfig):
-    eta: float = 1.0  # weight of the SNR'-weighted L2 term (paper's Table 3: 1)
-    gamma0: float = -5.0  # initial gamma(1), the label end: alpha_bar(1) = sigmoid(5) = 0.993
-    gamma1: float = 5.0  # initial gamma(0), the noise end: alpha_bar(0) = sigmoid(-5) = 0.007
-    steps: int = 10  # accuracy was flat from 1 to 100 steps on the synthetic task (bench/ode_steps.py)
-    # the L2 term's weight over t: snr = Eq. 9's SNR'(t); log-snr = -gamma'(t), the same integrand spread evenly
-    # in log-SNR (SNR'(t) spans 0.035 to 673, so t < 0.5, where the network must read x, gets < 1% of the loss).
-    # log-snr is the default by measurement (not Eq. 9): Fashion-MNIST, 6000 images, 30 epochs: 86-88% against
-    # 74-81% for snr, whose accuracy swung by up to 4.5 points an epoch (BENCHMARKS.md, issue 12)
-    l2_weight: str = "log-snr"
-    # largest gradient norm of a training step (0 = off; trainer.train_end_to_end_epoch). 1.0 by measurement: over
-    # the last 10 of 30 epochs test accuracy moved by at most 0.75 points an epoch (2.0 without), and at lr 1e-2
-    # the synthetic task no longer loses a class late in training
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.eta > 0:
-            raise ValueError(f"eta must be positive, got {self.eta}")
-        if self.l2_weight not in CT_L2_WEIGHTS:
-            raise ValueError(f"unknown l2_weight {self.l2_weight!r} for ct: use one of {', '.join(CT_L2_WEIGHTS)}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
-        if not self.gamma1 > self.gamma0:
-            raise ValueError(f"gamma1 (noise end) must exceed gamma0 (label end), got {self.gamma0}, {self.gamma1}")
 
 
 class NoPropCT(ContinuousPredictor, nn.Module):

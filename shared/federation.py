@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from noprop.continuous import ContinuousConfig
 from noprop.methods import METHODS, model_config
-from noprop.model import NoPropConfig, parse_embedding
+from noprop.model_configs import ContinuousConfig, NoPropConfig, parse_embedding
 
 POLICIES = ("rotate", "replicate")
 # dt: each node trains the blocks it owns; the others are one network that every node trains whole (FedAvg)

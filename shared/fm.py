@@ -9,34 +9,12 @@ t = 0 to 1 (Euler or Heun) and predicts the class whose embedding is nearest to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop.continuous import (
-    ContinuousConfig,
-    ContinuousPredictor,
-    nearest_embedding_proba,
-    start_state,
-)
-
-FM_SOLVERS = ("euler", "heun")
-
-
-@dataclass
-class FMConfig(ContinuousConfig):
-    sigma: float = 0.1  # width of the Gaussian path around the straight line (the paper leaves it open)
-    solver: str = "euler"  # euler | heun (two network calls per step)
-    steps: int = 10  # accuracy was flat from 1 to 100 steps on the synthetic task (bench/ode_steps.py)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.sigma < 0:
-            raise ValueError(f"sigma must be zero or positive, got {self.sigma}")
-        if self.solver not in FM_SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r} for fm: use one of {', '.join(FM_SOLVERS)}")
+from noprop.continuous import ContinuousPredictor, nearest_embedding_proba, start_state
+from noprop.model_configs import FMConfig
 
 
 class NoPropFM(ContinuousPredictor, nn.Module):

@@ -1,30 +1,28 @@
 """The training methods by name: which config rebuilds a model, which class it is, which optimizer trains it.
 
 `noprop-train --method`, checkpoints and the benchmarks all look methods up here, so a method is added in
-one place.
+one place. A model class is named here and imported when a model is built: importing this module, and checking a
+method's settings with model_config, needs no torch (the launchers do it).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from noprop.model_configs import AdjointConfig, CNNConfig, CTConfig, FMConfig, NoPropConfig
 
-from noprop.adjoint import AdjointConfig, AdjointODE
-from noprop.baseline import BackpropChain
-from noprop.cnn import CNN, CNNConfig
-from noprop.ct import CTConfig, NoPropCT
-from noprop.fm import FMConfig, NoPropFM
-from noprop.model import NoPropConfig, NoPropDT
-from noprop.trainer import param_groups
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
 class Method:
     config_class: type
-    model_class: type
+    model_path: str  # "module:Class" of the model (torch), imported by model_class
     optimizer: str  # per-block (NoProp-DT's BlockTrainer), adam or adamw (paper's Table 3)
     description: str
     # prototype embeddings, by measurement (BENCHMARKS.md "Prototype embeddings and NoProp-CT's stability"): rows
@@ -36,19 +34,26 @@ class Method:
     def continuous(self) -> bool:
         return self.config_class in (CTConfig, FMConfig, AdjointConfig)
 
+    @property
+    def model_class(self) -> type:
+        """The model's class, imported now (with torch)."""
+        module, _, name = self.model_path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
 
 METHODS: dict[str, Method] = {
-    "dt": Method(NoPropConfig, NoPropDT, "per-block", "NoProp-DT: T blocks, each trained on its own",
-                 prototype_z_path="linear"),
-    "ct": Method(CTConfig, NoPropCT, "adam", "NoProp-CT: one time-conditioned denoiser, learned noise schedule",
-                 prototype_z_path="linear"),
-    "fm": Method(FMConfig, NoPropFM, "adam", "NoProp-FM: flow matching to the label embedding",
+    "dt": Method(NoPropConfig, "noprop.model:NoPropDT", "per-block",
+                 "NoProp-DT: T blocks, each trained on its own", prototype_z_path="linear"),
+    "ct": Method(CTConfig, "noprop.ct:NoPropCT", "adam",
+                 "NoProp-CT: one time-conditioned denoiser, learned noise schedule", prototype_z_path="linear"),
+    "fm": Method(FMConfig, "noprop.fm:NoPropFM", "adam", "NoProp-FM: flow matching to the label embedding",
                  prototype_scale="image"),  # unit rows + FC z path: 67% deterministic but 33% stochastic (issue 12)
-    "adjoint": Method(AdjointConfig, AdjointODE, "adamw", "neural ODE over the CT block, adjoint gradients",
-                       prototype_scale="image"),
-    "backprop": Method(NoPropConfig, BackpropChain, "adamw", "the DT blocks chained and trained end to end",
-                       prototype_scale="image"),
-    "cnn": Method(CNNConfig, CNN, "adamw", "plain CNN (one block's x path + linear), backprop; the FedAvg peer"),
+    "adjoint": Method(AdjointConfig, "noprop.adjoint:AdjointODE", "adamw",
+                      "neural ODE over the CT block, adjoint gradients", prototype_scale="image"),
+    "backprop": Method(NoPropConfig, "noprop.baseline:BackpropChain", "adamw",
+                       "the DT blocks chained and trained end to end", prototype_scale="image"),
+    "cnn": Method(CNNConfig, "noprop.cnn:CNN", "adamw",
+                  "plain CNN (one block's x path + linear), backprop; the FedAvg peer"),
 }
 
 
@@ -108,6 +113,10 @@ def config_from_dict(name: str, d: dict):
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """The end-to-end optimizer of the paper's Table 3 (Adam for CT/FM, AdamW otherwise); DT uses BlockTrainer."""
+    import torch
+
+    from noprop.trainer import param_groups
+
     kind = method_named(name).optimizer
     if kind == "adam":
         return torch.optim.Adam(param_groups(params, lr), lr=lr, weight_decay=weight_decay)

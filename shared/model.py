@@ -10,118 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop.schedule import CosineSchedule
-
-EMBEDDING_KINDS = ("one-hot", "learned", "prototype")
-PROTOTYPE_SCALES = ("unit", "image")  # unit: rows scaled to mean norm 1 (one-hot's); image: the raw normalised image
-# how a block reads an image-sized prototype z: conv (the paper: z treated as an image, its own conv path) | linear
-# (the FC path every other embedding has; issue 12)
-PROTOTYPE_Z_PATHS = ("conv", "linear")
-HEAD_KINDS = ("softmax", "radial")
-NORM_KINDS = ("batch", "layer")  # batch: Figure 6; layer: no running statistics (federated label skew)
-
-
-def parse_embedding(spec: str) -> tuple[str, int | None]:
-    """'one-hot' | 'learned:D' | 'prototype' -> (kind, D or None)."""
-    kind, _, dim = spec.partition(":")
-    if kind not in EMBEDDING_KINDS:
-        raise ValueError(f"unknown embedding {spec!r}: use one-hot, learned:D (e.g. learned:20) or prototype")
-    if kind == "learned":
-        if not dim.isdigit() or int(dim) < 1:
-            raise ValueError(f"learned embedding needs a positive dimension, e.g. learned:20, got {spec!r}")
-        return kind, int(dim)
-    if dim:
-        raise ValueError(f"embedding {kind!r} takes no dimension, got {spec!r}")
-    return kind, None
-
-
-def embedding_size(spec: str, num_classes: int, input_shape: tuple[int, ...]) -> int:
-    """d of the class embedding: classes (one-hot), D (learned:D) or the image size (prototype)."""
-    kind, dim = parse_embedding(spec)
-    if kind == "one-hot":
-        return num_classes
-    if kind == "learned":
-        return dim
-    return math.prod(input_shape)
-
-
-class ModelShape:
-    """What every model config derives from its input shape, class count and embedding."""
-
-    @property
-    def is_image(self) -> bool:
-        return len(self.input_shape) == 3
-
-    @property
-    def embedding_dim(self) -> int:
-        return embedding_size(self.embedding, self.num_classes, self.input_shape)
-
-
-def normalise_and_check(cfg) -> None:
-    """What every model config shares: tuples from lists (JSON), and the input, class count, head and
-    embedding checked (NoPropConfig here, noprop.continuous.ContinuousConfig for the one-network methods)."""
-    cfg.input_shape = tuple(int(s) for s in cfg.input_shape)
-    cfg.channels = tuple(int(c) for c in cfg.channels)
-    if len(cfg.input_shape) not in (1, 3):
-        raise ValueError(f"input_shape must be (C, H, W) or (F,), got {cfg.input_shape}")
-    if cfg.num_classes < 2:
-        raise ValueError(f"need at least 2 classes, got {cfg.num_classes}")
-    if cfg.head not in HEAD_KINDS:
-        raise ValueError(f"unknown head {cfg.head!r}: use softmax or radial")
-    kind, _ = parse_embedding(cfg.embedding)
-    if kind == "prototype" and len(cfg.input_shape) != 3:
-        raise ValueError("prototype embeddings need image inputs (C, H, W)")
-    if getattr(cfg, "prototype_z_path", "conv") not in PROTOTYPE_Z_PATHS:  # (a CNN config has neither)
-        raise ValueError(f"unknown prototype_z_path {cfg.prototype_z_path!r}: use {', '.join(PROTOTYPE_Z_PATHS)}")
-    if not getattr(cfg, "embedding_lr_scale", 1.0) > 0:
-        raise ValueError(f"embedding_lr_scale must be positive, got {cfg.embedding_lr_scale}")
-    if getattr(cfg, "norm", "batch") not in NORM_KINDS:
-        raise ValueError(f"unknown norm {cfg.norm!r}: use batch (Figure 6) or layer")
-
-
-@dataclass
-class NoPropConfig(ModelShape):
-    """Everything needed to rebuild a model; stored in every checkpoint."""
-
-    input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for feature vectors
-    num_classes: int
-    T: int = 10
-    embedding: str = "one-hot"  # one-hot | learned:D | prototype
-    head: str = "softmax"  # softmax | radial
-    radial_sigma: float = 0.5  # sigma of the radial head; 1.0 let learned W shrink and collapse (measured)
-    eta: float = 0.1
-    clip: float = 1e-4  # alpha_bar clip, sets SNR(T)
-    max_delta_snr: float | None = None  # optional cap on SNR(t) - SNR(t-1)
-    channels: tuple[int, int, int] = (32, 64, 128)
-    hidden: int = 256
-    dropout: float = 0.2
-    norm: str = "batch"  # batch (Figure 6) | layer: the blocks' normalisation layers
-    z_skip: bool = False  # add the exact class posterior given z_{t-1} alone to each block's logits (not Figure 6)
-    embedding_lr_scale: float = 1.0  # W trains at lr x this (unit-scaled prototypes: see scale_prototypes)
-    prototype_z_path: str = "conv"  # prototype z through a conv path (Figure 6) or the residual FC path
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        normalise_and_check(self)
-        if self.T < 1:
-            raise ValueError(f"T must be at least 1, got {self.T}")
-
-    def schedule(self) -> CosineSchedule:
-        return CosineSchedule(T=self.T, clip=self.clip, max_delta_snr=self.max_delta_snr)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> NoPropConfig:
-        return cls(**d)
-
+from noprop.model_configs import NORM_KINDS, PROTOTYPE_SCALES, NoPropConfig, parse_embedding
 
 # -- class embeddings ----------------------------------------------------------------------------------
 

@@ -25,12 +25,12 @@ from noprop.checkpoint import (
     save_train_state,
 )
 from noprop.config import EVAL_MODES, ConfigError, TrainConfig, build_config
-from noprop.ct import CT_L2_WEIGHTS
 from noprop.data import DatasetError, load_train_test
 from noprop.device import resolve_device
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.methods import METHODS, build_model, make_optimizer
-from noprop.model import PROTOTYPE_SCALES, PROTOTYPE_Z_PATHS, parse_embedding, prototype_rows, scale_prototypes
+from noprop.model import prototype_rows, scale_prototypes
+from noprop.model_configs import CT_L2_WEIGHTS, PROTOTYPE_SCALES, PROTOTYPE_Z_PATHS, parse_embedding
 from noprop.ops.cli import OneLineParser
 from noprop.plots import plot_training_curves
 from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_end_to_end_epoch

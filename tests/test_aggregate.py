@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from noprop.model import NoPropConfig, NoPropDT
+from noprop.model import NoPropDT
+from noprop.model_configs import NoPropConfig
 from noprop.records import to_numpy_state
 from noprop.server.aggregate import Reply, aggregate, keys_for_blocks, validate_reply, weighted_mean
 from noprop.server.planner import OwnershipPlan

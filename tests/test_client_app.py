@@ -12,7 +12,8 @@ from synthetic import synthetic_arrays
 
 from noprop.client.app import make_client_app
 from noprop.device import resolve_device
-from noprop.model import NoPropConfig, NoPropDT
+from noprop.model import NoPropDT
+from noprop.model_configs import NoPropConfig
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state
 from noprop.server.aggregate import block_of_key, keys_for_blocks
 

@@ -17,7 +17,7 @@ from test_export import run_onnx, task_images, torch_probs, write_task
 
 from noprop.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from noprop.client.fedavg import train_whole_network
-from noprop.cnn import CNN, CNNConfig
+from noprop.cnn import CNN
 from noprop.config import ConfigError, build_config
 from noprop.data import LabelledData, load_dataset, load_train_test
 from noprop.deploy.edge import ModelInfo
@@ -25,6 +25,7 @@ from noprop.deploy.export import ExportError, export_onnx, read_metadata
 from noprop.federation import FederationConfig
 from noprop.io import read_jsonl
 from noprop.methods import METHODS, build_model, make_optimizer, model_config
+from noprop.model_configs import CNNConfig
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state
 from noprop.train_cli import main as train_main
 from noprop.trainer import evaluate_accuracy, train_end_to_end_epoch

@@ -8,13 +8,11 @@ import pytest
 import torch
 from synthetic import synthetic_arrays, synthetic_data
 
-from noprop.adjoint import AdjointConfig
 from noprop.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from noprop.ct import CTConfig
-from noprop.fm import FMConfig
 from noprop.io import read_jsonl
 from noprop.methods import build_model, make_optimizer
 from noprop.model import prototype_rows, scale_prototypes
+from noprop.model_configs import AdjointConfig, CTConfig, FMConfig
 from noprop.schedule import LearnedNoiseSchedule
 from noprop.train_cli import main
 from noprop.trainer import evaluate_accuracy, train_end_to_end_epoch

@@ -24,7 +24,8 @@ from noprop.deploy.edge import EdgeModel, ModelInfo, file_sha256, manifest_path_
 from noprop.deploy.export import ExportError, export_onnx, read_metadata
 from noprop.deploy.export_cli import export_checkpoint
 from noprop.methods import build_model
-from noprop.model import NoPropConfig, prototype_rows, scale_prototypes
+from noprop.model import prototype_rows, scale_prototypes
+from noprop.model_configs import NoPropConfig
 from noprop.proto import inference_pb2
 from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_backprop_epoch
 

@@ -23,7 +23,8 @@ from noprop.deploy.edge import EdgeModel, ModelInfo, file_sha256, manifest_path_
 from noprop.deploy.export import ExportError, export_onnx, read_metadata
 from noprop.deploy.export_cli import export_checkpoint
 from noprop.methods import build_model, config_from_dict, make_optimizer
-from noprop.model import NoPropConfig, prototype_rows
+from noprop.model import prototype_rows
+from noprop.model_configs import NoPropConfig
 from noprop.proto import inference_pb2
 from noprop.trainer import evaluate_accuracy, train_end_to_end_epoch
 

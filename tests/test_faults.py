@@ -40,7 +40,8 @@ from noprop.checkpoint import (
 )
 from noprop.data import load_dataset
 from noprop.io import read_jsonl
-from noprop.model import NoPropConfig, NoPropDT
+from noprop.model import NoPropDT
+from noprop.model_configs import NoPropConfig
 from noprop.ops.cli import LaunchError
 from noprop.ops.network import free_port, port_free
 from noprop.ops.run_flags import federation_config_from_args

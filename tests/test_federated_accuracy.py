@@ -10,7 +10,8 @@ from torch import nn
 
 from noprop.data import LabelledData
 from noprop.diagnostics import chain_diagnostics, chain_readouts
-from noprop.model import NoPropConfig, NoPropDT
+from noprop.model import NoPropDT
+from noprop.model_configs import NoPropConfig
 from noprop.server.aggregate import Reply, aggregate, pooled_variance
 from noprop.server.planner import OwnershipPlan
 from noprop.trainer import (

@@ -85,6 +85,28 @@ def test_flags_and_toml_build_the_config(tmp_path):
     assert cfg.out.startswith("/") and cfg.out.endswith("rel/out")
 
 
+def test_run_settings_are_read_and_checked_without_torch():
+    """Importing noprop.federation, validating a FederationConfig of every method (its model config included) and
+    a TrainConfig, and the launchers' flags to a checked config, import no torch: a launcher that lives as long
+    as its Flower processes does not hold torch's ~500 MB."""
+    code = ("import sys\n"
+            "from noprop.federation import FEDERATED_METHODS, FederationConfig\n"
+            "for method in FEDERATED_METHODS:\n"
+            "    FederationConfig(method=method).validate()\n"
+            "from noprop.config import TrainConfig\n"
+            "TrainConfig(method='ct', steps=4).validate().model_config((1, 8, 8), 2)\n"
+            "from noprop.client import launcher as client_launcher\n"
+            "from noprop.ops.run_flags import federation_config_from_args\n"
+            "from noprop.server import launcher, sim\n"
+            "client_launcher.build_parser()\n"
+            "federation_config_from_args(launcher.build_parser().parse_args(['--rounds', '2', '--method', 'fm']))\n"
+            "federation_config_from_args(sim.build_parser().parse_args(['--T', '3']))\n"
+            "print('torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=quiet_env(), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False", "torch was imported"
+
+
 def test_generated_app_holds_every_key_and_flower_builds_it(tmp_path):
     from flwr.cli.build import build_fab_from_disk
     from flwr.cli.config_utils import load_and_validate

@@ -7,7 +7,8 @@ import torch
 from synthetic import synthetic_data
 
 from noprop.baseline import BackpropChain
-from noprop.model import NoPropConfig, NoPropDT, parse_embedding, prototype_rows
+from noprop.model import NoPropDT, prototype_rows
+from noprop.model_configs import NoPropConfig, parse_embedding
 from noprop.trainer import (
     BlockTrainer,
     OptimConfig,

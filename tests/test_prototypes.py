@@ -10,7 +10,8 @@ from synthetic import synthetic_arrays, synthetic_data
 from noprop.checkpoint import load_checkpoint
 from noprop.diagnostics import label_from_z_accuracy
 from noprop.methods import build_model, make_optimizer, model_config
-from noprop.model import NoPropConfig, NoPropDT, prototype_rows, scale_prototypes
+from noprop.model import NoPropDT, prototype_rows, scale_prototypes
+from noprop.model_configs import NoPropConfig
 from noprop.schedule import CosineSchedule
 from noprop.train_cli import main
 from noprop.trainer import BlockTrainer, OptimConfig, param_groups

@@ -96,7 +96,8 @@ def test_every_sampler_steps_through_the_schedule(monkeypatch):
     schedule's own coefficient rows."""
     from noprop import ct as ct_module
     from noprop.methods import build_model, model_config
-    from noprop.model import NoPropConfig, NoPropDT
+    from noprop.model import NoPropDT
+    from noprop.model_configs import NoPropConfig
 
     cfg = NoPropConfig(input_shape=(1, 12, 12), num_classes=4, T=3, channels=(4, 8, 8), hidden=16, dropout=0.0)
     model = NoPropDT(cfg).eval()
