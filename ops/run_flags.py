@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tomllib
 from collections.abc import Sequence
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 from noprop.federation import FederationConfig  # torch-free: its method checks build config dataclasses only
 from noprop.ops.cli import LaunchError
+from noprop.settings import Flag, SettingsError, add_flags, given_flags, layered
 
-# ----------------------------------------------------------------------------------------------------------
-# Run flags generated from FederationConfig
+FLAG_DEST_PREFIX = "cfg_"  # args.cfg_<field>: the run settings apart from a launcher's own flags
 
-# friendly names kept next to the generated ones (--rounds is --num-rounds, --min-clients is --min-nodes)
-FLAG_ALIASES = {"num_rounds": ("--rounds",), "min_nodes": ("--min-clients",)}
-FLAG_HELP = {
+_HELP = {
     "method": "dt (each client trains the NoProp blocks it owns) or a one-network method trained whole by every "
               "client and averaged (FedAvg): ct, fm, adjoint, backprop, cnn (the plain CNN peer)",
     "num_rounds": "federated rounds",
@@ -76,116 +71,21 @@ FLAG_HELP = {
     "max_value_ratio": "reject a reply holding a value above this many times the largest magnitude of the same "
                        "global tensor (at least 1)",
 }
+# friendly names kept next to the generated ones (--rounds is --num-rounds, --min-clients is --min-nodes)
+_ALIASES = {"num_rounds": ("--rounds",), "min_nodes": ("--min-clients",)}
+FEDERATION_FLAGS = {name: Flag(text, aliases=_ALIASES.get(name, ()), list_as_text=name == "channels")
+                    for name, text in _HELP.items()}
 PATH_FIELDS = ("out", "data_root")  # resolved to absolute paths: Flower's processes run elsewhere
 DATASET_FIELDS = ("dataset", "client_data")  # npz:FILE / imagefolder:DIR specs get an absolute path
 
 
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def field_default(f) -> object:
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    raise TypeError(f"FederationConfig.{f.name} has no default")
-
-
-def _kind(default: object) -> type:
-    for kind in (bool, int, float, str):
-        if isinstance(default, kind):
-            return kind
-    raise TypeError(f"FederationConfig default {default!r} is not bool, int, float or str")
-
-
-def _int_flag(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-
-
-def _float_flag(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
 def add_federation_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> dict[str, str]:
-    """One flag per FederationConfig field (kebab-case; booleans get --x/--no-x), plus the friendly aliases
-    and ``--config TOML``. Every flag defaults to None so that only what the user gave overrides.
-    Returns {field name: primary flag}."""
+    """One flag per FederationConfig field (booleans --x/--no-x), the friendly aliases and ``--config TOML``, in
+    one group of the help. Returns {field name: primary flag}."""
     group = parser.add_argument_group("run settings (defaults from noprop.federation.FederationConfig)")
-    group.add_argument("--config", metavar="TOML", default=None,
-                       help="TOML file of run settings (keys = these flags' names, dashes or underscores); "
-                            "flags win over it")
-    flags = {}
-    for f in fields(FederationConfig):
-        if f.name in skip:
-            continue
-        default = field_default(f)
-        kind = _kind(default)
-        names = [flag_name(f.name), *FLAG_ALIASES.get(f.name, ())]
-        help_text = f"{FLAG_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default!r})"
-        dest = f"cfg_{f.name}"
-        if kind is bool:
-            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
-        else:
-            converter = {int: _int_flag, float: _float_flag, str: str}[kind]
-            metavar = f.name.upper().replace("_", "-") if f.name != "T" else "T"
-            group.add_argument(*names, dest=dest, type=converter, default=None, metavar=metavar, help=help_text)
-        flags[f.name] = names[0]
-    return flags
-
-
-def load_config_toml(path: str | os.PathLike) -> dict[str, object]:
-    """Run settings from a TOML file: FederationConfig field names (dashes or underscores), at the top level
-    or in a [federation] table; unknown keys and wrong types are errors."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise LaunchError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise LaunchError(f"config file {path} is not valid TOML: {exc}") from None
-    if isinstance(raw.get("federation"), dict):
-        raw = raw["federation"]
-    known = {f.name: field_default(f) for f in fields(FederationConfig)}
-    aliases = {alias.lstrip("-").replace("-", "_"): name for name, names in FLAG_ALIASES.items() for alias in names}
-    values: dict[str, object] = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        name = aliases.get(name, name)
-        if name not in known:
-            raise LaunchError(f"config file {path}: unknown key {key!r}; known keys: "
-                              f"{', '.join(n.replace('_', '-') for n in known)}")
-        values[name] = coerce(name, value, known[name], f"config file {path}: key {key!r}")
-    return values
-
-
-def coerce(name: str, value: object, default: object, where: str) -> object:
-    kind = _kind(default)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise LaunchError(f"{where} must be true or false, not {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise LaunchError(f"{where} must be a whole number, not {value!r}")
-    if kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise LaunchError(f"{where} must be a number, not {value!r}")
-    if isinstance(value, str):
-        return value
-    if name == "channels" and isinstance(value, list) and all(isinstance(v, int) for v in value):
-        return ",".join(str(v) for v in value)
-    raise LaunchError(f"{where} must be a string, not {value!r}")
+    return add_flags(group, FederationConfig, FEDERATION_FLAGS, dest_prefix=FLAG_DEST_PREFIX, show_defaults=True,
+                     skip=skip, config_help="TOML file of run settings (keys = these flags' names, dashes or "
+                                            "underscores); flags win over it")
 
 
 def resolve_dataset_spec(spec: str, base: Path | None = None) -> str:
@@ -209,14 +109,12 @@ def federation_config_from_args(args: argparse.Namespace, extra: dict[str, objec
                                 resolve_paths: bool = True) -> tuple[FederationConfig, dict[str, object]]:
     """Defaults < --config TOML < ``extra`` < flags. Returns the validated config and the overridden fields.
     Relative paths (out, data root, npz:/imagefolder: specs) become absolute. Raises LaunchError."""
-    values: dict[str, object] = {}
-    if getattr(args, "config", None):
-        values.update(load_config_toml(args.config))
-    values.update(extra or {})
-    for f in fields(FederationConfig):
-        given = getattr(args, f"cfg_{f.name}", None)
-        if given is not None:
-            values[f.name] = given
+    try:
+        values = layered(FederationConfig, getattr(args, "config", None), extra or {},
+                         given_flags(args, FederationConfig, FLAG_DEST_PREFIX), table="federation",
+                         flags=FEDERATION_FLAGS)
+    except SettingsError as exc:
+        raise LaunchError(str(exc)) from None
     if resolve_paths:
         for name in PATH_FIELDS:
             if values.get(name):

@@ -1,9 +1,8 @@
-"""Run configuration: one dataclass, filled from defaults, then a TOML file, then command-line flags."""
+"""noprop-train's settings: one dataclass, filled from defaults, then a TOML file, then flags (noprop.settings)."""
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from noprop.methods import METHODS, method_named, model_config
@@ -18,12 +17,9 @@ from noprop.model_configs import (
     NoPropConfig,
     parse_embedding,
 )
+from noprop.settings import SettingsError, layered
 
 EVAL_MODES = ("deterministic", "stochastic", "both")
-
-
-class ConfigError(Exception):
-    """A bad setting; the message names it and says what is allowed."""
 
 
 @dataclass
@@ -64,8 +60,8 @@ class TrainConfig:
     out: str | None = None
 
     def validate(self) -> TrainConfig:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+        def bad(name: str, why: str) -> SettingsError:
+            return SettingsError(f"{name}={getattr(self, name)!r}: {why}")
 
         if self.method not in METHODS:
             raise bad("method", f"use one of {', '.join(METHODS)}")
@@ -126,7 +122,7 @@ class TrainConfig:
         try:
             parse_embedding(self.embedding)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            raise SettingsError(str(exc)) from None
         return self
 
     def model_config(self, input_shape: tuple[int, ...], num_classes: int,
@@ -142,58 +138,18 @@ class TrainConfig:
                                 embedding_lr_scale=embedding_lr_scale, ct_l2_weight=self.ct_l2_weight,
                                 grad_clip=self.grad_clip, prototype_z_path=self.prototype_z_path)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            raise SettingsError(str(exc)) from None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def field_names() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}
-
-
-def load_toml(path: str | Path) -> dict:
-    """Read a TOML file of TrainConfig keys (dashes or underscores); unknown keys are an error."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    raw = raw.get("train", raw)  # allow a [train] table or top-level keys
-    known = field_names()
-    values = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-        check_toml_type(name, value, f"config file {path}: key {key!r}")
-        values[name] = tuple(value) if name == "channels" else value
-    return values
-
-
-def check_toml_type(name: str, value: object, where: str) -> None:
-    """TOML values carry a type: one of the wrong type (epochs = "five") is a ConfigError here, not a crash later."""
-    if name == "channels":
-        if not (isinstance(value, list) and all(type(v) is int for v in value)):
-            raise ConfigError(f"{where} must be a list of three integers like [32, 64, 128], not {value!r}")
-        return
-    declared = str(next(f.type for f in fields(TrainConfig) if f.name == name)).replace(" ", "").split("|")
-    kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
-    allowed = [k for k in kinds if k in declared]
-    ok = any(isinstance(value, kinds[k]) for k in allowed) and (type(value) is not bool or "bool" in allowed)
-    if allowed and not ok:
-        raise ConfigError(f"{where} must be {' or '.join(allowed)}, not {value!r}")
-
-
 def build_config(toml_path: str | Path | None, overrides: dict) -> TrainConfig:
-    """Defaults < TOML file < flags (overrides whose value is not None)."""
-    values = load_toml(toml_path) if toml_path else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    """Defaults < TOML file (top level or a [train] table) < flags (overrides whose value is not None)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = layered(TrainConfig, toml_path, given, table="train")
     try:
         cfg = TrainConfig(**values)
     except TypeError as exc:
-        raise ConfigError(str(exc)) from None
+        raise SettingsError(str(exc)) from None
     return cfg.validate()

@@ -7,10 +7,11 @@ them back with from_run_config. Flower config values cannot be None, so "" and 0
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from noprop.methods import METHODS, model_config
 from noprop.model_configs import ContinuousConfig, NoPropConfig, parse_embedding
+from noprop.settings import from_mapping
 
 POLICIES = ("rotate", "replicate")
 # dt: each node trains the blocks it owns; the others are one network that every node trains whole (FedAvg)
@@ -132,26 +133,9 @@ class FederationConfig:
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> FederationConfig:
-        """Keys this class does not know are ignored (Flower adds none, but apps may carry extras)."""
-        known = {f.name: f.type for f in fields(cls)}
-        values = {}
-        for key, value in dict(run_config).items():
-            name = key.replace("-", "_")
-            if name in known:
-                values[name] = value
-        cfg = cls(**values)
-        # Flower may hand back ints for float fields and vice versa; coerce to the declared types
-        for f in fields(cls):
-            default = getattr(cls, f.name, None)
-            if isinstance(default, bool):
-                setattr(cfg, f.name, bool(getattr(cfg, f.name)))
-            elif isinstance(default, int):
-                setattr(cfg, f.name, int(getattr(cfg, f.name)))
-            elif isinstance(default, float):
-                setattr(cfg, f.name, float(getattr(cfg, f.name)))
-            elif isinstance(default, str):
-                setattr(cfg, f.name, str(getattr(cfg, f.name)))
-        return cfg.validate()
+        """Keys this class does not know are ignored (Flower adds none, but apps may carry extras); values are
+        coerced by declared type (Flower may hand back ints for float fields and vice versa)."""
+        return cls(**from_mapping(cls, run_config)).validate()
 
 
 # Keys a client reads from its Flower node config (noprop-client sets them; simulation sets the partition).

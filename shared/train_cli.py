@@ -24,15 +24,23 @@ from noprop.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from noprop.config import EVAL_MODES, ConfigError, TrainConfig, build_config
+from noprop.config import EVAL_MODES, TrainConfig, build_config
 from noprop.data import DatasetError, load_train_test
 from noprop.device import resolve_device
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.methods import METHODS, build_model, make_optimizer
 from noprop.model import prototype_rows, scale_prototypes
-from noprop.model_configs import CT_L2_WEIGHTS, PROTOTYPE_SCALES, PROTOTYPE_Z_PATHS, parse_embedding
+from noprop.model_configs import (
+    CT_L2_WEIGHTS,
+    HEAD_KINDS,
+    NORM_KINDS,
+    PROTOTYPE_SCALES,
+    PROTOTYPE_Z_PATHS,
+    parse_embedding,
+)
 from noprop.ops.cli import OneLineParser
 from noprop.plots import plot_training_curves
+from noprop.settings import Flag, SettingsError, add_flags
 from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_end_to_end_epoch
 
 
@@ -46,51 +54,44 @@ def parse_channels(text: str) -> tuple[int, int, int]:
     return parts
 
 
+# what TrainConfig's fields do not say themselves: help, choices, the short -T (noprop.settings makes the flags)
+TRAIN_FLAGS = {
+    "method": Flag(f"{', '.join(METHODS)} (default dt)"),
+    "dataset": Flag("fashion-mnist (default), mnist, cifar10, cifar100, imagefolder:DIR, npz:FILE"),
+    "data_root": Flag("folder holding the datasets (default: $NOPROP_DATA or ./data)"),
+    "download": Flag("let torchvision download MNIST/CIFAR", negatable=False),
+    "subset": Flag("train on a class-stratified subset of M examples"),
+    "eval_limit": Flag("evaluate on the first M test examples only"),
+    "T": Flag("number of blocks (default 10)", aliases=("-T",)),
+    "embedding": Flag("one-hot (default), learned:D, prototype"),
+    "prototype_scale": Flag("prototype rows: unit (one factor to mean norm 1) or image (the raw normalised images); "
+                            "default: dt and ct unit, fm, backprop and adjoint image", choices=PROTOTYPE_SCALES),
+    "prototype_z_path": Flag("prototype z read by a conv path (the paper) or by the FC path of the other embeddings; "
+                             "default: dt and ct linear, fm, backprop and adjoint conv", choices=PROTOTYPE_Z_PATHS),
+    "head": Flag(choices=HEAD_KINDS),
+    "eta": Flag("L2 weight (default: dt 0.1, ct 1.0, the paper's values)"),
+    "clip": Flag("alpha_bar clip (sets SNR(T)); default 1e-4"),
+    "max_delta_snr": Flag("cap on SNR(t) - SNR(t-1) in the loss weight"),
+    "norm": Flag("dt: normalisation in a block (default batch, Figure 6)", choices=NORM_KINDS),
+    "z_skip": Flag("dt: blocks add the closed-form class posterior given z_{t-1} to their logits (not Figure 6; "
+                   "the federation's default)", negatable=False),
+    "channels": Flag("conv widths of a block, default 32,64,128", parse=parse_channels),
+    "steps": Flag("ct / fm / adjoint: ODE steps from t=0 to 1 (default 10)"),
+    "solver": Flag("fm: euler (default) or heun; adjoint: euler (default), midpoint or rk4"),
+    "fm_sigma": Flag("fm: width of the Gaussian path (default 0.1)"),
+    "ct_l2_weight": Flag("ct: the L2 term's weight over t, snr (Eq. 9's SNR'(t)) or log-snr (-gamma'(t))",
+                         choices=CT_L2_WEIGHTS),
+    "grad_clip": Flag("ct: largest gradient norm of a training step (0 = off)"),
+    "eval_mode": Flag(choices=EVAL_MODES),
+    "device": Flag("auto (default), cpu, cuda, cuda:N, mps"),
+    "threads": Flag("torch CPU threads"),
+    "out": Flag("run folder (default runs/<method>-<dataset>-<time>)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="noprop-train", description=__doc__.splitlines()[0],
-                                argument_default=None)
-    p.add_argument("--config", help="TOML file with any of the settings below (flags override it)")
-    p.add_argument("--method", help=f"{', '.join(METHODS)} (default dt)")
-    p.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, cifar100, imagefolder:DIR, npz:FILE")
-    p.add_argument("--data-root", help="folder holding the datasets (default: $NOPROP_DATA or ./data)")
-    p.add_argument("--download", action="store_const", const=True, help="let torchvision download MNIST/CIFAR")
-    p.add_argument("--subset", type=int, help="train on a class-stratified subset of M examples")
-    p.add_argument("--eval-limit", type=int, help="evaluate on the first M test examples only")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--T", "-T", type=int, dest="T", help="number of blocks (default 10)")
-    p.add_argument("--embedding", help="one-hot (default), learned:D, prototype")
-    p.add_argument("--prototype-scale", choices=PROTOTYPE_SCALES,
-                   help="prototype rows: unit (one factor to mean norm 1) or image (the raw normalised images); "
-                        "default: dt and ct unit, fm, backprop and adjoint image")
-    p.add_argument("--prototype-z-path", choices=PROTOTYPE_Z_PATHS,
-                   help="prototype z read by a conv path (the paper) or by the FC path of the other embeddings; "
-                        "default: dt and ct linear, fm, backprop and adjoint conv")
-    p.add_argument("--head", choices=("softmax", "radial"))
-    p.add_argument("--radial-sigma", type=float)
-    p.add_argument("--eta", type=float, help="L2 weight (default: dt 0.1, ct 1.0, the paper's values)")
-    p.add_argument("--clip", type=float, help="alpha_bar clip (sets SNR(T)); default 1e-4")
-    p.add_argument("--max-delta-snr", type=float, help="cap on SNR(t) - SNR(t-1) in the loss weight")
-    p.add_argument("--norm", choices=("batch", "layer"), help="dt: normalisation in a block (default batch, Figure 6)")
-    p.add_argument("--z-skip", action="store_const", const=True,
-                   help="dt: blocks add the closed-form class posterior given z_{t-1} to their logits (not Figure 6; "
-                        "the federation's default)")
-    p.add_argument("--channels", type=parse_channels, help="conv widths of a block, default 32,64,128")
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--steps", type=int, help="ct / fm / adjoint: ODE steps from t=0 to 1 (default 10)")
-    p.add_argument("--solver", help="fm: euler (default) or heun; adjoint: euler (default), midpoint or rk4")
-    p.add_argument("--fm-sigma", type=float, help="fm: width of the Gaussian path (default 0.1)")
-    p.add_argument("--ct-l2-weight", choices=CT_L2_WEIGHTS,
-                   help="ct: the L2 term's weight over t, snr (Eq. 9's SNR'(t)) or log-snr (-gamma'(t))")
-    p.add_argument("--grad-clip", type=float, help="ct: largest gradient norm of a training step (0 = off)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--eval-mode", choices=EVAL_MODES)
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<time>)")
+    p = OneLineParser(prog="noprop-train", description=__doc__.splitlines()[0], argument_default=None)
+    add_flags(p, TrainConfig, TRAIN_FLAGS, config_help="TOML file with any of the settings below (flags override it)")
     p.add_argument("--resume", action="store_true",
                    help="continue --out's run after its last checkpointed epoch (same settings; --epochs may grow)")
     return p
@@ -101,7 +102,7 @@ RESUME_SAME = ("subset", "seed", "lr", "weight_decay", "batch_size")  # besides 
 
 def resume_from(out: Path, cfg: TrainConfig, model_cfg, data: dict, model) -> tuple[int, list[dict], dict | None]:
     """--resume: OUT's checkpoint into model. Returns its epoch, the metrics lines up to it and the saved train
-    state (None: the optimizers restart). A checkpoint of other data, model or settings is a ConfigError."""
+    state (None: the optimizers restart). A checkpoint of other data, model or settings is a SettingsError."""
     path = out / "checkpoint.pt"
     if not path.exists():
         print(f"noprop-train: no checkpoint in {out} to resume from: starting at epoch 1")
@@ -109,16 +110,16 @@ def resume_from(out: Path, cfg: TrainConfig, model_cfg, data: dict, model) -> tu
     ckpt = load_checkpoint(path)
     shape, classes = ckpt.data.get("input_shape"), ckpt.data.get("classes", [])
     if shape != data["input_shape"] or classes != data["classes"]:
-        raise ConfigError(f"--resume: {path} was trained on input {shape} with {len(classes)} classes, the data "
+        raise SettingsError(f"--resume: {path} was trained on input {shape} with {len(classes)} classes, the data "
                           f"has {data['input_shape']} with {len(data['classes'])}: resume on its dataset or use a new "
                           "--out")
     if not {"epoch", "train_config"} <= set(ckpt.extra):
-        raise ConfigError(f"--resume: {path} was not written by noprop-train: use a new --out")
+        raise SettingsError(f"--resume: {path} was not written by noprop-train: use a new --out")
     changed = [k for k in RESUME_SAME if ckpt.extra["train_config"].get(k) != getattr(cfg, k)]
     if ckpt.method != cfg.method or ckpt.config != model_cfg:
         changed.insert(0, "the model")
     if changed:
-        raise ConfigError(f"--resume: {path} was trained with other settings ({', '.join(changed)}): give the "
+        raise SettingsError(f"--resume: {path} was trained with other settings ({', '.join(changed)}): give the "
                           "original ones or use a new --out")
     model.load_state_dict(ckpt.state_dict)
     epoch = int(ckpt.extra["epoch"])
@@ -238,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(toml_path, args)
         if resume and not cfg.out:
-            raise ConfigError("--resume needs --out: the run folder to continue")
+            raise SettingsError("--resume needs --out: the run folder to continue")
         run(cfg, resume=resume)
-    except (ConfigError, DatasetError, CheckpointError, ValueError) as exc:
+    except (SettingsError, DatasetError, CheckpointError, ValueError) as exc:
         print(f"noprop-train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

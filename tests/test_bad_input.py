@@ -165,7 +165,7 @@ BAD_INPUT: list[Row] = [
     Row("train-negative-epochs", [*TRAIN, "--epochs", "-1"], None, 2, "epochs=-1: must be at least 1"),
     Row("train-unknown-method", [*TRAIN, "--method", "nosuchmethod"], None, 2, "use one of dt, ct, fm"),
     Row("train-toml-wrong-type", [*TRAIN, "--config", "{tmp}/run.toml"], text("run.toml", 'epochs = "five"\n'), 2,
-        "key 'epochs' must be int, not 'five'"),
+        "key 'epochs' must be a whole number, not 'five'"),
     Row("train-missing-data-dir", ["noprop-train", "--data-root", "{tmp}/nowhere", "--out", "{tmp}/run"], None, 2,
         "Fashion-MNIST not found under"),
     Row("train-corrupt-data-dir", ["noprop-train", "--data-root", "{tmp}/data", "--out", "{tmp}/run"],

@@ -18,7 +18,7 @@ from test_export import run_onnx, task_images, torch_probs, write_task
 from noprop.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from noprop.client.fedavg import train_whole_network
 from noprop.cnn import CNN
-from noprop.config import ConfigError, build_config
+from noprop.config import build_config
 from noprop.data import LabelledData, load_dataset, load_train_test
 from noprop.deploy.edge import ModelInfo
 from noprop.deploy.export import ExportError, export_onnx, read_metadata
@@ -27,6 +27,7 @@ from noprop.io import read_jsonl
 from noprop.methods import METHODS, build_model, make_optimizer, model_config
 from noprop.model_configs import CNNConfig
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state
+from noprop.settings import SettingsError
 from noprop.train_cli import main as train_main
 from noprop.trainer import evaluate_accuracy, train_end_to_end_epoch
 
@@ -81,7 +82,7 @@ def test_refuses_an_embedding_it_does_not_have(embedding):
     with pytest.raises(ValueError, match="the cnn method has no class embedding: leave embedding at one-hot") as exc:
         model_config("cnn", (1, 12, 12), 4, embedding=embedding)
     assert "\n" not in str(exc.value)
-    with pytest.raises(ConfigError, match="no class embedding"):  # noprop-train's path
+    with pytest.raises(SettingsError, match="no class embedding"):  # noprop-train's path
         build_config(None, {"method": "cnn", "embedding": embedding}).model_config((1, 12, 12), 4)
     with pytest.raises(ValueError, match="no class embedding"):  # a federation's, before any process starts
         FederationConfig(method="cnn", embedding=embedding).validate()

@@ -21,9 +21,10 @@ from noprop.ops.cli import LaunchError
 from noprop.ops.flower import config_string
 from noprop.ops.network import free_port, parse_address
 from noprop.ops.processes import ProcessGroup
-from noprop.ops.run_flags import FLAG_ALIASES, federation_config_from_args, flag_name, resolve_dataset_spec
+from noprop.ops.run_flags import FEDERATION_FLAGS, federation_config_from_args, resolve_dataset_spec
 from noprop.server import flower_app, progress, sim
 from noprop.server import launcher as server_launcher
+from noprop.settings import flag_name
 
 # a valid, non-default value for each field (fields added later fall back to a generic one per type)
 VALID = {"policy": "replicate", "embedding": "learned:8", "head": "radial", "eval_mode": "stochastic",
@@ -59,8 +60,8 @@ def test_every_federation_field_has_a_flag(parser_factory):
         assert getattr(args, f"cfg_{f.name}") == value, f.name
         others = [g.name for g in fields(FederationConfig) if g.name != f.name]
         assert all(getattr(args, f"cfg_{o}") is None for o in others), "a flag must only set its own field"
-    for name, aliases in FLAG_ALIASES.items():
-        for alias in aliases:
+    for name, spec in FEDERATION_FLAGS.items():
+        for alias in spec.aliases:
             assert getattr(parser.parse_args([alias, "7"]), f"cfg_{name}") == 7
 
 

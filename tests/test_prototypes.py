@@ -133,7 +133,8 @@ def test_prototype_z_path_conv_reads_z_as_an_image_and_linear_as_a_vector(method
 
 
 def test_each_method_resolves_its_measured_prototype_defaults():
-    from noprop.config import ConfigError, TrainConfig
+    from noprop.config import TrainConfig
+    from noprop.settings import SettingsError
 
     got = {m: (c.prototype_scale, c.prototype_z_path) for m in ("dt", "ct", "fm", "backprop", "adjoint")
            for c in [TrainConfig(method=m, embedding="prototype").validate()]}
@@ -142,7 +143,7 @@ def test_each_method_resolves_its_measured_prototype_defaults():
     explicit = TrainConfig(method="dt", embedding="prototype", prototype_scale="image", prototype_z_path="conv")
     assert (explicit.validate().prototype_scale, explicit.prototype_z_path) == ("image", "conv")
     assert explicit.model_config((1, 12, 12), 4).prototype_z_path == "conv"
-    with pytest.raises(ConfigError, match="prototype_scale='huge'"):
+    with pytest.raises(SettingsError, match="prototype_scale='huge'"):
         TrainConfig(prototype_scale="huge").validate()
     # a checkpoint written before the option existed rebuilds the paper's conv path
     old = NoPropConfig(embedding="prototype", **SMALL).to_dict()

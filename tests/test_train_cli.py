@@ -8,9 +8,10 @@ import torch
 from synthetic import synthetic_arrays
 
 from noprop.checkpoint import CheckpointError, load_checkpoint
-from noprop.config import ConfigError, build_config
+from noprop.config import build_config
 from noprop.data import load_train_test
 from noprop.io import read_jsonl
+from noprop.settings import SettingsError
 from noprop.train_cli import main
 
 FAST = ["--T", "3", "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3", "--dropout", "0",
@@ -50,7 +51,7 @@ def test_toml_config_is_read_and_flags_override_it(tmp_path, npz):
     cfg = build_config(toml, {"epochs": 1, "T": None})
     assert cfg.epochs == 1 and cfg.embedding == "learned:5" and cfg.channels == (4, 8, 8) and cfg.T == 10
     toml.write_text("epochz = 3\n")
-    with pytest.raises(ConfigError, match="unknown key 'epochz'"):
+    with pytest.raises(SettingsError, match="unknown key 'epochz'"):
         build_config(toml, {})
 
 
