@@ -286,6 +286,12 @@ def test_round_line_shows_the_round_beside_its_slowest_training():
     assert "75.5 s (slowest client's training 63.4 s)" in line and "2 nodes" in line, line
     del record["client_train_time_s"]  # a FedAvg line, or one from before issue 11
     assert "75.5 s, 2 nodes" in server_launcher.round_line(record, 4)
+    # a block-ownership round: blocks some owner trained (node 2's reply was rejected), of T = covered + uncovered
+    record.update(plan={"1": [1], "2": [2]}, uncovered=[3], trained_by=[1], mean_l2=0.25,
+                  rejected={"2": "round 1, expected 2"})
+    line = server_launcher.round_line(record, 4)
+    assert "blocks trained 1/3, mean denoising loss 0.2500, 75.5 s, 2 nodes" in line, line
+    assert line.endswith("reply of node 2 rejected: round 1, expected 2"), line
 
 
 def test_a_supernode_stuck_after_the_server_forgot_its_node_is_restarted(tmp_path):
