@@ -167,7 +167,8 @@ def small_npz(out: Path, data_root: str, seed: int) -> Path:
     import numpy as np
     import torchvision
 
-    from noprop.data import _stratified_subset, fetch_fashion_mnist
+    from noprop.data import _stratified_subset
+    from noprop.fetch import fetch_fashion_mnist
 
     path = out / "data" / "fashion-mnist-1500.npz"
     if not path.exists():

@@ -132,7 +132,8 @@ def run_cell(args: argparse.Namespace) -> dict:
 
 def available(dataset: str, data_root: str) -> bool:
     """Whether the dataset's files are on disk (nothing is downloaded)."""
-    from noprop.data import DatasetError, load_dataset
+    from noprop.data import load_dataset
+    from noprop.sources import DatasetError
 
     try:
         load_dataset(dataset, "test", root=data_root, download=False)

@@ -214,7 +214,8 @@ def check_dataset(cfg: FederationConfig) -> int:
 
 
 def check_eval_data(payload: dict) -> dict:
-    from noprop.data import DatasetError, load_dataset
+    from noprop.data import load_dataset
+    from noprop.sources import DatasetError
 
     spec = str(payload["dataset"])
     try:

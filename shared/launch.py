@@ -537,7 +537,8 @@ def _run_check(target: str, payload: str) -> int:
 
 
 def check_partitioning(spec: str, what: str) -> None:
-    from noprop.data import DatasetError, parse_partitioning
+    from noprop.partition import parse_partitioning
+    from noprop.sources import DatasetError
 
     try:
         parse_partitioning(spec)

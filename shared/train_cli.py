@@ -26,13 +26,14 @@ from noprop.checkpoint import (
 )
 from noprop.config import EVAL_MODES, ConfigError, TrainConfig, build_config
 from noprop.ct import CT_L2_WEIGHTS
-from noprop.data import DatasetError, load_train_test
+from noprop.data import load_train_test
 from noprop.device import resolve_device
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.launch import OneLineParser
 from noprop.methods import METHODS, build_model, make_optimizer
 from noprop.model import PROTOTYPE_SCALES, PROTOTYPE_Z_PATHS, parse_embedding, prototype_rows, scale_prototypes
 from noprop.plots import plot_training_curves
+from noprop.sources import DatasetError
 from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_end_to_end_epoch
 
 
