@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import memory_kb, print_result, run_child
+from benchlib import peak_rss_kb, print_result, rss_kb, run_child
 
 VARIANTS = {
     "dt-one-hot": {"method": "dt", "embedding": "one-hot"},
@@ -35,14 +35,14 @@ def run_one(variant: str, args: argparse.Namespace) -> dict:
     cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, epochs=args.epochs, subset=args.subset,
                       eval_limit=args.eval_limit, seed=args.seed, threads=args.threads, eval_mode="both",
                       out=str(Path(args.out) / variant), **VARIANTS[variant]).validate()
-    rss_before = memory_kb("VmRSS")  # torch imported, data not yet loaded
+    rss_before = rss_kb()  # torch imported, data not yet loaded
     start = time.perf_counter()
     train_cli.run(cfg)
     from noprop.io import read_jsonl
 
     records = read_jsonl(Path(cfg.out) / "metrics.jsonl")
     result = {"variant": variant, **VARIANTS[variant], "epochs": records,
-              "wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(memory_kb("VmHWM") / 1024, 1),
+              "wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
               "rss_before_training_mb": round(rss_before / 1024, 1)}
     (Path(cfg.out) / "result.json").write_text(json.dumps(result, indent=2))
     return result

@@ -1,4 +1,4 @@
-"""What the training benchmarks share: memory readings and running one measured cell in a fresh process.
+"""What the benchmarks share: memory readings, the CPU's name, and running one measured cell in a fresh process.
 
 A fresh process per cell makes its peak resident memory (VmHWM) its own: nothing earlier in the
 benchmark's life inflates it. The child prints one line "RESULT <json>"; the parent echoes the rest.
@@ -6,31 +6,55 @@ benchmark's life inflates it. The child prints one line "RESULT <json>"; the par
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 
-def memory_kb(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of this process, in kB, from /proc/self/status (0 where there is none)."""
+
+def rss_kb(pid: int | None = None) -> int | None:
+    """Resident memory of a process (this one by default) now, in kB; None once it is gone."""
     try:
-        lines = Path("/proc/self/status").read_text().splitlines()
+        return psutil.Process(pid).memory_info().rss // 1024
+    except psutil.Error:
+        return None
+
+
+def peak_rss_kb(pid: int | None = None) -> int | None:
+    """Peak resident memory (VmHWM) of a process, in kB; None once it is gone. psutil reports no peak on Linux
+    (its peak_wset is Windows'), and getrusage's ru_maxrss survives execve and clear_refs, so /proc it is."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
     except OSError:
-        return 0
-    for line in lines:
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+        return None
+    return None
 
 
 def reset_peak_memory() -> bool:
-    """Make VmHWM restart from the current RSS (Linux 4.0+: write 5 to /proc/self/clear_refs); False if refused."""
+    """Make VmHWM restart from the current RSS (Linux 4.0+: write 5 to /proc/self/clear_refs); False if refused.
+    No library offers it."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
     return True
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; psutil and platform.processor() give none on Linux)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def run_child(cmd: list[str], label: str) -> dict | None:

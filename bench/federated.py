@@ -35,7 +35,13 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import replace_section  # bench/ is on sys.path: this script runs from there
+from benchlib import (  # bench/ is on sys.path: this script runs from there
+    cpu_model,
+    peak_rss_kb,
+    replace_section,
+    reset_peak_memory,
+    rss_kb,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -252,22 +258,6 @@ def part_fedavg(args: argparse.Namespace, data: dict) -> dict:
             "final_accuracy": done["accuracy"], "final_eval_examples": done["eval_examples"], "wall_s": round(wall, 1)}
 
 
-def status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_message_state(model_cfg, variant: str, seed: int) -> dict:
     """What the server would send: block 1 plus the shared tensors (noprop), or the whole network (FedAvg)."""
     import torch
@@ -328,7 +318,7 @@ def part_memory(args: argparse.Namespace, data: dict, variant: str, mode: str) -
     ctx = Context(run_id=1, node_id=5, node_config={"data": f"npz:{shard}", "threads": 1}, state=RecordDict(),
                   run_config={})
     local = local_data(f"npz:{shard}", "", "train", 0, 1, cfg.partition_type, cfg.seed)  # warm the handler's cache
-    cold_kb = status_kb("VmRSS")
+    cold_kb = rss_kb()
     warm_up_torch(local.input_shape, local.num_classes)
     # the weights arrive over the network: build them in a scratch model, keep only the arrays to send
     model_cfg = cfg.model_config(local.input_shape, local.num_classes)
@@ -337,8 +327,8 @@ def part_memory(args: argparse.Namespace, data: dict, variant: str, mode: str) -
     np.savez(path, **state)
     del state
     gc.collect()
-    before_kb = status_kb("VmRSS")
-    reset = reset_peak_rss()
+    before_kb = rss_kb()
+    reset = reset_peak_memory()
     with np.load(path) as z:
         arrays = arrays_to_record({k: z[k] for k in z.files})
     config = {"local-epochs": 1, "lr": cfg.lr, "weight-decay": cfg.weight_decay, "batch-size": cfg.batch_size,
@@ -359,7 +349,7 @@ def part_memory(args: argparse.Namespace, data: dict, variant: str, mode: str) -
     start = time.perf_counter()
     if mode == "rss":
         reply = app(msg, ctx)
-        result["peak_rss_mb"] = round(status_kb("VmHWM") / 1024, 1)
+        result["peak_rss_mb"] = round(peak_rss_kb() / 1024, 1)
         result["growth_mb"] = round(result["peak_rss_mb"] - result["rss_before_mb"], 1)
         result["growth_cold_mb"] = round(result["peak_rss_mb"] - result["rss_cold_mb"], 1)
     else:
@@ -669,15 +659,7 @@ def plot(args, central, fed, fedavg, path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu or 'unknown'}), no GPU, shared with other jobs"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_model()}), no GPU, shared with other jobs"
 
 
 def main(argv: list[str] | None = None) -> int:

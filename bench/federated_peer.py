@@ -30,7 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import memory_kb, replace_section, reset_peak_memory  # bench/ is on sys.path: this script runs from there
+from benchlib import (  # bench/ is on sys.path: this script runs from there
+    peak_rss_kb,
+    replace_section,
+    reset_peak_memory,
+    rss_kb,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -162,7 +167,8 @@ def small_npz(out: Path, data_root: str, seed: int) -> Path:
     import numpy as np
     import torchvision
 
-    from noprop.data import _stratified_subset, fetch_fashion_mnist
+    from noprop.data import _stratified_subset
+    from noprop.fetch import fetch_fashion_mnist
 
     path = out / "data" / "fashion-mnist-1500.npz"
     if not path.exists():
@@ -212,7 +218,7 @@ def part_memory(args: argparse.Namespace, variant: str) -> dict:
         keys = list(state)
         config = {"method": method, "model-config": json.dumps(model_cfg.to_dict()), "local-epochs": 1,
                   "lr": cfg.lr, "weight-decay": cfg.weight_decay, "batch-size": cfg.batch_size, "seed": 1,
-                  "server-round": 1, "round-offset": 0, "min-local-steps": cfg.min_local_steps}
+                  "server-round": 1, "min-local-steps": cfg.min_local_steps}
     arrays = arrays_to_record(state, keys)
     del state
     msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=5,
@@ -220,13 +226,13 @@ def part_memory(args: argparse.Namespace, variant: str) -> dict:
     msg.metadata.__dict__["_message_id"] = msg.object_id  # the SuperLink sets this on delivery
     ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
     app = make_client_app(cfg.to_run_config())
-    before_mb = memory_kb("VmRSS") / 1024
+    before_mb = rss_kb() / 1024
     if not reset_peak_memory():  # VmHWM := VmRSS: the peak from here on is the round's
         raise SystemExit("this kernel refuses to reset VmHWM (/proc/self/clear_refs): no per-round peak")
     start = time.perf_counter()
     reply = app(msg, ctx)
     seconds = time.perf_counter() - start
-    peak_mb = memory_kb("VmHWM") / 1024
+    peak_mb = peak_rss_kb() / 1024
     return {"variant": variant, "rss_before_mb": round(before_mb, 1), "peak_rss_mb": round(peak_mb, 1),
             "message_mb": round(arrays.count_bytes() / 1e6, 3), "reply_mb": round(
                 reply.content["arrays"].count_bytes() / 1e6, 3), "handler_s": round(seconds, 1),

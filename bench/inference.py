@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from benchlib import cpu_model  # bench/ is on sys.path: this script runs from there
 
 from noprop.checkpoint import load_checkpoint
 from noprop.data import load_dataset
@@ -35,7 +36,8 @@ from noprop.deploy.export_cli import export_checkpoint
 RSS_BATCH = 100
 
 # Peak RSS of the child itself: VmHWM of /proc/self/status belongs to the process image that execve made.
-# (getrusage's ru_maxrss is no good here: Linux carries it over from the forking parent across execve.)
+# (getrusage's ru_maxrss is no good here: Linux carries it over from the forking parent across execve.) Inline, not
+# benchlib.peak_rss_kb: importing benchlib (psutil) would add to the floor this child measures.
 PEAK = """
 def peak_kb():
     for line in open("/proc/self/status"):
@@ -76,16 +78,6 @@ import json, numpy as np
 x = np.load({images!r})
 print(json.dumps({{"maxrss_kb": peak_kb(), "labels": []}}))
 """
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def latency(fn, x: np.ndarray, runs: int, warmup: int = 20) -> dict:
@@ -195,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
         "mode": "deterministic", "threads": args.threads, "latency_runs": args.runs,
         "rss_images": args.rss_images, "rss_batch": RSS_BATCH, "calibration_images": args.calibration,
         "export_s": {"fp32": fp32_s, "int8": int8_s},
-        "machine": {"cpu": cpu_name(), "arch": platform.machine(), "cpus": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "arch": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__},
         "engines": rows, "peak_rss": rss_rows, "goals": goals,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -1,9 +1,8 @@
 """What the two load benchmarks (load_edge.py, load_server.py) share: the machine and its load, memory of a
-process tree sampled from /proc, and a trend over the samples. Linux only (/proc)."""
+process tree sampled with psutil (the peak from /proc: see benchlib), and a trend over the samples."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -15,16 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
+from benchlib import cpu_model, peak_rss_kb, rss_kb  # bench/ is on sys.path: these scripts run from there
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cpus": os.cpu_count(), "arch": platform.machine(), "memory_gib": round(mem_gib, 1),
-            "python": platform.python_version()}
+    return {"cpu": cpu_model(), "cpus": psutil.cpu_count(), "arch": platform.machine(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
 
 
 def uptime() -> str:
@@ -35,57 +31,28 @@ def uptime() -> str:
         return "load average: " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def status_kb(pid: int, field: str) -> int | None:
-    """A field of /proc/PID/status in kB (VmRSS, VmHWM); None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def pss_kb(pid: int) -> int | None:
     """Proportional set size: shared pages (torch's libraries in every worker) counted once across a tree."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
+        return psutil.Process(pid).memory_full_info().pss // 1024
+    except psutil.Error:
         return None
-    return None
 
 
 def process_name(pid: int) -> str:
     """The command line, shortened: `python -m noprop.server.sim ...`, `ray::ClientAppActor`, `raylet`."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+        text = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return "?"
-    text = " ".join(a.decode(errors="replace") for a in argv if a)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+    try:
+        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
 
 
 class MemorySampler:
@@ -118,12 +85,12 @@ class MemorySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             focus = self.focus() if self.focus is not None else self.pid
-            rss = status_kb(focus, "VmRSS") if focus else None
-            hwm = status_kb(focus, "VmHWM") if focus else None
+            rss = rss_kb(focus) if focus else None
+            hwm = peak_rss_kb(focus) if focus else None
             row: tuple[float, ...] = (self.now(), (rss or 0) / 1024, (hwm or 0) / 1024)
             if self.tree:
                 pids = descendants(self.pid) | {self.pid}
-                rss_of = {p: status_kb(p, "VmRSS") or 0 for p in pids}
+                rss_of = {p: rss_kb(p) or 0 for p in pids}
                 pss_sum = sum(pss_kb(p) or 0 for p in pids) / 1024
                 row = (*row, sum(rss_of.values()) / 1024, pss_sum, len(pids))
                 if pss_sum > self.peak_tree.get("pss_mb", 0):

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchlib import memory_kb, print_result, reset_peak_memory, run_child
+from benchlib import peak_rss_kb, print_result, reset_peak_memory, rss_kb, run_child
 
 # ct-eq9: NoProp-CT with the paper's Eq. 9 weight SNR'(t) and no gradient clipping (the defaults before issue 12)
 METHODS = ("backprop", "dt", "ct", "ct-eq9", "fm", "adjoint")
@@ -65,7 +65,7 @@ def run_cell(args: argparse.Namespace) -> dict:
                       threads=args.threads, eval_mode="both", out=str(run_dir),
                       channels=tuple(int(c) for c in args.channels.split(",")),
                       steps=args.steps if args.method in CONTINUOUS else None).validate()
-    rss_before = memory_kb("VmRSS")  # torch imported, data not yet loaded
+    rss_before = rss_kb()  # torch imported, data not yet loaded
     mem: dict = {"reset": True, "training_kb": 0, "train_cpu_s": 0.0}
 
     def on_event(name: str) -> None:
@@ -75,17 +75,17 @@ def run_cell(args: argparse.Namespace) -> dict:
         # benchmark shares its cores, which the wall time is not
         if name in ("train_start", "epoch_done"):
             mem["cpu_start"] = time.process_time()
-            mem["start_kb"] = memory_kb("VmRSS")
+            mem["start_kb"] = rss_kb()
             mem["reset"] &= reset_peak_memory()
             mem.setdefault("rss_at_training_start_kb", mem["start_kb"])
         elif name == "epoch_trained":
             mem["train_cpu_s"] += time.process_time() - mem["cpu_start"]
-            mem["training_kb"] = max(mem["training_kb"], memory_kb("VmHWM") - mem["start_kb"])
+            mem["training_kb"] = max(mem["training_kb"], peak_rss_kb() - mem["start_kb"])
 
     start = time.perf_counter()
     train_cli.run(cfg, on_event=on_event)
     wall = time.perf_counter() - start
-    peak_kb = memory_kb("VmHWM")  # whole process (a lower bound when the peak was reset: see training_kb)
+    peak_kb = peak_rss_kb()  # whole process (a lower bound when the peak was reset: see training_kb)
     records = read_jsonl(run_dir / "metrics.jsonl")
     model = load_checkpoint(run_dir / "checkpoint.pt").model()
     train, test = load_train_test(args.dataset, root=args.data_root, subset=args.subset, seed=args.seed)
@@ -132,7 +132,8 @@ def run_cell(args: argparse.Namespace) -> dict:
 
 def available(dataset: str, data_root: str) -> bool:
     """Whether the dataset's files are on disk (nothing is downloaded)."""
-    from noprop.data import DatasetError, load_dataset
+    from noprop.data import load_dataset
+    from noprop.sources import DatasetError
 
     try:
         load_dataset(dataset, "test", root=data_root, download=False)

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noprop.data import load_dataset, partition
+from noprop.data import load_dataset
 from noprop.federation import FederationConfig
 from noprop.model import NoPropDT
+from noprop.partition import partition
 from noprop.records import to_numpy_state, to_torch_state
 from noprop.server.aggregate import Reply, aggregate, keys_for_blocks
 from noprop.server.planner import NodeCapacity, plan_ownership

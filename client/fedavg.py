@@ -25,7 +25,7 @@ def train_whole_network(content: RecordDict, node_id: int, data: LabelledData, d
         raise ValueError(f"this node's data {data.name} has input {tuple(data.input_shape)} and {data.num_classes} "
                          f"classes, the run's model expects {tuple(model_cfg.input_shape)} and "
                          f"{model_cfg.num_classes}: point --data at the same kind of data as the server's")
-    rnd = int(config["server-round"]) + int(config.get("round-offset", 0))
+    rnd = int(config["server-round"])  # the run's own round number, after a resume too
     torch.manual_seed(node_seed(int(config["seed"]), rnd, node_id))
     received = record_to_arrays(content["arrays"])
     model = build_model(method, model_cfg)

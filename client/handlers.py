@@ -22,11 +22,12 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from noprop.client.capacity import available_memory_mb, max_blocks_for_memory, measure_throughput
 from noprop.client.fedavg import train_whole_network
-from noprop.data import LabelledData, load_dataset, partition
+from noprop.data import LabelledData, load_dataset
 from noprop.device import resolve_device
 from noprop.federation import FederationConfig
 from noprop.model import NoPropDT
 from noprop.model_configs import NoPropConfig
+from noprop.partition import partition
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
 from noprop.trainer import (
     BlockTrainer,

@@ -147,8 +147,10 @@ def check_node(config: dict) -> dict:
     """Run in a child process (noprop.ops.processes.check_in_subprocess): the device exists, the partitioning parses,
     the data loads (so a wrong name or path fails here, not inside Flower) and splits. Returns the data root
     (default resolved) and the partition's size (for iid; the whole train split's otherwise)."""
-    from noprop.data import DatasetError, default_data_root, load_dataset, parse_partitioning, partition
+    from noprop.data import load_dataset
     from noprop.device import resolve_device
+    from noprop.partition import parse_partitioning, partition
+    from noprop.sources import DatasetError, default_data_root
 
     if "device" in config:
         try:

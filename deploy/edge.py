@@ -1,9 +1,10 @@
 """noprop-edge: run an exported NoProp model on a device with onnxruntime and numpy alone.
 
 This module imports numpy and onnxruntime, nothing else at import time: never torch, never the rest of
-noprop. Pillow is imported lazily to read image files, and grpcio, grpcio-health-checking and the generated
-modules of noprop.proto lazily for `serve` and `query`. So `predict`, `eval` and `info` also work from this
-one file copied alone onto a device (`python edge.py predict model.onnx img.png`).
+noprop. Pillow is imported lazily to read image files, and the generated modules of noprop.proto (with protobuf)
+for `info --json`. So `predict`, `eval` and `info` also work from this one file copied alone onto a device
+(`python edge.py predict model.onnx img.png`). `serve` and `query` need grpcio and noprop.proto anyway: they live
+in noprop.deploy.edge_service and noprop.deploy.edge_client, imported only when they run.
 
 The model file (written by noprop-export) takes `image` float32 [N, C, H, W] (or [N, F]) in raw pixel scale,
 values in [0, 1] (uint8 / 255), and normalises inside the graph with the training set's mean and std; in
@@ -33,12 +34,11 @@ import json
 import math
 import os
 import secrets
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnxruntime as ort
@@ -64,6 +64,8 @@ _MAX_MESSAGE = 200
 
 class EdgeError(Exception):
     """A user-facing failure with a one-line message naming the file and the fix."""
+
+    exit_code = 2  # bad input
 
 
 def _one_line(exc: object, limit: int = _MAX_MESSAGE) -> str:
@@ -580,209 +582,6 @@ def _read_idx(path: Path, ndim: int, where: str) -> np.ndarray:
     return body.reshape(dims)
 
 
-# -- gRPC service ------------------------------------------------------------------------------------------
-
-
-class _Malformed:
-    """A request body that did not parse; the handler answers INVALID_ARGUMENT."""
-
-    def __init__(self, error: str):
-        self.error = error
-
-
-def _lenient(message_cls):
-    def parse(data: bytes):
-        try:
-            return message_cls.FromString(data)
-        except Exception as exc:  # google.protobuf.message.DecodeError
-            return _Malformed(_one_line(exc, 100))
-    return parse
-
-
-class InferenceService:
-    """noprop.v1.Inference over an EdgeModel; every bad request gets a status code, the server goes on."""
-
-    def __init__(self, model: EdgeModel):
-        import grpc
-
-        self.grpc = grpc
-        self.pb = _proto_modules()[0]
-        self.model = model
-        self.manifest = model.info.to_manifest(model.path.name, model.sha256, model.size)
-        self.requests = 0
-
-    def _invalid(self, context, message: str):
-        context.abort(self.grpc.StatusCode.INVALID_ARGUMENT, message)
-
-    def Predict(self, request, context):  # noqa: N802 - gRPC method name
-        self.requests += 1
-        if isinstance(request, _Malformed):
-            self._invalid(context, f"PredictRequest does not parse: {request.error}")
-        info = self.model.info
-        shape = tuple(int(s) for s in request.shape)
-        if len(shape) != len(info.input_shape) + 1 or shape[1:] != info.input_shape or shape[0] < 1:
-            self._invalid(context, f"shape {list(shape)} does not match the model's input "
-                                   f"[N, {', '.join(map(str, info.input_shape))}] with N >= 1")
-        n = shape[0]
-        if len(request.pixels) != math.prod(shape):
-            self._invalid(context, f"{len(request.pixels)} pixel values for shape {list(shape)} "
-                                   f"(needs {math.prod(shape)})")
-        x = np.fromiter(request.pixels, dtype=np.float32, count=len(request.pixels)).reshape(shape)
-        noise = None
-        if len(request.noise):
-            if not self.model.stochastic:
-                self._invalid(context, "this model is deterministic: send no noise")
-            t1, d = info.noise_shape
-            if len(request.noise) != t1 * n * d:
-                self._invalid(context, f"{len(request.noise)} noise values, the model needs [T + 1, N, d] = "
-                                       f"[{t1}, {n}, {d}] = {t1 * n * d}")
-            noise = np.fromiter(request.noise, dtype=np.float32, count=len(request.noise)).reshape(t1, n, d)
-        drawn = self.model.stochastic and noise is None
-        seed = (request.seed if request.HasField("seed") else fresh_seed()) if drawn else None
-        try:
-            probs, labels = self.model.run(x, noise, rng=None if seed is None else np.random.default_rng(seed))
-        except EdgeError as exc:
-            self._invalid(context, str(exc))
-        response = self.pb.PredictResponse(model_sha256=self.model.sha256, seed=seed)
-        for p, label in zip(probs, labels, strict=True):
-            response.predictions.add(label=int(label), class_name=info.class_names[int(label)],
-                                     probabilities=p.tolist())
-        return response
-
-    def ModelInfo(self, request, context):  # noqa: N802 - gRPC method name
-        if isinstance(request, _Malformed):
-            self._invalid(context, f"ModelInfoRequest does not parse: {request.error}")
-        return self.manifest
-
-
-def build_server(model: EdgeModel, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, workers: int = 4,
-                 tls: tuple[bytes, bytes] | None = None, max_concurrent: int = DEFAULT_MAX_CONCURRENT):
-    """A started-ready grpc.Server with Inference and the standard health service; returns (server, health,
-    bound port). Requests over max_request_bytes, and calls beyond max_concurrent in progress or queued for a worker
-    thread, are refused by gRPC itself with RESOURCE_EXHAUSTED: queued requests hold at most max_concurrent x
-    max_request_bytes. (gRPC frees a call's slot only after its reply is sent, so N clients calling back to back
-    need a cap well above N: at 16 clients and a cap of 16, 0.3% of calls were refused.)"""
-    from concurrent import futures
-
-    try:
-        import grpc
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    except ImportError as exc:
-        raise EdgeError(f"serve needs grpcio and grpcio-health-checking ({_one_line(exc)}): "
-                        "pip install grpcio grpcio-health-checking") from None
-    pb = _proto_modules()[0]
-    service = InferenceService(model)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="noprop-edge"),
-        options=[("grpc.max_receive_message_length", max_request_bytes),
-                 ("grpc.max_send_message_length", -1),
-                 ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=max_concurrent,
-    )
-    handlers = {
-        "Predict": grpc.unary_unary_rpc_method_handler(
-            service.Predict, request_deserializer=_lenient(pb.PredictRequest),
-            response_serializer=pb.PredictResponse.SerializeToString),
-        "ModelInfo": grpc.unary_unary_rpc_method_handler(
-            service.ModelInfo, request_deserializer=_lenient(pb.ModelInfoRequest),
-            response_serializer=pb.ModelManifest.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    address = f"{host}:{port}"
-    try:
-        if tls is not None:
-            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
-        else:
-            bound = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise EdgeError(f"cannot listen on {address} ({_one_line(exc, 100)}): is the port in use?") from None
-    if not bound:
-        raise EdgeError(f"cannot listen on {address}: is the port in use?")
-    return server, health_servicer, bound
-
-
-def serve(model: EdgeModel, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, workers: int = 4, grace: float = 5.0,
-          tls: tuple[bytes, bytes] | None = None, max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully: health turns NOT_SERVING, new calls are refused,
-    calls in flight get `grace` seconds to finish."""
-    server, health_servicer, bound = build_server(model, host, port, max_request_bytes, workers, tls, max_concurrent)
-    stop = threading.Event()
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    server.start()
-    try:
-        print(f"noprop-edge serve: listening on {host}:{bound} ({'TLS' if tls else 'insecure'}) with "
-              f"{model.path.name} ({model.info.summary()}); max request {max_request_bytes} bytes, {workers} request "
-              f"threads, at most {max_concurrent} calls at once", flush=True)
-        while not stop.wait(0.25):
-            pass
-        print("noprop-edge serve: shutting down", file=sys.stderr, flush=True)
-        health_servicer.enter_graceful_shutdown()
-        server.stop(grace).wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print("noprop-edge serve: stopped", file=sys.stderr, flush=True)
-
-
-class RemoteError(Exception):
-    """A failed RPC: exit 1."""
-
-
-def query(target: str, paths: list[str], show_info: bool = False, health_check: bool = False,
-          timeout: float = 10.0, resize: bool = False, convert: bool = False, seed: int | None = None,
-          as_json: bool = False, tls_ca: bytes | None = None) -> int:
-    """Call a running `noprop-edge serve` (over TLS when tls_ca, the server's CA certificate, is given). seed None:
-    a stochastic server draws one and reports it (printed, so the call can be repeated)."""
-    try:
-        import grpc
-    except ImportError:
-        raise EdgeError("query needs grpcio: pip install grpcio") from None
-    pb, pb_grpc = _proto_modules()
-    options = [("grpc.max_receive_message_length", -1)]
-    if tls_ca is not None:
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca), options)
-    else:
-        channel = grpc.insecure_channel(target, options)
-    try:
-        if health_check:
-            from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
-            print(f"{target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
-            if not paths and not show_info:
-                return 0
-        stub = pb_grpc.InferenceStub(channel)
-        manifest = stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
-        if show_info or not paths:
-            from google.protobuf import json_format
-
-            print(json_format.MessageToJson(manifest, preserving_proto_field_name=True, indent=2))
-            if not paths:
-                return 0
-        shape = tuple(manifest.input_shape)
-        x = load_images(paths, shape, resize, convert)
-        request = pb.PredictRequest(shape=list(x.shape), pixels=x.ravel().tolist(), seed=seed)
-        reply = stub.Predict(request, timeout=timeout)
-        used = reply.seed if reply.HasField("seed") else None
-    except grpc.RpcError as exc:
-        raise RemoteError(f"{target}: {exc.code().name}: {_one_line(exc.details())}") from None
-    finally:
-        channel.close()
-    results = [{"file": str(p), "label": r.label, "class": r.class_name,
-                "probability": float(r.probabilities[r.label])} for p, r in zip(paths, reply.predictions, strict=True)]
-    _print_predictions(results, as_json, used, drawn=seed is None)
-    return 0
-
-
 # -- CLI ---------------------------------------------------------------------------------------------------
 
 
@@ -854,7 +653,7 @@ def _brief(value: object) -> str:
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (``noprop-edge: error: ...``, exit 2), not usage + error.
-    (noprop.launch has the same class; this file stays importable on its own, without the noprop package.)"""
+    (noprop.ops.cli has the same class; this file stays importable on its own, without the noprop package.)"""
 
     def error(self, message: str):  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -923,35 +722,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "query":
-        try:
-            ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-        except OSError as exc:
-            raise EdgeError(f"cannot read --tls-ca ({_one_line(exc, 100)})") from None
-        return query(args.target, args.images, args.info, args.health, args.timeout, args.resize, args.convert,
-                     args.seed, args.json, ca)
+        from noprop.deploy.edge_client import query_command
+
+        return query_command(args)
     if args.threads is not None and args.threads < 1:
         raise EdgeError("--threads must be at least 1")
-    tls = None
     if args.command == "serve":
-        from noprop.ops.network import is_loopback  # serve needs the package (noprop.proto) anyway; no torch there
+        from noprop.deploy.edge_service import serve_command
 
-        if bool(args.tls_cert) != bool(args.tls_key):
-            raise EdgeError("give both --tls-cert and --tls-key, or neither")
-        if args.tls_cert:
-            try:
-                tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
-            except OSError as exc:
-                raise EdgeError(f"cannot read the TLS files ({_one_line(exc, 100)})") from None
-        elif not is_loopback(args.host) and not args.insecure:
-            raise EdgeError(f"--host {args.host} opens the service to the network: give --tls-cert/--tls-key, "
-                            "or --insecure to serve without TLS")
-        if args.workers < 1 or args.max_concurrent < args.workers:
-            raise EdgeError(f"--workers {args.workers} and --max-concurrent {args.max_concurrent}: need at least 1 "
-                            "worker and --max-concurrent at least --workers")
-        if args.max_request_bytes < 1024:
-            raise EdgeError("--max-request-bytes must be at least 1024")
-        if not 0 <= args.port <= 65535:
-            raise EdgeError(f"--port {args.port} is not a port number")
+        return serve_command(args)
     model = EdgeModel(args.model, threads=args.threads, arena=not args.no_arena)
     if args.command == "info":
         if args.json:
@@ -989,9 +768,6 @@ def _run(args: argparse.Namespace) -> int:
                   f"{args.data}; {result['images_per_s']:.0f} images/s (batch {args.batch_size}, "
                   f"{model.info.precision}, {model.info.mode}{noise})")
         return 0
-    if args.command == "serve":
-        serve(model, args.host, args.port, args.max_request_bytes, args.workers, args.grace, tls, args.max_concurrent)
-        return 0
     raise AssertionError(args.command)
 
 
@@ -1002,16 +778,27 @@ def _resolve_seed(model: EdgeModel, seed: int | None) -> int | None:
     return seed if seed is not None else fresh_seed()
 
 
+def _package_edge(command: str) -> ModuleType:
+    """This module as the noprop-fl package holds it, where serve and query run: their modules import it, and the
+    errors they raise must be the classes main catches. Run as `python -m` or as a script (a lone copy, say), this
+    file is another module (__main__) or has no package beside it."""
+    try:
+        from noprop.deploy import edge
+    except ImportError as exc:
+        raise EdgeError(f"{command} needs the noprop-fl package ({_one_line(exc)}): pip install noprop-fl; this file "
+                        "alone runs info, predict and eval") from None
+    return edge
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("serve", "query") and __name__ != "noprop.deploy.edge":
+            return _package_edge(args.command).main(argv)
         return _run(args)
-    except EdgeError as exc:
+    except EdgeError as exc:  # and edge_client.RemoteError, a failed call: exit 1
         print(f"noprop-edge: error: {exc}", file=sys.stderr)
-        return 2
-    except RemoteError as exc:
-        print(f"noprop-edge: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         print("noprop-edge: interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from noprop.checkpoint import CheckpointError
-from noprop.data import DatasetError
 from noprop.deploy.edge import EdgeError, manifest_path_for
 from noprop.deploy.export import (
     DEFAULT_OPSET,
@@ -36,6 +35,7 @@ from noprop.deploy.export import (
 )
 from noprop.deploy.quantize import calibration_images, quantize_model
 from noprop.ops.cli import OneLineParser
+from noprop.sources import DatasetError
 
 
 @dataclass

@@ -135,7 +135,8 @@ def check_partitioning(spec: str, what: str) -> None:
     """A partitioning spec (iid, dirichlet:ALPHA, classes:K) parses; LaunchError ``what: why`` otherwise. The parser
     lives with the partitioners in noprop.data, which imports torch: a launcher calls it in a child
     (:func:`check_partitioning_in_child`) or in a check that loads data anyway."""
-    from noprop.data import DatasetError, parse_partitioning
+    from noprop.partition import parse_partitioning
+    from noprop.sources import DatasetError
 
     try:
         parse_partitioning(spec)

@@ -1,5 +1,5 @@
-"""The noprop-fl ServerApp: reads the run config and runs the federation: block ownership for NoProp-DT
-(server/rounds.py), FedAvg of the one network for the other methods (server/fedavg.py)."""
+"""The noprop-fl ServerApp: reads the run config and runs the federation (server/run.py): block ownership for
+NoProp-DT, FedAvg of the one network for the other methods."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.app_utils import start_parent_process_monitor
 
 from noprop.federation import FederationConfig
-from noprop.server.fedavg import run_fedavg
 from noprop.server.grid import PromptGrid
-from noprop.server.rounds import main_loop
+from noprop.server.run import run_federation
 
 
 def end_with_superexec() -> None:
@@ -45,8 +44,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         end_with_superexec()
         cfg = FederationConfig.from_run_config({**dict(context.run_config), **(overrides or {})})
-        run = main_loop if cfg.owns_blocks else run_fedavg  # NoProp-DT owns blocks; the others are one network
-        run(PromptGrid(grid, cfg.reply_poll_s), cfg, log=lambda line: print(line, flush=True))
+        run_federation(PromptGrid(grid, cfg.reply_poll_s), cfg, log=lambda line: print(line, flush=True))
 
     return app
 

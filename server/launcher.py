@@ -41,7 +41,8 @@ from noprop.ops.run_flags import add_federation_flags
 from noprop.ops.supervision import Interrupted, install_signal_handlers, raise_if_interrupted, shield_signals
 from noprop.server.flower_app import CONNECTION, cli_error, parse_cli_json, read_done, write_app, write_connection
 from noprop.server.preflight import PROG, Plan, prepare
-from noprop.server.progress import LogFollower, MetricsTail, round_line
+from noprop.server.progress import LogFollower, MetricsTail
+from noprop.server.report import round_line
 
 STATUS_POLL_S = 30.0  # `flwr ls` costs ~2 s of CPU; the log stream ending is the prompt signal
 CLI_TIMEOUT_S = 120.0

@@ -117,7 +117,8 @@ def check_dataset(cfg: FederationConfig) -> int:
 
 def check_eval_data(payload: dict) -> dict:
     """In a child: the run's partition-type parses and the evaluation dataset's test split loads (torch)."""
-    from noprop.data import DatasetError, load_dataset
+    from noprop.data import load_dataset
+    from noprop.sources import DatasetError
 
     check_partitioning(str(payload["partition-type"]), "partition-type")
     spec = str(payload["dataset"])

@@ -50,39 +50,6 @@ class MetricsTail:
         return records
 
 
-def round_line(record: dict, num_rounds: int) -> str:
-    parts = [f"round {record.get('round', '?')}/{num_rounds}"]
-    acc = record.get("accuracy")
-    if isinstance(acc, int | float):
-        parts.append(f"accuracy {100 * acc:.2f}%")
-    nearest, blocks = record.get("nearest_accuracy"), record.get("block_accuracy")
-    if isinstance(nearest, int | float) and isinstance(blocks, dict) and blocks:
-        parts[-1] += (f" (nearest embedding {100 * nearest:.1f}%, blocks {100 * min(blocks.values()):.0f}-"
-                      f"{100 * max(blocks.values()):.0f}%)")
-    t = record.get("round_time_s")
-    if isinstance(t, int | float):
-        train = record.get("client_train_time_s")
-        slowest = max(train.values()) if isinstance(train, dict) and train else None
-        if isinstance(slowest, int | float):
-            parts.append(f"{t:.1f} s (slowest client's training {slowest:.1f} s)")
-        else:
-            parts.append(f"{t:.1f} s")
-    nodes = record.get("nodes")
-    if nodes is None and isinstance(record.get("trained_by"), list):
-        nodes = len(record["trained_by"])
-    if isinstance(nodes, list):
-        nodes = len(nodes)
-    if nodes is not None:
-        parts.append(f"{nodes} nodes")
-    failed = record.get("failed")
-    if failed:
-        parts.append(f"no reply from node(s) {', '.join(str(n) for n in failed)}")
-    rejected = record.get("rejected")
-    if isinstance(rejected, dict):
-        parts += [f"reply of node {node} rejected: {why}" for node, why in rejected.items()]
-    return ", ".join(parts)
-
-
 class LogFollower:
     """Echo new lines of a growing text file (the run log) to stdout."""
 

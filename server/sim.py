@@ -88,7 +88,9 @@ def run_in_child(argv: list[str]) -> int:
 def check_class_partitions(cfg, clients: int) -> None:
     """classes:K can only be checked against the data (K at most its number of classes, clients x K at least
     it): check it once here, rather than let every virtual client fail its first round. Raises LaunchError."""
-    from noprop.data import DatasetError, load_dataset, parse_partitioning, partition
+    from noprop.data import load_dataset
+    from noprop.partition import parse_partitioning, partition
+    from noprop.sources import DatasetError
 
     if clients < 2 or parse_partitioning(cfg.partition_type)[0] != "classes":
         return

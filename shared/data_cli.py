@@ -15,15 +15,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from noprop.data import (
-    DATASETS,
-    DatasetError,
-    LabelledData,
-    default_data_root,
-    fetch_dataset,
-    load_train_test,
-)
+from noprop.data import LabelledData, load_train_test
+from noprop.fetch import fetch_dataset
 from noprop.ops.cli import OneLineParser
+from noprop.sources import DATASETS, DatasetError, default_data_root
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,6 +19,10 @@ FEDERATED_METHODS = tuple(METHODS)
 AGGREGATIONS = ("mean", "median", "trimmed-mean")  # of the shared embedding and head
 
 
+class FederationError(Exception):
+    """The run cannot go on; the message says why and what to do."""
+
+
 @dataclass
 class FederationConfig:
     method: str = "dt"  # dt: block ownership; ct | fm | adjoint | backprop | cnn: FedAvg of the one network

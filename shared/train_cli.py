@@ -25,7 +25,7 @@ from noprop.checkpoint import (
     save_train_state,
 )
 from noprop.config import EVAL_MODES, TrainConfig, build_config
-from noprop.data import DatasetError, load_train_test
+from noprop.data import load_train_test
 from noprop.device import resolve_device
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.methods import METHODS, build_model, make_optimizer
@@ -41,6 +41,7 @@ from noprop.model_configs import (
 from noprop.ops.cli import OneLineParser
 from noprop.plots import plot_training_curves
 from noprop.settings import Flag, SettingsError, add_flags
+from noprop.sources import DatasetError
 from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_end_to_end_epoch
 
 

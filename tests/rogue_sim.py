@@ -33,8 +33,9 @@ VARIANTS = {
 
 def tamper(arrays: dict[str, np.ndarray], metrics: dict, kind: str, rnd: int, blocks: list[int]) -> None:
     """Spoil one train reply in place, the way a poisoned or buggy node would."""
-    if kind == "foreign-block":  # also send a block it was not given (its own block's tensors, renamed)
-        own, foreign = blocks[0], next(t for t in range(1, T + 1) if t not in blocks)
+    if kind == "foreign-block":  # also send a block it was not given (its own block's tensors, renamed): another
+        # block of the chain, or one past its end when it holds them all (replicate may give the fastest node all)
+        own, foreign = blocks[0], next((t for t in range(1, T + 1) if t not in blocks), T + 1)
         for key in [k for k in arrays if k.startswith(f"blocks.{own}.")]:
             arrays[key.replace(f"blocks.{own}.", f"blocks.{foreign}.", 1)] = arrays[key].copy()
     elif kind == "stale-round":  # replay an answer to the previous round

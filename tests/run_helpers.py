@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from flwr.app import Context, Message, RecordDict
+
+from noprop.client.app import make_client_app
 from noprop.diagnostics import chain_diagnostics
 
 
@@ -9,3 +12,30 @@ def chain_numbers(model, data, mode: str = "deterministic", seed: int = 0) -> tu
     """(head accuracy, nearest-embedding accuracy) of the chain on data, as the server records them each round."""
     found = chain_diagnostics(model, data, mode, seed=seed)
     return found["accuracy"], found["nearest_accuracy"]
+
+
+class LocalGrid:
+    """The two Grid calls the federation makes, answered by each node's ClientApp in this process (no Flower
+    processes: a run is a few seconds). A node in ``gone`` is offline: it is not listed and a message to it gets
+    no reply."""
+
+    def __init__(self, npz, num_nodes: int, run_config: dict, max_blocks: int = 0):
+        self.app = make_client_app()
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=run_config,
+                             node_config={"data": f"npz:{npz}", "partition-id": i, "num-partitions": num_nodes,
+                                          "threads": 1, "max-blocks": max_blocks})
+            for i in range(num_nodes)}
+        self.gone: set[int] = set()
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self.contexts if n not in self.gone]
+
+    def send_and_receive(self, messages, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink does on push
+            node = msg.metadata.dst_node_id
+            if node not in self.gone:
+                replies.append(self.app(msg, self.contexts[node]))
+        return replies

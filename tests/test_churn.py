@@ -1,4 +1,4 @@
-"""Nodes leaving a run, in process: the real federation loop (server/rounds.py) and the real ClientApp, joined by
+"""Nodes leaving a run, in process: the real federation loop (server/run.py) and the real ClientApp, joined by
 a grid that hands each message straight to a node's app (no Flower processes: each test is a few seconds).
 
 When the survivors cannot hold every block, the run goes on with the blocks they can hold; the others keep
@@ -9,58 +9,31 @@ stay an error.
 from __future__ import annotations
 
 import pytest
-from flwr.app import Context, Message, RecordDict
 from procs import write_synthetic_npz
+from run_helpers import LocalGrid
 from test_client_app import task_identity  # noqa: F401 - fixture
 
-from noprop.client.app import make_client_app
-from noprop.federation import FederationConfig
+from noprop.federation import FederationConfig, FederationError
 from noprop.io import read_jsonl
 from noprop.records import state_digest
-from noprop.server.rounds import FederationError, NoPropFederation
+from noprop.server.run import FederatedRun
 
 T = 3
 
 
-class LocalGrid:
-    """The two Grid calls the federation makes, answered by each node's ClientApp in this process. A node in
-    ``gone`` is offline: it is not listed and a message to it gets no reply."""
-
-    def __init__(self, npz, num_nodes: int, max_blocks: int, run_config: dict):
-        self.app = make_client_app()
-        self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=run_config,
-                             node_config={"data": f"npz:{npz}", "partition-id": i, "num-partitions": num_nodes,
-                                          "threads": 1, "max-blocks": max_blocks})
-            for i in range(num_nodes)}
-        self.gone: set[int] = set()
-
-    def get_node_ids(self) -> list[int]:
-        return [n for n in self.contexts if n not in self.gone]
-
-    def send_and_receive(self, messages, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink does on push
-            node = msg.metadata.dst_node_id
-            if node not in self.gone:
-                replies.append(self.app(msg, self.contexts[node]))
-        return replies
-
-
 def federation(tmp_path, max_blocks: int, rounds: int, min_nodes: int = 3
-               ) -> tuple[NoPropFederation, LocalGrid, list[str]]:
+               ) -> tuple[FederatedRun, LocalGrid, list[str]]:
     npz = write_synthetic_npz(tmp_path / "task.npz", n_train=600, n_test=200)
     cfg = FederationConfig(T=T, num_rounds=rounds, min_nodes=min_nodes, channels="4,8,8", hidden=16, dropout=0.0,
                            batch_size=64, min_local_steps=0, head_steps=20, eval_limit=0, eval_in_background=False,
                            join_timeout=0.01, dataset=f"npz:{npz}", out=str(tmp_path / "out"))
-    grid = LocalGrid(npz, 3, max_blocks, cfg.to_run_config())
+    grid = LocalGrid(npz, 3, cfg.to_run_config(), max_blocks=max_blocks)
     lines: list[str] = []
-    return NoPropFederation(grid, cfg, log=lines.append), grid, lines
+    return FederatedRun(grid, cfg, log=lines.append), grid, lines
 
 
-def blocks_digest(fed: NoPropFederation, t: int) -> str:
-    return state_digest({k: v for k, v in fed.global_state.items() if k.startswith(f"blocks.{t}.")})
+def blocks_digest(fed: FederatedRun, t: int) -> str:
+    return state_digest({k: v for k, v in fed.strategy.global_state.items() if k.startswith(f"blocks.{t}.")})
 
 
 def test_survivors_that_cannot_hold_every_block_train_what_they_can_and_the_rest_keep_their_weights(tmp_path):

@@ -18,8 +18,11 @@ import torch
 from PIL import Image
 
 from noprop import data as D
-from noprop.data import DatasetError
+from noprop import fetch as F
+from noprop import partition as P
+from noprop import sources as S
 from noprop.data_cli import main as cli_main
+from noprop.sources import DatasetError
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -153,9 +156,9 @@ def test_missing_and_unknown_datasets(tmp_path: Path) -> None:
 
 def test_default_data_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("NOPROP_DATA", raising=False)
-    assert D.default_data_root() == Path("data")
+    assert S.default_data_root() == Path("data")
     monkeypatch.setenv("NOPROP_DATA", str(tmp_path))
-    assert D.default_data_root() == tmp_path
+    assert S.default_data_root() == tmp_path
 
 
 # ------------------------------------------------------------------------------------------------ fetching
@@ -163,8 +166,8 @@ def test_default_data_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 @pytest.fixture
 def tiny_fashion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Verification expects the tiny sizes; the system folder points to an empty place."""
-    monkeypatch.setattr(D, "FASHION_MNIST_SIZES", {"train": 30, "test": 12})
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-system-copy")
+    monkeypatch.setattr(F, "FASHION_MNIST_SIZES", {"train": 30, "test": 12})
+    monkeypatch.setattr(F, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-system-copy")
     return tmp_path / "root"
 
 
@@ -174,12 +177,12 @@ def _must_not_run(*args, **kwargs):
 
 def test_fetch_when_present_reports_and_touches_nothing(monkeypatch, tmp_path: Path) -> None:
     for step in ("_fetch_from_system", "_fetch_from_apt", "_fetch_from_torchvision"):
-        monkeypatch.setattr(D, step, _must_not_run)
+        monkeypatch.setattr(F, step, _must_not_run)
     raw = tmp_path / "FashionMNIST" / "raw"
     write_mnist_tree(raw)
     before = snapshot(tmp_path)
     lines: list[str] = []
-    assert D.fetch_fashion_mnist(tmp_path, log=lines.append) == raw
+    assert F.fetch_fashion_mnist(tmp_path, log=lines.append) == raw
     assert len(lines) == 1 and "already present" in lines[0] and str(raw) in lines[0]
     assert snapshot(tmp_path) == before
 
@@ -187,11 +190,11 @@ def test_fetch_when_present_reports_and_touches_nothing(monkeypatch, tmp_path: P
 def test_fetch_from_system_folder(monkeypatch, tiny_fashion: Path, tmp_path: Path) -> None:
     system = tmp_path / "usr-share"
     arrays = write_mnist_tree(system, gz=True)
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST_DIR", system)
-    monkeypatch.setattr(D, "_fetch_from_apt", _must_not_run)
-    monkeypatch.setattr(D, "_fetch_from_torchvision", _must_not_run)
+    monkeypatch.setattr(F, "SYSTEM_FASHION_MNIST_DIR", system)
+    monkeypatch.setattr(F, "_fetch_from_apt", _must_not_run)
+    monkeypatch.setattr(F, "_fetch_from_torchvision", _must_not_run)
     lines: list[str] = []
-    raw = D.fetch_fashion_mnist(tiny_fashion, log=lines.append)
+    raw = F.fetch_fashion_mnist(tiny_fashion, log=lines.append)
     assert raw == tiny_fashion / "FashionMNIST" / "raw"
     assert len(lines) == 1 and "system folder" in lines[0]
     assert (raw / "train-images-idx3-ubyte").read_bytes()[16:] == arrays["train-images-idx3-ubyte"].tobytes()
@@ -219,10 +222,10 @@ def test_fetch_falls_through_in_order(monkeypatch, tiny_fashion: Path, tmp_path:
         write_mnist_tree(raw)
         return True
 
-    monkeypatch.setattr(D, "_fetch_from_apt", bad_files)
-    monkeypatch.setattr(D, "_fetch_from_torchvision", good_files)
+    monkeypatch.setattr(F, "_fetch_from_apt", bad_files)
+    monkeypatch.setattr(F, "_fetch_from_torchvision", good_files)
     lines: list[str] = []
-    D.fetch_fashion_mnist(tiny_fashion, log=lines.append)
+    F.fetch_fashion_mnist(tiny_fashion, log=lines.append)
     assert calls == ["apt", "torchvision"]
     assert "no system copy" in lines[0] and "expected 30" in lines[1]
     assert len(D.load_dataset("fashion-mnist", root=tiny_fashion)) == 30
@@ -230,9 +233,9 @@ def test_fetch_falls_through_in_order(monkeypatch, tiny_fashion: Path, tmp_path:
     calls.clear()
     shutil.rmtree(tiny_fashion)
     for step in ("_fetch_from_system", "_fetch_from_apt", "_fetch_from_torchvision"):
-        monkeypatch.setattr(D, step, failing(step))
+        monkeypatch.setattr(F, step, failing(step))
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist") as err:
-        D.fetch_fashion_mnist(tiny_fashion, log=lines.append)
+        F.fetch_fashion_mnist(tiny_fashion, log=lines.append)
     assert calls == ["_fetch_from_system", "_fetch_from_apt", "_fetch_from_torchvision"]
     assert str(tiny_fashion / "FashionMNIST" / "raw") in str(err.value) and "\n" not in str(err.value)
 
@@ -241,11 +244,11 @@ def test_step_raising_oserror_falls_through(monkeypatch, tiny_fashion: Path) -> 
     def broken(root, raw, log):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(D, "_fetch_from_system", broken)
-    monkeypatch.setattr(D, "_fetch_from_apt", lambda root, raw, log: write_mnist_tree(raw) is not None)
-    monkeypatch.setattr(D, "_fetch_from_torchvision", _must_not_run)
+    monkeypatch.setattr(F, "_fetch_from_system", broken)
+    monkeypatch.setattr(F, "_fetch_from_apt", lambda root, raw, log: write_mnist_tree(raw) is not None)
+    monkeypatch.setattr(F, "_fetch_from_torchvision", _must_not_run)
     lines: list[str] = []
-    D.fetch_fashion_mnist(tiny_fashion, log=lines.append)
+    F.fetch_fashion_mnist(tiny_fashion, log=lines.append)
     assert "read-only file system" in lines[0]
 
 
@@ -267,23 +270,23 @@ def test_apt_step_unpacks_a_debian_package(monkeypatch, tiny_fashion: Path, tmp_
     fake = tmp_path / "apt-get"
     fake.write_text(f'#!/bin/sh\n[ "$1 $2" = "download dataset-fashion-mnist" ] || exit 3\ncp "{deb}" .\n')
     fake.chmod(0o755)
-    monkeypatch.setattr(D, "APT_GET", str(fake))
-    monkeypatch.setattr(D, "_fetch_from_torchvision", _must_not_run)
+    monkeypatch.setattr(F, "APT_GET", str(fake))
+    monkeypatch.setattr(F, "_fetch_from_torchvision", _must_not_run)
     lines: list[str] = []
-    raw = D.fetch_fashion_mnist(tiny_fashion, log=lines.append)
+    raw = F.fetch_fashion_mnist(tiny_fashion, log=lines.append)
     assert "Debian package" in lines[-1]
     assert (raw / "t10k-labels-idx1-ubyte").read_bytes()[8:] == arrays["t10k-labels-idx1-ubyte"].tobytes()
 
     fake.write_text("#!/bin/sh\necho 'E: Unable to locate package' >&2\nexit 100\n")
     shutil.rmtree(tiny_fashion)
-    monkeypatch.setattr(D, "_fetch_from_torchvision", lambda root, raw, log: False)
+    monkeypatch.setattr(F, "_fetch_from_torchvision", lambda root, raw, log: False)
     with pytest.raises(DatasetError):
-        D.fetch_fashion_mnist(tiny_fashion, log=lines.append)
+        F.fetch_fashion_mnist(tiny_fashion, log=lines.append)
     assert any("Unable to locate package" in line for line in lines)
 
     lines.clear()  # without dpkg-deb the step says so and gives way to the next source
-    monkeypatch.setattr(D, "DPKG_DEB", str(tmp_path / "no-dpkg-deb"))
-    assert D._fetch_from_apt(tiny_fashion, tiny_fashion / "FashionMNIST" / "raw", lines.append) is False
+    monkeypatch.setattr(F, "DPKG_DEB", str(tmp_path / "no-dpkg-deb"))
+    assert F._fetch_from_apt(tiny_fashion, tiny_fashion / "FashionMNIST" / "raw", lines.append) is False
     assert lines == [f"{fake}/{tmp_path / 'no-dpkg-deb'} not available: skipping the Debian package "
                      "dataset-fashion-mnist"]
 
@@ -522,50 +525,50 @@ def _assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
 
 @pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "dirichlet:0.01", "classes:2"])
 def test_partition_cover_and_determinism(spec: str) -> None:
-    parts = D.partition(LABELS, 7, spec, seed=0)
+    parts = P.partition(LABELS, 7, spec, seed=0)
     assert len(parts) == 7 and all(p.size > 0 for p in parts)
     _assert_exact_cover(parts, LABELS.size)
-    again = D.partition(torch.from_numpy(LABELS), 7, spec, seed=0)
+    again = P.partition(torch.from_numpy(LABELS), 7, spec, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
-    other = D.partition(LABELS, 7, spec, seed=1)
+    other = P.partition(LABELS, 7, spec, seed=1)
     assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
 
 
 def test_iid_balanced() -> None:
-    sizes = [p.size for p in D.iid_partition(LABELS, 7, seed=3)]
+    sizes = [p.size for p in P.iid_partition(LABELS, 7, seed=3)]
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 600
 
 
 def test_dirichlet_every_partition_non_empty_with_tiny_alpha() -> None:
-    parts = D.dirichlet_partition(LABELS, 50, alpha=0.01, seed=0)
+    parts = P.dirichlet_partition(LABELS, 50, alpha=0.01, seed=0)
     assert all(p.size >= 1 for p in parts)
     _assert_exact_cover(parts, 600)
-    parts = D.dirichlet_partition(LABELS[:100], 20, alpha=0.01, seed=4, min_size=5)
+    parts = P.dirichlet_partition(LABELS[:100], 20, alpha=0.01, seed=4, min_size=5)
     assert all(p.size >= 5 for p in parts)
     _assert_exact_cover(parts, 100)
     with pytest.raises(DatasetError, match="fewer partitions"):
-        D.dirichlet_partition(LABELS[:10], 5, alpha=1.0, seed=0, min_size=3)
+        P.dirichlet_partition(LABELS[:10], 5, alpha=1.0, seed=0, min_size=3)
 
 
 def test_dirichlet_skew_visible() -> None:
-    iid = _entropy(LABELS, D.iid_partition(LABELS, 10, seed=0))
-    skewed = _entropy(LABELS, D.dirichlet_partition(LABELS, 10, alpha=0.1, seed=0))
-    mild = _entropy(LABELS, D.dirichlet_partition(LABELS, 10, alpha=100.0, seed=0))
+    iid = _entropy(LABELS, P.iid_partition(LABELS, 10, seed=0))
+    skewed = _entropy(LABELS, P.dirichlet_partition(LABELS, 10, alpha=0.1, seed=0))
+    mild = _entropy(LABELS, P.dirichlet_partition(LABELS, 10, alpha=100.0, seed=0))
     assert skewed < 0.6 * iid and mild > 0.9 * iid and iid > 2.0
 
 
 def test_parse_partitioning() -> None:
-    assert D.parse_partitioning("iid") == ("iid", None)
-    assert D.parse_partitioning(" IID ") == ("iid", None)
-    assert D.parse_partitioning("dirichlet:0.5") == ("dirichlet", 0.5)
+    assert P.parse_partitioning("iid") == ("iid", None)
+    assert P.parse_partitioning(" IID ") == ("iid", None)
+    assert P.parse_partitioning("dirichlet:0.5") == ("dirichlet", 0.5)
     for bad in ["", "random", "iid:2", "dirichlet", "dirichlet:", "dirichlet:abc", "dirichlet:0",
                 "dirichlet:-1", "dirichlet:nan", "dirichlet:inf"]:
         with pytest.raises(DatasetError):
-            D.parse_partitioning(bad)
+            P.parse_partitioning(bad)
     with pytest.raises(DatasetError, match="fewer partitions"):
-        D.partition(LABELS[:3], 4, "iid", seed=0)
+        P.partition(LABELS[:3], 4, "iid", seed=0)
     with pytest.raises(DatasetError):
-        D.iid_partition(LABELS, 0, seed=0)
+        P.iid_partition(LABELS, 0, seed=0)
 
 
 def _classes_of(labels: np.ndarray, parts: list[np.ndarray]) -> list[set[int]]:
@@ -574,7 +577,7 @@ def _classes_of(labels: np.ndarray, parts: list[np.ndarray]) -> list[set[int]]:
 
 @pytest.mark.parametrize("num_partitions, k", [(10, 2), (7, 2), (5, 3), (3, 4), (10, 1), (4, 10), (13, 7), (1, 10)])
 def test_class_partition_gives_every_partition_exactly_k_classes(num_partitions: int, k: int) -> None:
-    parts = D.class_partition(LABELS, num_partitions, k, seed=3)
+    parts = P.class_partition(LABELS, num_partitions, k, seed=3)
     assert len(parts) == num_partitions
     assert all(len(held) == k for held in _classes_of(LABELS, parts))
     _assert_exact_cover(parts, LABELS.size)
@@ -586,10 +589,10 @@ def test_class_partition_gives_every_partition_exactly_k_classes(num_partitions:
 
 
 def test_class_partition_is_deterministic_for_a_seed() -> None:
-    parts = D.class_partition(LABELS, 10, 2, seed=0)
-    again = D.partition(torch.from_numpy(LABELS), 10, "classes:2", seed=0)
+    parts = P.class_partition(LABELS, 10, 2, seed=0)
+    again = P.partition(torch.from_numpy(LABELS), 10, "classes:2", seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
-    other = D.class_partition(LABELS, 10, 2, seed=1)
+    other = P.class_partition(LABELS, 10, 2, seed=1)
     assert _classes_of(LABELS, parts) != _classes_of(LABELS, other)  # another seed, another class layout
 
 
@@ -597,7 +600,7 @@ def test_class_partition_is_balanced_on_fashion_mnist_sized_labels() -> None:
     """10 classes x 6000, 10 clients, 2 classes each (McMahan et al.'s layout): every class on exactly 2 clients,
     3000 of its examples on each, so every client holds 6000."""
     labels = np.repeat(np.arange(10), 6000)
-    parts = D.class_partition(labels, 10, 2, seed=0)
+    parts = P.class_partition(labels, 10, 2, seed=0)
     _assert_exact_cover(parts, labels.size)
     assert [p.size for p in parts] == [6000] * 10
     held = _classes_of(labels, parts)
@@ -605,7 +608,7 @@ def test_class_partition_is_balanced_on_fashion_mnist_sized_labels() -> None:
     assert all(np.bincount(labels[p], minlength=10).max() == 3000 for p in parts)
     # uneven class sizes (the 2017 paper's MNIST is not balanced): sizes stay within the largest class's share
     uneven = np.concatenate([np.full(5000 + 200 * c, c) for c in range(10)])
-    sizes = [p.size for p in D.class_partition(uneven, 10, 2, seed=0)]
+    sizes = [p.size for p in P.class_partition(uneven, 10, 2, seed=0)]
     assert sum(sizes) == uneven.size and max(sizes) - min(sizes) <= 2 * 900
 
 
@@ -620,20 +623,20 @@ def test_class_partition_is_balanced_on_fashion_mnist_sized_labels() -> None:
 def test_class_partition_errors_say_what_to_do(num_partitions: int, k: int, labels: np.ndarray,
                                                message: str) -> None:
     with pytest.raises(DatasetError, match=re.escape(message)) as exc:
-        D.class_partition(labels, num_partitions, k, seed=0)
+        P.class_partition(labels, num_partitions, k, seed=0)
     assert "\n" not in str(exc.value)
 
 
 def test_parse_class_partitioning() -> None:
-    assert D.parse_partitioning("classes:2") == ("classes", 2)
-    assert D.parse_partitioning(" Classes:10 ") == ("classes", 10)
+    assert P.parse_partitioning("classes:2") == ("classes", 2)
+    assert P.parse_partitioning(" Classes:10 ") == ("classes", 10)
     for bad, message in [("classes", "needs K"), ("classes:", "needs K"), ("classes:two", "not a whole number"),
                          ("classes:1.5", "not a whole number"), ("classes:0", "at least 1"),
                          ("classes:-2", "at least 1"), ("classesx:2", "unknown partitioning")]:
         with pytest.raises(DatasetError, match=message):
-            D.parse_partitioning(bad)
+            P.parse_partitioning(bad)
     with pytest.raises(DatasetError, match="K <= 10"):  # the data-dependent checks, through the spec
-        D.partition(LABELS, 4, "classes:11", seed=0)
+        P.partition(LABELS, 4, "classes:11", seed=0)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -647,7 +650,7 @@ def test_cli_fetch_present(tmp_path: Path, capsys) -> None:
 
 def test_cli_fetch_all_sources_fail(monkeypatch, tmp_path: Path, capsys) -> None:
     for step in ("_fetch_from_system", "_fetch_from_apt", "_fetch_from_torchvision"):
-        monkeypatch.setattr(D, step, lambda root, raw, log: False)
+        monkeypatch.setattr(F, step, lambda root, raw, log: False)
     assert cli_main(["fetch", "fashion-mnist", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not fetch Fashion-MNIST") and err.count("\n") == 1

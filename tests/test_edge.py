@@ -32,18 +32,25 @@ START_S = 120  # `serve` printing its address and answering health checks
 STOP_S = 120  # `serve` exiting after SIGTERM
 RPC_S = 60  # one call to the running service
 
-# A sitecustomize that makes every import of torch fail: put its folder on PYTHONPATH of a child process.
-NO_TORCH = """
+
+
+def import_blocker(*packages: str) -> str:
+    """A sitecustomize that makes every import of these packages (and their submodules) fail: put its folder on
+    PYTHONPATH of a child process."""
+    return f"""
 import sys
 
-class _NoTorch:
+class _Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"{name} is blocked in this process (noprop-edge must not need it)")
+        if name.split(".")[0] in {packages!r}:
+            raise ImportError(f"{{name}} is blocked in this process (noprop-edge must not need it)")
         return None
 
-sys.meta_path.insert(0, _NoTorch())
+sys.meta_path.insert(0, _Blocked())
 """
+
+
+NO_TORCH = import_blocker("torch")
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +120,12 @@ def test_predict_and_eval_in_a_process_where_torch_cannot_be_imported(models, pn
     shutil.copy(edge.__file__, alone / "edge.py")
     r = run([str(alone / "edge.py"), "predict", str(models["deterministic"]), str(paths[0])], no_torch_env, cwd=alone)
     assert r.returncode == 0 and r.stdout.split("\t")[1] == str(labels[0]), r.stderr
+    # serve run as a script or with -m hands over to the package's module (noprop.deploy.edge_service raises its
+    # errors): still one line, exit 2, not a traceback from an error class the script's main does not know
+    for how in ([str(alone / "edge.py")], ["-m", "noprop.deploy.edge"]):
+        r = run([*how, "serve", str(models["deterministic"]), "--host", "0.0.0.0"], no_torch_env, cwd=alone)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and "--insecure" in err, (how, err)
     # and a broken model is one line on stderr, exit 2, no traceback
     truncated = folder / "truncated.onnx"
     truncated.write_bytes(models["deterministic"].read_bytes()[:5000])
@@ -247,11 +260,10 @@ def test_eval_reads_a_folder_of_class_folders(models, folder, capsys):
     assert result["accuracy"] >= 11 / 12 and result["seed"] is None  # measured 12/12 (seeds 0-3); deterministic
 
 
-def test_eval_reads_mnist_style_idx_files(models, folder, capsys):
+def write_idx(raw: Path, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """MNIST-style test files (images gzipped, labels not) in raw/; returns the uint8 pixels [N, H, W]."""
     import gzip
 
-    images, labels = task_images(folder)
-    raw = folder / "idx" / "raw"
     raw.mkdir(parents=True)
     pixels = np.round(images[:, 0] * 255).astype(np.uint8)
     header = b"\x00\x00\x08\x03" + b"".join(int(n).to_bytes(4, "big") for n in pixels.shape)
@@ -259,11 +271,53 @@ def test_eval_reads_mnist_style_idx_files(models, folder, capsys):
         f.write(header + pixels.tobytes())
     (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + len(labels).to_bytes(4, "big")
                                                  + labels.astype(np.uint8).tobytes())
+    return pixels
+
+
+def test_eval_reads_mnist_style_idx_files(models, folder, capsys):
+    images, labels = task_images(folder)
+    pixels = write_idx(folder / "idx" / "raw", images, labels)
     assert edge.main(["eval", str(models["deterministic"]), "--data", str(folder / "idx"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     _, expected = edge.EdgeModel(models["deterministic"], threads=1).run(pixels[:, None] / np.float32(255))
     assert result["examples"] == 200 and result["correct"] == int((expected == labels).sum())
     assert result["accuracy"] >= 0.97  # measured 1.0 (seeds 0-3)
+
+
+def test_edge_py_copied_alone_runs_info_predict_and_eval_without_noprop_or_torch(models, pngs, folder):
+    """The single-file deployment: edge.py alone in a folder, in a process where neither noprop nor torch can be
+    imported. info, predict and eval (.npz and raw IDX files) work; serve and query say in one line that they need
+    the package."""
+    blocker = folder / "no_noprop"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(import_blocker("torch", "noprop"))
+    env = {**os.environ, "PYTHONPATH": str(blocker), "OMP_NUM_THREADS": "1"}
+    blocked = run(["-c", "import noprop.deploy.edge"], env)
+    assert blocked.returncode != 0 and "blocked" in blocked.stderr  # the blocker works
+    alone = folder / "lone"
+    alone.mkdir()
+    script = str(shutil.copy(edge.__file__, alone / "edge.py"))
+    model = str(models["deterministic"])
+    r = run([script, "info", str(models["stochastic"])], env, cwd=alone)
+    assert r.returncode == 0 and "inside the graph" in r.stdout and "[4, N, 4]" in r.stdout, r.stderr
+    paths, labels = pngs
+    r = run([script, "predict", model, *map(str, paths), "--json", "--threads", "1"], env, cwd=alone)
+    assert r.returncode == 0, r.stderr
+    assert [g["label"] for g in json.loads(r.stdout)] == labels.tolist()
+    images, labels = task_images(folder)
+    pixels = write_idx(folder / "lone-idx" / "raw", images, labels)
+    local = edge.EdgeModel(model, threads=1)
+    for data, x in ((folder / "task.npz", images), (folder / "lone-idx", pixels[:, None] / np.float32(255))):
+        r = run([script, "eval", model, "--data", str(data), "--json", "--threads", "1"], env, cwd=alone)
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)
+        expected = local.run(x)[1]
+        assert result["examples"] == 200 and result["correct"] == int((expected == labels).sum()), (data, result)
+    for argv in (["serve", model, "--port", "0"], ["query", "127.0.0.1:1", "--health"]):
+        r = run([script, *argv], env, cwd=alone)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1, (argv, err)
+        assert f"noprop-edge: error: {argv[0]} needs the noprop-fl package" in err and "Traceback" not in err, err
 
 
 # -- the gRPC service ----------------------------------------------------------------------------------------

@@ -102,12 +102,12 @@ def test_fedavg_rejects_tampered_replies_by_node_id(aggregation):
     cfg = FederationConfig(method="fm", channels="8,16,16", hidden=32, aggregation=aggregation)
     model_cfg = cfg.model_config((1, 12, 12), 4)
     state = to_numpy_state(build_model("fm", model_cfg).state_dict())
-    strategy = checked_strategy(cfg, round_offset=2, log=lambda line: None)
+    strategy = checked_strategy(cfg, log=lambda line: None)
     sent = {node: instruction(RecordDict({"arrays": arrays_to_record(state), "config": ConfigRecord({})}),
                               MessageType.TRAIN) for node in (11, 12, 13, 14, 15, 16)}
     for node, msg in sent.items():
         msg.metadata.__dict__["_dst_node_id"] = node
-    strategy.begin_round(arrays_to_record(state), list(sent.values()))
+    strategy.begin_round(3, arrays_to_record(state), list(sent.values()))
 
     def reply(node: int, arrays: dict, rnd: int = 3, count: int = 100) -> Message:
         out = Message(RecordDict({"arrays": arrays_to_record(arrays),
@@ -121,7 +121,7 @@ def test_fedavg_rejects_tampered_replies_by_node_id(aggregation):
     honest = [{**state, key: state[key] + np.float32(offset)} for offset in offsets]
     boosted = {**honest[0], key: honest[0][key] * np.float32(1e4) + np.float32(1e3)}
     missing = {k: v for k, v in honest[0].items() if k != key}
-    arrays, _ = strategy.aggregate_train(1, [
+    arrays, _ = strategy.aggregate_train(3, [
         reply(11, honest[0], count=counts[0]), reply(12, honest[1], count=counts[1]), reply(13, boosted),
         reply(14, honest[2], count=counts[2]), reply(15, honest[0], rnd=2), reply(16, missing)])
     rejected = strategy.round_record["rejected"]

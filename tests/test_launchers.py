@@ -22,8 +22,9 @@ from noprop.ops.flower import config_string
 from noprop.ops.network import free_port, parse_address
 from noprop.ops.processes import ProcessGroup
 from noprop.ops.run_flags import FEDERATION_FLAGS, federation_config_from_args, resolve_dataset_spec
-from noprop.server import flower_app, progress, sim
+from noprop.server import flower_app, sim
 from noprop.server import launcher as server_launcher
+from noprop.server.report import round_line
 from noprop.settings import flag_name
 
 # a valid, non-default value for each field (fields added later fall back to a generic one per type)
@@ -299,10 +300,16 @@ def test_signal_handlers_turn_sigterm_into_interrupt():
 def test_round_line_shows_the_round_beside_its_slowest_training():
     record = {"round": 2, "accuracy": 0.5, "round_time_s": 75.5, "nodes": [1, 2],
               "client_train_time_s": {"1": 40.0, "2": 63.4}}
-    line = progress.round_line(record, 4)
+    line = round_line(record, 4)
     assert "75.5 s (slowest client's training 63.4 s)" in line and "2 nodes" in line, line
     del record["client_train_time_s"]  # a FedAvg line, or one from before issue 11
-    assert "75.5 s, 2 nodes" in progress.round_line(record, 4)
+    assert "75.5 s, 2 nodes" in round_line(record, 4)
+    # a block-ownership round: blocks some owner trained (node 2's reply was rejected), of T = covered + uncovered
+    record.update(plan={"1": [1], "2": [2]}, uncovered=[3], trained_by=[1], mean_l2=0.25,
+                  rejected={"2": "round 1, expected 2"})
+    line = round_line(record, 4)
+    assert "blocks trained 1/3, mean denoising loss 0.2500, 75.5 s, 2 nodes" in line, line
+    assert line.endswith("reply of node 2 rejected: round 1, expected 2"), line
 
 
 def test_a_supernode_stuck_after_the_server_forgot_its_node_is_restarted(tmp_path):

@@ -1,0 +1,235 @@
+"""NoProp-DT's round as a Flower Strategy: each node trains only the blocks it owns.
+
+configure_train asks new nodes what they can hold (a QUERY message), plans ownership for the round and sends
+each node its blocks with the shared embedding and head; aggregate_train checks every reply and combines each
+block from its owners and the shared tensors from all, then retrains the head on the server. configure_evaluate
+sends the assembled chain to the nodes that can hold it all, if the run asks for client evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from noprop.federation import FederationConfig, FederationError
+from noprop.model import NoPropDT
+from noprop.model_configs import NoPropConfig
+from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state, to_torch_state
+from noprop.server.aggregate import Reply, aggregate, keys_for_blocks, validate_reply
+from noprop.server.grid import PromptGrid
+from noprop.server.planner import NodeCapacity, OwnershipPlan, PlanError, plan_ownership
+from noprop.server.timing import PhaseClock, client_timing, reply_timeline
+from noprop.trainer import fit_head, node_seed
+
+
+class BlockOwnershipStrategy(Strategy):
+    """Block ownership over Flower's Grid. `model` is the run's NoPropDT: the head is fitted on it after each
+    aggregation. After aggregate_train, `round_record` holds the round's metrics.jsonl fields but evaluation."""
+
+    def __init__(self, cfg: FederationConfig, model_cfg: NoPropConfig, model: NoPropDT, log=print):
+        self.cfg, self.model_cfg, self.model, self.log = cfg, model_cfg, model, log
+        self.model_cfg_json = json.dumps(model_cfg.to_dict())
+        self.capacities: dict[int, NodeCapacity] = {}  # nodes that answered discovery and have not failed since
+        self.global_state: dict = {}
+        self.plan: OwnershipPlan | None = None
+        self.pending: list[tuple[Message, int, list[str]]] = []  # this round's messages, their nodes and keys
+        self.sent: dict[str, tuple[int, list[str]]] = {}  # message id -> (node, the keys it was sent)
+        self.grid: Grid | None = None
+        self.round_record: dict = {}
+        self.clock = PhaseClock()  # the run gives each round its own
+
+    def summary(self) -> None:
+        self.log(f"block ownership: T={self.cfg.T}, policy {self.cfg.policy}"
+                 + (f" ({self.cfg.replicas} owners per block)" if self.cfg.policy == "replicate" else "")
+                 + f", {self.cfg.aggregation} of the shared embedding and head")
+
+    # -- training --------------------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Discover, plan (only the blocks the nodes can hold, after round 1), and address each node its blocks."""
+        cfg, rnd = self.cfg, server_round
+        self.grid = grid
+        self.global_state = record_to_arrays(arrays)
+        nodes = sorted(grid.get_node_ids())
+        self.discover(nodes, rnd)
+        self.clock.lap("discovery")
+        live = [self.capacities[n] for n in nodes if n in self.capacities]
+        if not live:
+            raise FederationError("no node answered discovery: check the clients' logs")
+        try:  # mid-run (a resumed run too), nodes that left must not end it: train the blocks the rest can hold
+            plan = plan_ownership(live, cfg.T, rnd - 1, cfg.seed, cfg.policy, cfg.replicas, partial=rnd > 1)
+        except PlanError as exc:
+            raise FederationError(str(exc)) from None
+        if plan.uncovered:
+            self.log(f"WARNING: round {rnd}: the {len(live)} node(s) hold {len(plan.owners)} of {cfg.T} blocks; "
+                     f"block(s) {', '.join(map(str, plan.uncovered))} keep their weights this round (start more "
+                     "noprop-client processes or raise --max-blocks)")
+        self.plan = plan
+        msgs, self.sent, bytes_to = [], {}, {}
+        for node, blocks in sorted(plan.assignments.items()):
+            keys = keys_for_blocks(self.global_state, blocks)
+            record = arrays_to_record(self.global_state, keys)
+            node_config = ConfigRecord({**dict(config), "round": rnd, "blocks": list(blocks),
+                                        "seed": node_seed(cfg.seed, rnd, node), "logit-adjust": cfg.logit_adjust,
+                                        "split-local-data": cfg.split_local_data})
+            msg = Message(RecordDict({"arrays": record, "config": node_config}), node, MessageType.TRAIN,
+                          group_id=f"train-{rnd}")
+            msgs.append((msg, node, keys))
+            bytes_to[str(node)] = record.count_bytes()
+        self.round_record = {"round": rnd, "model_in": state_digest(self.global_state), "nodes": nodes,
+                             "plan": plan.to_json()["owners"], "uncovered": list(plan.uncovered),
+                             "bytes_to": bytes_to}
+        self.pending = msgs
+        return [m for m, _, _ in msgs]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check the replies, combine each block from its owners and the shared tensors from all, fit the head."""
+        cfg, plan, rnd = self.cfg, self.plan, server_round
+        for m, node, keys in self.pending:  # message ids exist once the grid has pushed the messages
+            self.sent[m.metadata.message_id] = (node, keys)
+        accepted, rejected, bytes_from, failed = [], {}, {}, []
+        losses: dict[int, list[float]] = {}
+        answered = set()
+        for msg in replies:
+            node, keys = self.sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
+            answered.add(node)
+            if msg.has_error():
+                failed.append(node)
+                self.log(f"node {node}: training failed: {msg.error.reason}")
+                continue
+            reply, problem = parse_train_reply(msg, node, plan.blocks_of(node))
+            if reply is not None:
+                bytes_from[str(node)] = msg.content["arrays"].count_bytes()
+                cap = self.capacities.get(node)
+                problem = validate_reply(reply, keys or [], self.global_state,
+                                         max_examples=cap.num_examples if cap else None, expected_round=rnd,
+                                         max_value_ratio=cfg.max_value_ratio)
+            if problem:
+                rejected[node] = problem
+                self.log(f"node {node}: reply rejected: {problem}")
+                continue
+            accepted.append(reply)
+            for t in plan.blocks_of(node):
+                losses.setdefault(t, []).append(float(reply.metrics[f"l2-block-{t}"]))
+        for _, node, _ in self.pending:
+            if node not in answered:
+                failed.append(node)
+                self.log(f"node {node}: no reply within {cfg.round_timeout:.0f}s; its blocks go to others next round")
+        for node in failed:  # re-discover next round if it is still there
+            self.capacities.pop(node, None)
+        block_l2 = {str(t): sum(v) / len(v) for t, v in sorted(losses.items())}
+        record = self.round_record
+        record.update({
+            "trained_by": sorted(r.node_id for r in accepted),
+            "rejected": {str(k): v for k, v in rejected.items()}, "failed": sorted(failed),
+            "block_l2": block_l2, "mean_l2": sum(block_l2.values()) / max(len(block_l2), 1),
+            "bytes_from": bytes_from,
+            "num_examples": {str(r.node_id): r.num_examples for r in accepted},
+            "client_train_time_s": {str(r.node_id): round(float(r.metrics.get("train-time-s", 0.0)), 2)
+                                    for r in accepted},
+            "client_timing": {str(r.node_id): client_timing(r.metrics) for r in accepted},
+        })
+        if isinstance(self.grid, PromptGrid):  # where each reply's time went, from the push to its arrival
+            by_node = {node: mid for mid, (node, _) in self.sent.items()}
+            record["timeline"] = {str(r.node_id): reply_timeline(r.metrics, self.grid.pushed_at,
+                                                                 self.grid.arrived_at.get(by_node[r.node_id]))
+                                  for r in accepted if r.node_id in by_node}
+        self.clock.lap("validate")
+        self.global_state = aggregate(self.global_state, plan, accepted, cfg.aggregation, cfg.trim_fraction)
+        self.clock.lap("aggregate")
+        if cfg.head_steps and accepted:
+            record["head_fit"] = self.fit_head(rnd)  # before the next round: the head goes out with the blocks
+            self.clock.lap("head_fit")
+        return arrays_to_record(self.global_state), MetricRecord({"mean-l2": record["mean_l2"]})
+
+    def fit_head(self, rnd: int) -> dict[str, float]:
+        """Retrain the aggregated head on the server, class-balanced, from q(z_T | y): no images, as many steps as
+        it needs, whatever the nodes' label mix (their averaged head saw a few dozen skewed steps each)."""
+        self.model.load_state_dict(to_torch_state(self.global_state))
+        parts = fit_head(self.model, self.cfg.head_steps, seed=node_seed(self.cfg.seed, rnd, 0))
+        state = to_numpy_state(self.model.state_dict())
+        for key in state:
+            if key.startswith("head."):
+                self.global_state[key] = state[key]
+        return {k: round(v, 4) for k, v in parts.items()}
+
+    def discover(self, nodes: list[int], rnd: int) -> None:
+        """Query nodes not yet known; forget nodes that are gone."""
+        known = self.capacities
+        for n in list(known):
+            if n not in nodes:
+                del known[n]
+        new = [n for n in nodes if n not in known]
+        if not new:
+            return
+        content = ConfigRecord({"model-config": self.model_cfg_json, "batch-size": self.cfg.batch_size})
+        msgs = [Message(RecordDict({"config": content}), n, MessageType.QUERY, group_id=f"query-{rnd}")
+                for n in new]
+        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout)
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        for msg in replies:
+            # an error reply made by the SuperLink (node unavailable) comes from the SuperLink, not the node
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            if msg.has_error():
+                self.log(f"node {node}: discovery failed: {msg.error.reason}")
+                continue
+            try:
+                c = msg.content["capacity"]
+                cap = NodeCapacity(node_id=node, max_blocks=int(c["max-blocks"]), throughput=float(c["throughput"]),
+                                   num_examples=int(c["num-examples"]), device=str(c["device"]),
+                                   memory_mb=float(c["memory-mb"]))
+                if not (cap.max_blocks >= 1 and cap.num_examples >= 1 and math.isfinite(cap.throughput)
+                        and cap.throughput > 0):
+                    raise ValueError("max-blocks, num-examples and throughput must be positive")
+            except Exception as exc:  # noqa: BLE001 - a malformed answer must not stop the run
+                self.log(f"node {node}: discovery reply rejected: {type(exc).__name__}: {exc}")
+                continue
+            known[node] = cap
+            self.log(f"node {node}: {c['device']}, {cap.num_examples} examples of {c.get('data', '?')}, "
+                     f"{cap.throughput:.0f} samples/s per block, holds up to {cap.max_blocks} blocks")
+
+    # -- client evaluation (--client-eval) ---------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The assembled chain, to every node that can hold all T blocks (none unless the run asks for it)."""
+        if not self.cfg.client_eval:
+            return []
+        config = ConfigRecord({**dict(config), "model-config": self.model_cfg_json, "eval-mode": self.cfg.eval_mode})
+        return [Message(RecordDict({"arrays": arrays, "config": config}), n, MessageType.EVALUATE,
+                        group_id=f"evaluate-{server_round}")
+                for n, c in self.capacities.items() if c.max_blocks >= self.cfg.T]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The nodes' accuracy, weighted by their examples; None if no node evaluated."""
+        total, correct = 0, 0.0
+        for msg in replies:
+            if msg.has_error():
+                continue
+            m = msg.content["metrics"]
+            total += int(m["num-examples"])
+            correct += float(m["accuracy"]) * int(m["num-examples"])
+        return MetricRecord({"accuracy": correct / total}) if total else None
+
+
+def parse_train_reply(msg: Message, node: int, blocks: tuple[int, ...]) -> tuple[Reply | None, str | None]:
+    """A train reply's parts, or the reason it is malformed (a reply is the sender's word: never trust its layout)."""
+    try:
+        record = msg.content["arrays"]
+        metrics = dict(msg.content["metrics"])
+        arrays = record_to_arrays(record)
+    except Exception as exc:  # noqa: BLE001 - missing or wrong records arrive in several exception types
+        return None, f"malformed reply ({type(exc).__name__}: {exc})"
+    num_examples = metrics.get("num-examples")
+    stamp = metrics.get("round")
+    missing = [f"l2-block-{t}" for t in blocks if not isinstance(metrics.get(f"l2-block-{t}"), int | float)]
+    if missing:
+        return None, f"malformed reply: metrics {', '.join(missing)} missing"
+    reply = Reply(node_id=node, arrays=arrays, num_examples=num_examples,  # type: ignore[arg-type] - validated next
+                  metrics=metrics, round=stamp if isinstance(stamp, int) else None)
+    return reply, None
