@@ -129,22 +129,3 @@ def federation_config_from_args(args: argparse.Namespace, extra: dict[str, objec
     except (ValueError, TypeError) as exc:
         raise LaunchError(str(exc)) from None
     return cfg, values
-
-
-def check_partitioning(spec: str, what: str) -> None:
-    """A partitioning spec (iid, dirichlet:ALPHA, classes:K) parses; LaunchError ``what: why`` otherwise. The parser
-    lives with the partitioners in noprop.data, which imports torch: a launcher calls it in a child
-    (:func:`check_partitioning_in_child`) or in a check that loads data anyway."""
-    from noprop.partition import parse_partitioning
-    from noprop.sources import DatasetError
-
-    try:
-        parse_partitioning(spec)
-    except DatasetError as exc:
-        raise LaunchError(f"{what}: {exc}") from None
-
-
-def check_partitioning_in_child(payload: dict) -> dict:
-    """check_in_subprocess target: {"spec": ..., "what": ...} -> {} or a LaunchError."""
-    check_partitioning(str(payload["spec"]), str(payload["what"]))
-    return {}

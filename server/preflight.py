@@ -12,7 +12,7 @@ from noprop.ops.certs import authorized_keys, certificate_names, check_server_ce
 from noprop.ops.cli import LaunchError, say
 from noprop.ops.network import check_port, format_address, is_loopback, port_free_soon
 from noprop.ops.processes import check_in_subprocess
-from noprop.ops.run_flags import check_partitioning, federation_config_from_args
+from noprop.ops.run_flags import federation_config_from_args
 
 PROG = "noprop-server"
 
@@ -109,18 +109,17 @@ def check_security(args: argparse.Namespace, host: str) -> tuple[dict[str, Path]
 
 def check_dataset(cfg: FederationConfig) -> int:
     """The server evaluates on the dataset's test split: load it now (in a child process, so that this long-lived
-    process does not keep torch and the data in memory) so that a wrong name or path fails here, and check the
-    partition-type there too (its parser imports torch). Returns the split's size."""
-    payload = {"dataset": cfg.dataset, "data-root": cfg.data_root, "partition-type": cfg.partition_type}
+    process does not keep torch and the data in memory) so that a wrong name or path fails here. Returns the
+    split's size."""
+    payload = {"dataset": cfg.dataset, "data-root": cfg.data_root}
     return int(check_in_subprocess("noprop.server.preflight:check_eval_data", payload)["examples"])
 
 
 def check_eval_data(payload: dict) -> dict:
-    """In a child: the run's partition-type parses and the evaluation dataset's test split loads (torch)."""
+    """In a child: the evaluation dataset's test split loads (torch)."""
     from noprop.data import load_dataset
     from noprop.sources import DatasetError
 
-    check_partitioning(str(payload["partition-type"]), "partition-type")
     spec = str(payload["dataset"])
     try:
         data = load_dataset(spec, "test", root=str(payload["data-root"]) or None)
@@ -135,7 +134,7 @@ def check_resume(payload: dict) -> dict:
     """--resume: OUT's checkpoint (or the previous one, if the latest is torn or corrupt) must load and hold the
     model this run builds (method, and the config from the settings and the data's shape and classes), so that a
     run that cannot resume fails here with one line rather than inside the ServerApp."""
-    from noprop.checkpoint import CheckpointError, load_latest_checkpoint, previous_path
+    from noprop.checkpoint import CheckpointError, load_latest_checkpoint, previous_path, resume_mismatch
     from noprop.data import load_dataset
     from noprop.federation import FederationConfig
 
@@ -148,12 +147,7 @@ def check_resume(payload: dict) -> dict:
         raise LaunchError(f"--resume: {exc}") from None
     cfg = FederationConfig.from_run_config(payload["run-config"])
     data = load_dataset(cfg.dataset, "test", root=cfg.data_root or None)  # check_dataset has loaded it once
-    saved = (list(ckpt.config.input_shape), ckpt.config.num_classes)
-    if saved != (list(data.input_shape), data.num_classes):
-        raise LaunchError(f"--resume: {used} was trained on input {saved[0]} with {saved[1]} classes, --dataset "
-                          f"{cfg.dataset} has {list(data.input_shape)} with {data.num_classes}: resume on the "
-                          "original data, or use a new --out")
-    if ckpt.method != cfg.method or ckpt.config != cfg.model_config(data.input_shape, data.num_classes):
-        raise LaunchError(f"--resume: {used} holds a {ckpt.method} model of other settings than this run's: give "
-                          "the original settings, or use a new --out")
+    problem = resume_mismatch(ckpt, cfg.method, cfg.model_config(data.input_shape, data.num_classes))
+    if problem:
+        raise LaunchError(f"--resume: {used} {problem}")
     return {"note": note or ""}

@@ -23,13 +23,19 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from noprop.checkpoint import Checkpoint, CheckpointError, load_latest_checkpoint, previous_path, save_checkpoint
+from noprop.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_latest_checkpoint,
+    previous_path,
+    resume_mismatch,
+    save_checkpoint,
+)
 from noprop.data import load_dataset
 from noprop.diagnostics import chain_diagnostics
 from noprop.federation import FederationConfig, FederationError
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.methods import build_model
-from noprop.model_configs import parse_embedding
 from noprop.plots import plot_chain_diagnostics, plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
 from noprop.server.block_strategy import BlockOwnershipStrategy
@@ -46,9 +52,6 @@ class FederatedRun:
 
     def __init__(self, grid: Grid, cfg: FederationConfig, log=print):
         self.grid, self.cfg, self.log = grid, cfg, log
-        if parse_embedding(cfg.embedding)[0] == "prototype":
-            raise FederationError("prototype embeddings need training images on the server; federated runs "
-                                  "support one-hot and learned:D (set embedding accordingly)")
         self.eval_data = load_dataset(cfg.dataset, split="test", root=cfg.data_root or None)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -86,9 +89,8 @@ class FederatedRun:
             raise FederationError(str(exc)) from None
         if note:
             self.log(f"WARNING: {note}")
-        if ckpt.method != self.cfg.method or ckpt.config != self.model_cfg:
-            raise FederationError(f"{path} was trained with another method or model config: use a new --out or "
-                                  "the original settings")
+        if problem := resume_mismatch(ckpt, self.cfg.method, self.model_cfg):
+            raise FederationError(f"{path} {problem}")
         self.model.load_state_dict(ckpt.state_dict)
         self.round = int(ckpt.extra["round"])
         self.ownership = list(ckpt.extra.get("ownership", []))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from noprop.ops.cli import LaunchError, OneLineParser, fail, say
 from noprop.ops.flower import apply_flower_env, flower_env
-from noprop.ops.processes import check_in_subprocess
 from noprop.ops.run_flags import add_federation_flags, federation_config_from_args
 from noprop.ops.supervision import supervise
 
@@ -64,10 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         num_cpus = args.num_cpus if args.num_cpus is not None else (os.cpu_count() or 1)
         if num_cpus < 1 or not args.client_cpus > 0:
             raise LaunchError("--num-cpus must be at least 1 and --client-cpus positive")
-        if os.environ.get(CHILD_ENV) != "1":  # the partitioning parser imports torch: a short child checks it
-            what = "--partition" if args.partition is not None else "partition-type"
-            check_in_subprocess("noprop.ops.run_flags:check_partitioning_in_child",
-                                {"spec": cfg.partition_type, "what": what})
     except LaunchError as exc:
         return fail(PROG, str(exc))
 

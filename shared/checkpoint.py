@@ -144,6 +144,21 @@ def load_train_state(path: str | os.PathLike, epoch: int) -> dict | None:
     return state if isinstance(state, dict) and state.get("epoch") == epoch else None
 
 
+def resume_mismatch(ckpt: Checkpoint, method: str, config) -> str | None:
+    """Why a run of `method` that builds the model `config` cannot continue from ckpt, with the fix; None if it
+    can. One rule for noprop-server's check before any process starts and for the ServerApp's resume: the data's
+    input shape and classes first (the likelier slip), then the method and the model's settings."""
+    saved = (list(ckpt.config.input_shape), ckpt.config.num_classes)
+    wanted = (list(config.input_shape), config.num_classes)
+    if saved != wanted:
+        return (f"was trained on input {saved[0]} with {saved[1]} classes, this run's data has {wanted[0]} with "
+                f"{wanted[1]}: resume on the original data, or use a new --out")
+    if ckpt.method != method or ckpt.config != config:
+        return (f"holds a {ckpt.method} model of other settings than this run's: give the original settings, or use "
+                "a new --out")
+    return None
+
+
 def load_latest_checkpoint(path: str | os.PathLike) -> tuple[Checkpoint, Path, str | None]:
     """The checkpoint at path or, if that one is missing, torn or corrupt, the previous one. Returns it, the file
     it came from and, when the previous one was used, a message saying why. Both unusable: CheckpointError

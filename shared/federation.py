@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass
 
 from noprop.methods import METHODS, model_config
 from noprop.model_configs import ContinuousConfig, NoPropConfig, parse_embedding
+from noprop.partition import parse_partitioning
 from noprop.settings import from_mapping
+from noprop.sources import DatasetError
 
 POLICIES = ("rotate", "replicate")
 # dt: each node trains the blocks it owns; the others are one network that every node trains whole (FedAvg)
@@ -109,7 +111,13 @@ class FederationConfig:
             raise bad("trim_fraction", "must be at least 0 and below 0.5 (the share cut at each end)")
         if not self.max_value_ratio > 1:
             raise bad("max_value_ratio", "must be above 1 (a bound relative to the global model's values)")
-        parse_embedding(self.embedding)
+        if parse_embedding(self.embedding)[0] == "prototype":
+            raise bad("embedding", "prototype embeddings need training images on the server; federated runs "
+                                   "support one-hot and learned:D")
+        try:
+            parse_partitioning(self.partition_type)
+        except DatasetError as exc:
+            raise bad("partition_type", str(exc)) from None
         self.channel_tuple()
         self.model_config((1, 8, 8), 2)  # the method's own checks (solver, steps) fail here, before any process
         return self

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from noprop.sources import DatasetError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["class_partition", "dirichlet_partition", "iid_partition", "parse_partitioning", "partition"]
 
@@ -20,7 +23,7 @@ _DIRICHLET_MAX_TRIES = 100
 
 
 def _labels_array(labels: np.ndarray | torch.Tensor | Sequence[int]) -> np.ndarray:
-    if isinstance(labels, torch.Tensor):
+    if hasattr(labels, "detach"):  # a torch tensor; this module stays torch-free for the launchers' checks
         labels = labels.detach().cpu().numpy()
     arr = np.asarray(labels)
     if arr.ndim != 1:

@@ -171,6 +171,7 @@ def one_line_exit_2(main, argv, capsys) -> str:
     (["--policy", "random"], "policy"),
     (["--channels", "8,16"], "channels"),
     (["--partition-type", "zipf"], "partition-type"),
+    (["--embedding", "prototype"], "federated runs support one-hot and learned:D"),
     (["--round-timeout", "-1"], "round-timeout"),
     (["--bogus-flag"], "--bogus-flag"),
     (["--round", "3"], "--round"),  # no abbreviations

@@ -6,12 +6,13 @@ back to it when the latest is torn, and evaluates round r in the background whil
 
 from __future__ import annotations
 
+import pytest
 from procs import write_synthetic_npz
 from run_helpers import LocalGrid
 from test_client_app import task_identity  # noqa: F401 - fixture
 
 from noprop.checkpoint import load_checkpoint, previous_path
-from noprop.federation import FederationConfig
+from noprop.federation import FederationConfig, FederationError
 from noprop.io import read_jsonl
 from noprop.records import state_digest, to_numpy_state
 from noprop.server.run import FederatedRun
@@ -41,4 +42,8 @@ def test_a_fedavg_run_resumes_from_the_previous_checkpoint_when_the_latest_is_to
     records = read_jsonl(first.metrics_path)
     assert [r["round"] for r in records] == [1, 2, 3] and done["rounds"] == 3
     assert records[1]["model_in"] == state_digest(to_numpy_state(previous.state_dict))  # continues from round 1
+    assert load_checkpoint(first.ckpt_path).extra["round"] == 3
+    cfg.hidden = 8  # another model: refused before any round, with the fix, and the checkpoint is kept
+    with pytest.raises(FederationError, match=r"holds a cnn model of other settings than this run's: give the"):
+        FederatedRun(grid, cfg, log=lines.append)
     assert load_checkpoint(first.ckpt_path).extra["round"] == 3
