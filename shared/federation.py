@@ -111,15 +111,15 @@ class FederationConfig:
             raise bad("trim_fraction", "must be at least 0 and below 0.5 (the share cut at each end)")
         if not self.max_value_ratio > 1:
             raise bad("max_value_ratio", "must be above 1 (a bound relative to the global model's values)")
-        if parse_embedding(self.embedding)[0] == "prototype":
-            raise bad("embedding", "prototype embeddings need training images on the server; federated runs "
-                                   "support one-hot and learned:D")
         try:
             parse_partitioning(self.partition_type)
         except DatasetError as exc:
             raise bad("partition_type", str(exc)) from None
         self.channel_tuple()
         self.model_config((1, 8, 8), 2)  # the method's own checks (solver, steps) fail here, before any process
+        if parse_embedding(self.embedding)[0] == "prototype":  # a method with no embedding said so just above
+            raise bad("embedding", "prototype embeddings need training images on the server; federated runs "
+                                   "support one-hot and learned:D")
         return self
 
     @property
