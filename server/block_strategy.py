@@ -38,7 +38,6 @@ class BlockOwnershipStrategy(Strategy):
         self.global_state: dict = {}
         self.plan: OwnershipPlan | None = None
         self.pending: list[tuple[Message, int, list[str]]] = []  # this round's messages, their nodes and keys
-        self.sent: dict[str, tuple[int, list[str]]] = {}  # message id -> (node, the keys it was sent)
         self.grid: Grid | None = None
         self.round_record: dict = {}
         self.clock = PhaseClock()  # the run gives each round its own
@@ -70,7 +69,7 @@ class BlockOwnershipStrategy(Strategy):
                      f"block(s) {', '.join(map(str, plan.uncovered))} keep their weights this round (start more "
                      "noprop-client processes or raise --max-blocks)")
         self.plan = plan
-        msgs, self.sent, bytes_to = [], {}, {}
+        msgs, bytes_to = [], {}
         for node, blocks in sorted(plan.assignments.items()):
             keys = keys_for_blocks(self.global_state, blocks)
             record = arrays_to_record(self.global_state, keys)
@@ -91,13 +90,13 @@ class BlockOwnershipStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check the replies, combine each block from its owners and the shared tensors from all, fit the head."""
         cfg, plan, rnd = self.cfg, self.plan, server_round
-        for m, node, keys in self.pending:  # message ids exist once the grid has pushed the messages
-            self.sent[m.metadata.message_id] = (node, keys)
+        # message id -> (node, the keys it was sent): ids exist once the grid has pushed the messages
+        sent = {m.metadata.message_id: (node, keys) for m, node, keys in self.pending}
         accepted, rejected, bytes_from, failed = [], {}, {}, []
         losses: dict[int, list[float]] = {}
         answered = set()
         for msg in replies:
-            node, keys = self.sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
+            node, keys = sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
             answered.add(node)
             if msg.has_error():
                 failed.append(node)
@@ -136,7 +135,7 @@ class BlockOwnershipStrategy(Strategy):
             "client_timing": {str(r.node_id): client_timing(r.metrics) for r in accepted},
         })
         if isinstance(self.grid, PromptGrid):  # where each reply's time went, from the push to its arrival
-            by_node = {node: mid for mid, (node, _) in self.sent.items()}
+            by_node = {node: mid for mid, (node, _) in sent.items()}
             record["timeline"] = {str(r.node_id): reply_timeline(r.metrics, self.grid.pushed_at,
                                                                  self.grid.arrived_at.get(by_node[r.node_id]))
                                   for r in accepted if r.node_id in by_node}

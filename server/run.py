@@ -177,18 +177,18 @@ class FederatedRun:
         append_jsonl(self.metrics_path, record)  # after the checkpoint: a resume drops lines past it anyway
         self.log(round_line(record, self.cfg.num_rounds))
 
-    def wait_for_nodes(self, first: bool) -> list[int]:
+    def wait_for_nodes(self, first: bool) -> None:
         """Wait for min_nodes (the whole join timeout before the first round, briefly after)."""
         deadline = time.monotonic() + (self.cfg.join_timeout if first else min(30.0, self.cfg.join_timeout))
         announced = False
         while True:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= self.cfg.min_nodes:
-                return nodes
+                return
             if time.monotonic() > deadline:
                 if nodes and not first:
                     self.log(f"only {len(nodes)} of {self.cfg.min_nodes} nodes online; going on with them")
-                    return nodes
+                    return
                 raise FederationError(f"{len(nodes)} of the {self.cfg.min_nodes} required nodes connected within "
                                       f"{self.cfg.join_timeout:.0f}s: start more noprop-client processes or lower "
                                       "min-nodes")
