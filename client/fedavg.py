@@ -8,7 +8,7 @@ import json
 import time
 
 import torch
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from noprop.data import LabelledData
 from noprop.methods import build_model, config_from_dict, make_optimizer
@@ -16,7 +16,8 @@ from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, t
 from noprop.trainer import epochs_for_min_steps, node_seed, train_end_to_end_epoch
 
 
-def train_whole_network(content: RecordDict, node_id: int, data: LabelledData, device: torch.device) -> RecordDict:
+def train_whole_network(content: RecordDict, identity: str | int, data: LabelledData,
+                        device: torch.device) -> RecordDict:
     """The reply to a FedAvg train message: the trained network and num-examples, train-loss, train-time-s."""
     config = content["config"]
     method = str(config["method"])
@@ -26,7 +27,7 @@ def train_whole_network(content: RecordDict, node_id: int, data: LabelledData, d
                          f"classes, the run's model expects {tuple(model_cfg.input_shape)} and "
                          f"{model_cfg.num_classes}: point --data at the same kind of data as the server's")
     rnd = int(config["server-round"])  # the run's own round number, after a resume too
-    torch.manual_seed(node_seed(int(config["seed"]), rnd, node_id))
+    torch.manual_seed(node_seed(int(config["seed"]), rnd, identity))  # the node's name, stable across runs
     received = record_to_arrays(content["arrays"])
     model = build_model(method, model_cfg)
     model.load_state_dict(to_torch_state(received), strict=True)
@@ -40,5 +41,8 @@ def train_whole_network(content: RecordDict, node_id: int, data: LabelledData, d
               for _ in range(epochs)]
     metrics = MetricRecord({"round": rnd, "num-examples": len(data), "train-loss": float(losses[-1]),
                             "local-epochs": epochs, "train-time-s": time.perf_counter() - start})
+    # the node's identity travels with the reply: the server sums replies in that order, the same in every run
+    identity_record = ConfigRecord({"name": str(identity)})
     state = to_numpy_state(model.state_dict())
-    return RecordDict({"arrays": arrays_to_record(state, list(received)), "metrics": metrics})
+    return RecordDict({"arrays": arrays_to_record(state, list(received)), "metrics": metrics,
+                       "identity": identity_record})

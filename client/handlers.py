@@ -68,10 +68,21 @@ class NodeSettings:
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         self.seed = run.seed
+        self.name = node_identity(node)
 
     def data_split(self, split: str) -> LabelledData:
         return local_data(self.data, self.data_root, split, self.partition_id, self.num_partitions,
                           self.partition_type, self.seed)
+
+
+def node_identity(node_config: Mapping) -> str:
+    """The node's stable identity: the node-name it was started with (noprop-client: --name, else its key's name),
+    else its partition, which simulation numbers the same way in every run. It orders the node in the plan and
+    seeds its training; Flower's node id, drawn at random per run, only addresses it."""
+    name = str(node_config.get("node-name") or "").strip()
+    if name:
+        return name
+    return f"partition-{int(node_config.get('partition-id', 0))}-of-{int(node_config.get('num-partitions', 1))}"
 
 
 def settings(run_config: Mapping, node_config: Mapping) -> tuple[FederationConfig, NodeSettings]:
@@ -101,6 +112,7 @@ def query(content: RecordDict, run_config: Mapping, node_config: Mapping, state:
     reply = ConfigRecord({
         "device": node.device.type, "memory-mb": float(budget), "max-blocks": int(max_blocks),
         "throughput": float(throughput), "num-examples": len(data), "data": node.data,
+        "name": node.name,
     })
     return RecordDict({"capacity": reply})
 
@@ -116,7 +128,7 @@ def train(content: RecordDict, run_config: Mapping, node_config: Mapping, node_i
     data = node.data_split("train")
     t_data = time.perf_counter() - t0
     if str(cfg_record.get("method", "dt")) != "dt":  # a one-network method: FedAvg of the whole network
-        reply = train_whole_network(content, node_id, data, node.device)
+        reply = train_whole_network(content, node.name, data, node.device)
         reply["metrics"]["time-data-s"] = t_data
         return reply
     model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))

@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition-type", default=None, metavar="iid|dirichlet:ALPHA|classes:K",
                    help="how the data is split into N partitions: iid, dirichlet:ALPHA or classes:K (exactly K "
                         "classes per partition) (default: the run's partition-type)")
+    p.add_argument("--name", default=None, metavar="NAME",
+                   help="this node's stable identity, which orders it in the server's plan and seeds its training, so "
+                        "the same nodes and --seed give the same run (default: the --key file's name, else "
+                        "partition-I-of-N); the server addresses and authenticates nodes by Flower's node id and keys, "
+                        "never by this name")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--max-blocks", type=int, default=None, metavar="K",
                    help="hold at most K blocks at once (default: as many as memory allows)")
@@ -130,6 +135,11 @@ def node_config(args: argparse.Namespace) -> dict[str, int | str]:
         config["data-root"] = str(Path(args.data_root).expanduser().resolve())
     if args.partition_type is not None:
         config["partition-type"] = args.partition_type.strip()
+    name = (args.name or "").strip() or (Path(args.key).name if args.key else "")
+    if args.name is not None and not name:
+        raise LaunchError("--name is empty: give this node a name, or leave --name out")
+    if name:
+        config["node-name"] = name
     if args.device is not None:
         device = args.device.strip()
         if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):

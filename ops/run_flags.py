@@ -41,6 +41,9 @@ _HELP = {
                   "no images (0 = off: the averaged head of the clients)",
     "logit_adjust": "dt: clients add their local label prior to the logits while training (balanced softmax), so a "
                     "block does not learn its last owner's label mix",
+    "plan_by_speed": "dt: a client's share of the blocks follows the throughput it measured at discovery as well as "
+                     "its data (noprop-sim's default is off: virtual clients share one machine, so their timings "
+                     "measure contention and would change the plan from run to run)",
     "split_local_data": "dt: each of a client's k blocks trains on its own 1/k of the local data, so a round costs "
                         "one block-epoch whatever k is (with replicate: more owners per block at the same compute)",
     "min_local_steps": "a client raises its local epochs until its local data gives at least this many optimizer "

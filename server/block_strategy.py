@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -61,7 +62,8 @@ class BlockOwnershipStrategy(Strategy):
         if not live:
             raise FederationError("no node answered discovery: check the clients' logs")
         try:  # mid-run (a resumed run too), nodes that left must not end it: train the blocks the rest can hold
-            plan = plan_ownership(live, cfg.T, rnd - 1, cfg.seed, cfg.policy, cfg.replicas, partial=rnd > 1)
+            plan = plan_ownership(live, cfg.T, rnd - 1, cfg.seed, cfg.policy, cfg.replicas, partial=rnd > 1,
+                                  by_speed=cfg.plan_by_speed)
         except PlanError as exc:
             raise FederationError(str(exc)) from None
         if plan.uncovered:
@@ -73,8 +75,9 @@ class BlockOwnershipStrategy(Strategy):
         for node, blocks in sorted(plan.assignments.items()):
             keys = keys_for_blocks(self.global_state, blocks)
             record = arrays_to_record(self.global_state, keys)
+            seed = node_seed(cfg.seed, rnd, self.capacities[node].identity)
             node_config = ConfigRecord({**dict(config), "round": rnd, "blocks": list(blocks),
-                                        "seed": node_seed(cfg.seed, rnd, node), "logit-adjust": cfg.logit_adjust,
+                                        "seed": seed, "logit-adjust": cfg.logit_adjust,
                                         "split-local-data": cfg.split_local_data})
             msg = Message(RecordDict({"arrays": record, "config": node_config}), node, MessageType.TRAIN,
                           group_id=f"train-{rnd}")
@@ -82,6 +85,7 @@ class BlockOwnershipStrategy(Strategy):
             bytes_to[str(node)] = record.count_bytes()
         self.round_record = {"round": rnd, "model_in": state_digest(self.global_state), "nodes": nodes,
                              "plan": plan.to_json()["owners"], "uncovered": list(plan.uncovered),
+                             "node_names": {str(c.node_id): c.identity for c in live},
                              "bytes_to": bytes_to}
         self.pending = msgs
         return [m for m, _, _ in msgs]
@@ -140,6 +144,9 @@ class BlockOwnershipStrategy(Strategy):
                                                                  self.grid.arrived_at.get(by_node[r.node_id]))
                                   for r in accepted if r.node_id in by_node}
         self.clock.lap("validate")
+        # float sums depend on their order: combine in the nodes' stable names, not in the order replies came
+        accepted.sort(key=lambda r: self.capacities[r.node_id].identity if r.node_id in self.capacities
+                      else f"node-{r.node_id}")
         self.global_state = aggregate(self.global_state, plan, accepted, cfg.aggregation, cfg.trim_fraction)
         self.clock.lap("aggregate")
         if cfg.head_steps and accepted:
@@ -182,15 +189,21 @@ class BlockOwnershipStrategy(Strategy):
                 c = msg.content["capacity"]
                 cap = NodeCapacity(node_id=node, max_blocks=int(c["max-blocks"]), throughput=float(c["throughput"]),
                                    num_examples=int(c["num-examples"]), device=str(c["device"]),
-                                   memory_mb=float(c["memory-mb"]))
+                                   memory_mb=float(c["memory-mb"]), name=str(c.get("name") or ""))
                 if not (cap.max_blocks >= 1 and cap.num_examples >= 1 and math.isfinite(cap.throughput)
                         and cap.throughput > 0):
                     raise ValueError("max-blocks, num-examples and throughput must be positive")
             except Exception as exc:  # noqa: BLE001 - a malformed answer must not stop the run
                 self.log(f"node {node}: discovery reply rejected: {type(exc).__name__}: {exc}")
                 continue
+            clash = [n for n, other in known.items() if other.identity == cap.identity]
+            if clash:  # names only order and seed nodes; two nodes with one name would draw the same seeds
+                cap = replace(cap, name=f"{cap.identity}@{node}")
+                self.log(f"WARNING: node {node} calls itself {c.get('name')!r} like node {clash[0]}: planned as "
+                         f"{cap.identity!r} (give each noprop-client its own --name or --partition)")
             known[node] = cap
-            self.log(f"node {node}: {c['device']}, {cap.num_examples} examples of {c.get('data', '?')}, "
+            self.log(f"node {node} ({cap.identity}): {c['device']}, {cap.num_examples} examples of "
+                     f"{c.get('data', '?')}, "
                      f"{cap.throughput:.0f} samples/s per block, holds up to {cap.max_blocks} blocks")
 
     # -- client evaluation (--client-eval) ---------------------------------------------------------------------

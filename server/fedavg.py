@@ -95,6 +95,9 @@ class CheckedReplies:
         rec["train_loss"] = sum(losses) / len(losses) if losses else None
         if not accepted:
             return None, None  # FedAvg keeps the previous global arrays
+        # float sums depend on their order: sum in the nodes' stable names, not in the order the replies came
+        accepted.sort(key=reply_identity)
+        rec["node_names"] = {str(m.metadata.src_node_id): reply_identity(m) for m in accepted}
         arrays, metrics = super().aggregate_train(server_round, accepted)
         return (None if arrays is None else self.in_sent_dtypes(arrays)), metrics
 
@@ -106,6 +109,13 @@ class CheckedReplies:
             dtype = self.reference[key].dtype if key in self.reference else value.dtype
             out[key] = (np.rint(value) if np.issubdtype(dtype, np.integer) else value).astype(dtype)
         return arrays_to_record(out)
+
+
+def reply_identity(msg: Message) -> str:
+    """The name a FedAvg reply gives its node (noprop.client.handlers.node_identity), else its node id."""
+    identity = msg.content.get("identity")
+    name = identity.get("name") if isinstance(identity, ConfigRecord) else None
+    return str(name) if name else f"node-{msg.metadata.src_node_id}"
 
 
 STRATEGIES = {"mean": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg}  # by --aggregation

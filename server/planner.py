@@ -7,6 +7,11 @@ are laid out once into T owner sets (one per block slot, largest remaining quota
 policy never puts a node twice on one block), and round r shifts the slots by r. Over T rounds every block
 therefore passes through every slot, and so through every node's data, which is what non-IID data needs.
 
+Nodes are ordered by their identity (`NodeCapacity.name`: the partition or key name a node reports), never by
+Flower's node id, which simulation and a restarted SuperLink draw at random: the same nodes and seed give the
+same plan in every run. Measured throughputs within THROUGHPUT_TOLERANCE of each other count as equal, so
+that timing noise between like machines does not move a block from one run to the next.
+
 Nodes that together hold fewer than T blocks are an error, unless the caller asks for a partial plan
 (partial=True, mid-run, after nodes left): then the plan covers as many blocks as the nodes can hold, a
 window that moves on by that many blocks each round so that none starves, and names the rest in uncovered;
@@ -28,7 +33,7 @@ class PlanError(Exception):
 
 @dataclass(frozen=True)
 class NodeCapacity:
-    """What a node reported in discovery."""
+    """What a node reported in discovery. node_id addresses the node; name orders it and seeds it."""
 
     node_id: int
     max_blocks: int
@@ -36,11 +41,32 @@ class NodeCapacity:
     num_examples: int
     device: str = "cpu"
     memory_mb: float = 0.0
+    name: str = ""  # the node's stable identity ("" in tests that need none: the node id stands in)
+
+    @property
+    def identity(self) -> str:
+        return self.name or f"node-{self.node_id}"
 
     @property
     def speed(self) -> float:
         """Blocks per second this node can train over its own data: the weight of its share."""
         return self.throughput / max(self.num_examples, 1)
+
+
+THROUGHPUT_TOLERANCE = 1.5  # throughputs within this factor of a faster one count as that one's
+
+
+def settled_throughputs(capacities: list[NodeCapacity]) -> dict[int, float]:
+    """Each node's throughput with measurement noise settled: going from the fastest down, a node within
+    THROUGHPUT_TOLERANCE of its group's fastest joins that group and counts at its speed. Like machines then
+    weigh the same whatever their timings, while a node 1.5x slower or more still gets less work."""
+    settled: dict[int, float] = {}
+    group_top = None
+    for c in sorted(capacities, key=lambda c: (-c.throughput, c.identity, c.node_id)):
+        if group_top is None or group_top > THROUGHPUT_TOLERANCE * c.throughput:
+            group_top = c.throughput
+        settled[c.node_id] = group_top
+    return settled
 
 
 @dataclass(frozen=True)
@@ -62,8 +88,11 @@ class OwnershipPlan:
         return out
 
 
-def apportion(weights: dict[int, float], total: int, caps: dict[int, int], floor: int) -> dict[int, int]:
-    """Integer shares of total proportional to weights, each in [floor, cap] (highest deficit first)."""
+def apportion(weights: dict[int, float], total: int, caps: dict[int, int], floor: int,
+              rank: dict[int, int] | None = None) -> dict[int, int]:
+    """Integer shares of total proportional to weights, each in [floor, cap] (highest deficit first; ties go to
+    the lower rank, by default the lower node id)."""
+    rank = rank or {n: n for n in weights}
     quota = {n: min(floor, caps[n]) for n in weights}
     weight_sum = sum(weights.values()) or 1.0
     ideal = {n: total * w / weight_sum for n, w in weights.items()}
@@ -71,7 +100,7 @@ def apportion(weights: dict[int, float], total: int, caps: dict[int, int], floor
         open_nodes = [n for n in weights if quota[n] < caps[n]]
         if not open_nodes:
             break
-        best = max(open_nodes, key=lambda n: (ideal[n] - quota[n], weights[n], -n))
+        best = max(open_nodes, key=lambda n: (ideal[n] - quota[n], weights[n], -rank[n]))
         quota[best] += 1
     return quota
 
@@ -84,11 +113,12 @@ def covered_window(T: int, capacity: int, round: int) -> list[int]:
 
 
 def plan_ownership(capacities: list[NodeCapacity], T: int, round: int, seed: int = 0, policy: str = "rotate",
-                   replicas: int = 2, partial: bool = False) -> OwnershipPlan:
+                   replicas: int = 2, partial: bool = False, by_speed: bool = True) -> OwnershipPlan:
     """Every block owned by at least one node; no node above its capacity; work in proportion to speed.
 
     Nodes that cannot hold T blocks raise PlanError, or with partial=True get the blocks they can hold
-    (covered_window), the rest in the plan's uncovered; PlanError still if they can hold none.
+    (covered_window), the rest in the plan's uncovered; PlanError still if they can hold none. by_speed=False
+    weighs the nodes by their data alone, as if every node trained equally fast.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
@@ -113,13 +143,13 @@ def plan_ownership(capacities: list[NodeCapacity], T: int, round: int, seed: int
     while per_block > 1 and total_cap < per_block * n_blocks:
         per_block -= 1
     slots = per_block * n_blocks
-    weights = {n: nodes[n].speed if nodes[n].speed > 0 else 1e-9 for n in usable}
-    quota = apportion(weights, slots, caps, floor=1 if slots >= len(usable) else 0)
-
-    # a seeded order of nodes breaks ties the same way every round
-    order = sorted(usable)
+    # a seeded order of the nodes' identities breaks ties the same way every round and in every run
+    order = sorted(usable, key=lambda n: (nodes[n].identity, n))
     random.Random(seed).shuffle(order)
     rank = {n: i for i, n in enumerate(order)}
+    throughput = settled_throughputs([nodes[n] for n in usable]) if by_speed else dict.fromkeys(usable, 1.0)
+    weights = {n: max(throughput[n] / max(nodes[n].num_examples, 1), 1e-12) for n in usable}
+    quota = apportion(weights, slots, caps, floor=1 if slots >= len(usable) else 0, rank=rank)
     left = dict(quota)
     owner_sets: list[tuple[int, ...]] = []
     for _ in range(n_blocks):

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         extra: dict[str, object] = {}
         if args.partition is not None:
             extra["partition_type"] = args.partition.strip()
+        if args.cfg_plan_by_speed is None:  # virtual clients share this machine: their speed is not theirs
+            extra["plan_by_speed"] = False
         if args.cfg_min_nodes is None:
             extra["min_nodes"] = args.clients  # every virtual client is there from the start
         cfg, _ = federation_config_from_args(args, extra)

@@ -57,6 +57,9 @@ class FederationConfig:
     # a node raises its local epochs until each block (network) gets this many steps: 3 nodes of 500 examples got
     # 4 steps a block a round (round 1: 34.9% with 0, 82.2% with 50; BENCHMARKS.md)
     min_local_steps: int = 40
+    # dt: the plan gives a node work in proportion to the throughput it measured at discovery; noprop-sim turns it
+    # off, because virtual clients share one machine and their timings measure contention (3x apart run to run)
+    plan_by_speed: bool = True
     split_local_data: bool = False  # dt: a node's k blocks each train on their own 1/k of its data (one block-epoch)
     dataset: str = "fashion-mnist"  # the server evaluates on its test split; clients default to it
     data_root: str = ""  # "" = $NOPROP_DATA or ./data
@@ -161,6 +164,8 @@ NODE_CONFIG_KEYS = {
     "max-blocks": "most blocks this node will hold at once (0 = as many as memory allows)",
     "memory-mb": "memory budget in MB for training (0 = measured)",
     "threads": "torch threads (0 = the run's client-threads)",
+    "node-name": "this node's stable identity for the plan and its seeds (default: its node key's name, else "
+                 "partition-I-of-N); never used to address or authenticate it",
     "worker-dir": "folder of the node's warm worker (noprop-client sets it; absent: every message runs in-process)",
     "worker-owner": "pid of the process whose end stops the warm worker (the noprop-client launcher)",
 }

@@ -5,6 +5,7 @@ The same code trains a whole model on one machine and the owned blocks on a fede
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -121,10 +122,12 @@ def split_among_blocks(data: LabelledData, blocks: Sequence[int], seed: int) -> 
     return {t: data.subset(np.sort(np.concatenate(parts))) for t, parts in zip(blocks, shares)}
 
 
-def node_seed(seed: int, rnd: int, node: int) -> int:
+def node_seed(seed: int, rnd: int, node: int | str) -> int:
     """A training seed of its own for every node and round: co-owners of a block (or FedAvg clients) must not draw
-    the same noise and batch order, and a node must not repeat its draws from round to round."""
-    return (seed * 1_000_003 + rnd * 10_007 + node) % 2**31
+    the same noise and batch order, and a node must not repeat its draws from round to round. node is the node's
+    stable identity (its name; 0 for the server's own draws), never Flower's node id, which changes between runs."""
+    key = node if isinstance(node, int) else zlib.crc32(node.encode())
+    return (seed * 1_000_003 + rnd * 10_007 + key) % 2**31
 
 
 def epochs_for_min_steps(num_examples: int, batch_size: int, epochs: int, min_steps: int) -> int:

@@ -164,3 +164,64 @@ def test_partial_plans_leave_no_block_out_for_long(policy, specs, start):
     window = math.ceil(T / capacity)
     for i in range(T - window + 1):
         assert set().union(*(plan.owners for plan in plans[i:i + window])) == set(range(1, T + 1))
+
+
+# -- reproducible runs: the plan follows the nodes' names, not Flower's random node ids (issue 28) ----------------
+
+
+def by_name(plan, capacities):
+    """The plan with node ids replaced by the nodes' names: what must be the same in two runs."""
+    name = {c.node_id: c.identity for c in capacities}
+    return {t: tuple(sorted(name[n] for n in owners)) for t, owners in plan.owners.items()}
+
+
+@pytest.mark.parametrize("specs", [[(10, 100)] * 4, [(10, 300), (10, 100), (10, 50)], [(1, 10)] * 10,
+                                   [(3, 100), (3, 100), (4, 50)]])
+@pytest.mark.parametrize("policy", ["rotate", "replicate"])
+def test_the_plan_depends_on_the_nodes_names_not_their_node_ids(specs, policy):
+    """Simulation and a restarted SuperLink draw node ids at random: two runs of the same nodes must plan alike."""
+    import random
+
+    names = [f"partition-{i}-of-{len(specs)}" for i in range(len(specs))]
+    rng = random.Random(0)
+    for trial in range(4):
+        ids = rng.sample(range(1, 2**40), len(specs))
+        capacities = [NodeCapacity(node_id=i, max_blocks=m, throughput=tp, num_examples=1000, name=n)
+                      for i, (m, tp), n in zip(ids, specs, names)]
+        plans = [by_name(plan_ownership(capacities, 10, r, seed=3, policy=policy), capacities) for r in range(5)]
+        if trial == 0:
+            first = plans
+        assert plans == first
+
+
+def test_measurement_noise_between_like_nodes_does_not_move_blocks():
+    """Four like machines measure 90-110 samples/s in one run and 105-95 in the next: the same quotas."""
+    def plan(throughputs):
+        capacities = [NodeCapacity(node_id=i + 1, max_blocks=10, throughput=tp, num_examples=15000,
+                                   name=f"partition-{i}-of-4") for i, tp in enumerate(throughputs)]
+        return by_name(plan_ownership(capacities, 10, 2, seed=0), capacities)
+
+    assert plan([90, 110, 100, 95]) == plan([105, 95, 92, 108]) == plan([100, 100, 100, 100])
+    # while a node 3x slower still gets less work
+    slow = [NodeCapacity(node_id=i + 1, max_blocks=10, throughput=tp, num_examples=15000, name=f"n{i}")
+            for i, tp in enumerate([300, 300, 300, 100])]
+    sizes = {c.identity: len(plan_ownership(slow, 10, 0).blocks_of(c.node_id)) for c in slow}
+    assert sizes["n3"] < min(sizes["n0"], sizes["n1"], sizes["n2"]), sizes
+
+
+def test_node_seeds_follow_the_name():
+    from noprop.trainer import node_seed
+
+    assert node_seed(0, 3, "partition-1-of-4") == node_seed(0, 3, "partition-1-of-4")
+    seeds = {node_seed(s, r, f"partition-{i}-of-10") for s in range(2) for r in range(1, 7) for i in range(10)}
+    assert len(seeds) == 2 * 6 * 10  # every node, round and run seed draws its own
+
+
+def test_without_speed_the_plan_follows_the_data_alone():
+    """noprop-sim's plan: timings 3x apart (contention among virtual clients) change nothing."""
+    def plan(throughputs):
+        capacities = [NodeCapacity(node_id=i + 1, max_blocks=10, throughput=tp, num_examples=n, name=f"p{i}")
+                      for i, (tp, n) in enumerate(zip(throughputs, [160, 176, 104, 160]))]
+        return by_name(plan_ownership(capacities, 3, 1, seed=5, by_speed=False), capacities)
+
+    assert plan([3563, 3043, 1027, 2985]) == plan([6846, 1423, 4157, 4353])
