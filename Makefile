@@ -9,7 +9,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 FMNIST  = $(DATA)/FashionMNIST/raw/t10k-labels-idx1-ubyte
 
-.PHONY: setup data quickstart quickstart-central test lint bench clean
+.PHONY: setup data quickstart quickstart-central test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,13 @@ quickstart: setup data
 quickstart-central: setup data
 	$(BIN)/noprop-train --dataset fashion-mnist --data-root $(DATA) --epochs 1 --out runs/quickstart-central
 
+# the whole suite (unit, sim and e2e tiers; markers in pyproject.toml), then its 25 slowest tests
 test: setup data
-	NOPROP_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q
+	NOPROP_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q --durations=25
+
+# the unit tier only (no federation, no real processes): stops at the first failure, then its 15 slowest tests
+test-fast: setup data
+	NOPROP_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q -x -m unit --durations=15
 
 lint: setup
 	$(BIN)/ruff check .

@@ -18,6 +18,8 @@ from noprop.io import read_jsonl
 from noprop.records import state_digest
 from noprop.server.run import FederatedRun
 
+pytestmark = pytest.mark.sim  # the real run loop and ClientApp, in this process
+
 T = 3
 
 
