@@ -72,10 +72,15 @@ class CheckedReplies:
                     or "num-examples" not in metrics:
                 problem = "reply lacks its arrays or its num-examples"
             else:
-                reply = Reply(node_id=node, arrays=record_to_arrays(arrays), num_examples=metrics["num-examples"],
-                              round=int(metrics["round"]) if "round" in metrics else None)
-                problem = validate_reply(reply, keys, self.reference, expected_round=server_round,
-                                         max_value_ratio=self.max_value_ratio)
+                try:  # a packed record is the sender's word: a malformed one is a reason, not a crash
+                    received = record_to_arrays(arrays)
+                except Exception as exc:
+                    received, problem = None, f"malformed reply ({type(exc).__name__}: {exc})"
+                if received is not None:
+                    reply = Reply(node_id=node, arrays=received, num_examples=metrics["num-examples"],
+                                  round=int(metrics["round"]) if "round" in metrics else None)
+                    problem = validate_reply(reply, keys, self.reference, expected_round=server_round,
+                                             max_value_ratio=self.max_value_ratio)
             if problem:
                 rec["rejected"][str(node)] = problem
                 self.log(f"node {node}: reply rejected: {problem}")
@@ -84,6 +89,8 @@ class CheckedReplies:
             rec["num_examples"][str(node)] = int(metrics["num-examples"])
             rec["client_train_time_s"][str(node)] = round(float(metrics.get("train-time-s", 0.0)), 2)
             rec["client_train_loss"][str(node)] = round(float(metrics.get("train-loss", float("nan"))), 4)
+            # Flower's strategies combine Arrays key by key: they get one Array per tensor, never the packed bytes
+            msg.content[self.arrayrecord_key] = arrays_to_record(reply.arrays, packed=False)
             accepted.append(msg)
         answered = {m.metadata.src_node_id for m in accepted} | set(rec["failed"]) | {int(n) for n in rec["rejected"]}
         for node in rec["nodes"]:

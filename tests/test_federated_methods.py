@@ -132,7 +132,7 @@ def test_fedavg_rejects_tampered_replies_by_node_id(aggregation):
     rules = {"mean": np.average(stacked, axis=0, weights=counts),  # Flower's FedAvg weighs by num-examples
              "median": np.median(stacked, axis=0),  # FedMedian: coordinate-wise, counts play no part
              "unweighted mean": stacked.mean(axis=0), "first reply": stacked[0]}
-    got = arrays[key].numpy()
+    got = record_to_arrays(arrays)[key]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, rules[aggregation], rtol=0, atol=1e-6)  # only the honest replies count
     for name, value in rules.items():

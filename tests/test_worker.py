@@ -101,7 +101,8 @@ msg.metadata.__dict__["_message_id"] = msg.object_id
 ctx = Context(run_id=1, node_id=5, node_config=json.loads({json.dumps(json.dumps(node_config))}), state=RecordDict(),
               run_config={{}})
 reply = make_client_app()(msg, ctx)
-print(json.dumps({{"torch": "torch" in sys.modules, "keys": sorted(reply.content["arrays"].keys())}}))
+from noprop.records import record_to_arrays
+print(json.dumps({{"torch": "torch" in sys.modules, "keys": sorted(record_to_arrays(reply.content["arrays"]))}}))
 """
     # output to a file: the worker it starts inherits stdout and outlives it, so a pipe would never see EOF
     log = tmp_path / "relay.log"
