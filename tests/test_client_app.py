@@ -11,6 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from synthetic import synthetic_arrays
 
 from noprop.client.app import make_client_app
+from noprop.client.capacity import max_blocks_for_memory
 from noprop.device import resolve_device
 from noprop.model import NoPropDT
 from noprop.model_configs import NoPropConfig
@@ -66,7 +67,15 @@ def test_query_reports_capacity(npz):
     cap = reply.content["capacity"]
     # the node config names no device, so the node reports what "auto" picks here (cuda on a GPU runner)
     assert cap["device"] == resolve_device("auto").type and cap["num-examples"] == 300  # half of 600 (partition 0 of 2)
-    assert cap["throughput"] > 0 and cap["max-blocks"] >= 1
+    assert math.isfinite(cap["throughput"]) and cap["throughput"] > 0 and cap["memory-mb"] > 0
+    # as many blocks as the memory it reports holds (the model and a batch per block, the data once) ...
+    data_mb = 300 * 12 * 12 * 4 / 2**20  # partition 0 of 2: 300 float32 images of 1x12x12
+    assert cap["max-blocks"] == max_blocks_for_memory(MODEL, 32, cap["memory-mb"], data_mb) >= 1, dict(cap)
+    # ... and no more than the node's own --max-blocks
+    capped = context(npz)
+    capped.node_config["max-blocks"] = 1
+    assert app(instruction(RecordDict({"config": config}), MessageType.QUERY), capped).content["capacity"][
+        "max-blocks"] == 1
 
 
 def test_train_replies_with_exactly_the_owned_blocks_and_losses_fall(npz):

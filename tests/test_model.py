@@ -106,6 +106,17 @@ def test_predict_takes_no_labels():
     params = set(inspect.signature(NoPropDT.predict).parameters)
     assert not params & {"y", "labels", "target", "targets"}
     assert not set(inspect.signature(NoPropDT.forward).parameters) & {"y", "labels", "target"}
+    # and nothing reaches it another way: each image's prediction is the same alone as in any batch, and
+    # predicting leaves the model as it was (no statistics of the batch kept)
+    torch.manual_seed(0)
+    model = NoPropDT(small_config())
+    x = synthetic_data(12).x
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = model.predict_proba(x)
+    alone = torch.cat([model.predict_proba(x[i : i + 1]) for i in range(len(x))])
+    assert torch.allclose(batch, alone, atol=1e-5), (batch - alone).abs().max()
+    assert torch.equal(model.predict(x.flip(0)), model.predict(x).flip(0))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_predict_modes():

@@ -34,7 +34,9 @@ def test_cli_trains_and_writes_metrics_checkpoint_and_plot(tmp_path, npz, method
     assert code == 0
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
-    assert records[-1]["test_acc_deterministic"] > 0.6 and "test_acc_stochastic" in records[-1]  # chance: 0.25
+    # chance: 0.25; measured 1.00 (dt) and 0.74 (backprop) at these settings
+    floor = {"dt": 0.9, "backprop": 0.7}[method]
+    assert records[-1]["test_acc_deterministic"] > floor and "test_acc_stochastic" in records[-1], records[-1]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt.method == method and ckpt.config.T == 3 and ckpt.extra["epoch"] == 4

@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,12 @@ def relayed_context(data, folder, **extra):
     ctx = context(data)
     ctx.node_config.update({"worker-dir": str(folder), "worker-owner": os.getpid(), **extra})
     return ctx
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def initial_state():
@@ -160,9 +165,12 @@ def test_worker_killed_mid_message_fails_it_at_once_and_the_next_message_starts_
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             outcome["error"] = exc
 
+    base = cpu_seconds(first)
     thread = threading.Thread(target=long_train)
     thread.start()
-    time.sleep(3.0)  # well into training (200 epochs of four blocks take minutes)
+    # well into training (200 epochs of four blocks take minutes): the worker has spent 2 s of CPU on the message
+    wait_for(lambda: cpu_seconds(first) - base > 2.0 or not thread.is_alive(), 300, interval=0.1,
+             what="the worker to start training the message")
     assert thread.is_alive(), outcome
     os.kill(first, signal.SIGKILL)
     # at once: 200 epochs take minutes, and a relay that waited for the reply would still be waiting here (no
@@ -196,11 +204,20 @@ def test_query_and_evaluate_are_relayed_too(npz, folder):  # noqa: F811
     ctx = relayed_context(npz, folder)
     config = ConfigRecord({"model-config": json.dumps(MODEL.to_dict()), "batch-size": 32})
     cap = app(instruction(RecordDict({"config": config}), MessageType.QUERY), ctx).content["capacity"]
-    assert cap["num-examples"] == 300 and cap["throughput"] > 0
+    here = app(instruction(RecordDict({"config": config}), MessageType.QUERY), context(npz)).content["capacity"]
+    assert worker._is_worker(worker.read_pid(folder)), "the relay started a worker"
+    # what the worker answers is what the ClientApp answers in process (the measured throughput and the free
+    # memory aside); 300 = partition 0 of 2 of the 600 examples
+    same = ("num-examples", "device", "data")
+    assert {k: cap[k] for k in same} == {k: here[k] for k in same} and cap["num-examples"] == 300, (cap, here)
+    assert cap["throughput"] > 0 and cap["max-blocks"] >= 1
     from noprop.records import arrays_to_record
 
     content = RecordDict({"arrays": arrays_to_record(initial_state()),
                           "config": ConfigRecord({"model-config": json.dumps(MODEL.to_dict()),
                                                   "eval-mode": "deterministic"})})
     m = app(instruction(content, MessageType.EVALUATE), ctx).content["metrics"]
-    assert m["num-examples"] == 100 and 0.0 <= m["accuracy"] <= 1.0
+    in_process = app(instruction(content, MessageType.EVALUATE), context(npz)).content["metrics"]
+    assert m["num-examples"] == in_process["num-examples"] == 100
+    assert m["accuracy"] == in_process["accuracy"], (dict(m), dict(in_process))  # deterministic: bit for bit
+    assert 0.0 <= m["accuracy"] <= 1.0
