@@ -69,6 +69,7 @@ class NodeSettings:
             torch.set_num_threads(threads)
         self.seed = run.seed
         self.name = node_identity(node)
+        self.share_labels = str(node.get("share-labels", "1")).lower() not in ("0", "false", "no", "")
 
     def data_split(self, split: str) -> LabelledData:
         return local_data(self.data, self.data_root, split, self.partition_id, self.num_partitions,
@@ -83,6 +84,16 @@ def node_identity(node_config: Mapping) -> str:
     if name:
         return name
     return f"partition-{int(node_config.get('partition-id', 0))}-of-{int(node_config.get('num-partitions', 1))}"
+
+
+HELD_SHARE = 0.02  # a class counts as held when it is at least this share of the node's examples
+
+
+def held_classes(y: torch.Tensor, num_classes: int) -> list[int]:
+    """The classes that make up at least HELD_SHARE of these labels: what discovery tells the planner. A set, not
+    a histogram: the server learns which classes a node holds, not how many of each."""
+    counts = torch.bincount(y.long().flatten(), minlength=num_classes)
+    return [c for c in range(num_classes) if counts[c] > 0 and counts[c] >= HELD_SHARE * len(y)]
 
 
 def settings(run_config: Mapping, node_config: Mapping) -> tuple[FederationConfig, NodeSettings]:
@@ -114,6 +125,8 @@ def query(content: RecordDict, run_config: Mapping, node_config: Mapping, state:
         "throughput": float(throughput), "num-examples": len(data), "data": node.data,
         "name": node.name,
     })
+    if node.share_labels:  # which classes it holds, no counts: the planner gives a block owners that differ
+        reply["classes"] = held_classes(data.y, model_cfg.num_classes)
     return RecordDict({"capacity": reply})
 
 

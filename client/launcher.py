@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same nodes and --seed give the same run (default: the --key file's name, else "
                         "partition-I-of-N); the server addresses and authenticates nodes by Flower's node id and keys, "
                         "never by this name")
+    p.add_argument("--private-labels", action="store_true",
+                   help="do not tell the server which classes this device holds (by default discovery reports the "
+                        "set of classes that make up 2%% or more of the local data, never their counts, so the plan "
+                        "can give each block owners with different classes)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--max-blocks", type=int, default=None, metavar="K",
                    help="hold at most K blocks at once (default: as many as memory allows)")
@@ -140,6 +144,8 @@ def node_config(args: argparse.Namespace) -> dict[str, int | str]:
         raise LaunchError("--name is empty: give this node a name, or leave --name out")
     if name:
         config["node-name"] = name
+    if args.private_labels:
+        config["share-labels"] = 0
     if args.device is not None:
         device = args.device.strip()
         if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):

@@ -41,6 +41,11 @@ _HELP = {
                   "no images (0 = off: the averaged head of the clients)",
     "logit_adjust": "dt: clients add their local label prior to the logits while training (balanced softmax), so a "
                     "block does not learn its last owner's label mix",
+    "coverage_step": "dt: a block moves from its weights towards its owners' mean only by the share of the classes "
+                     "those owners hold together (from discovery), so an owner with 2 of 10 classes cannot overwrite "
+                     "what the block knew of the other 8",
+    "label_aware": "dt: the plan picks a block's owners to hold as many classes together as they can, and hands a "
+                   "block on to owners whose classes differ, from the class sets clients report in discovery",
     "plan_by_speed": "dt: a client's share of the blocks follows the throughput it measured at discovery as well as "
                      "its data (noprop-sim's default is off: virtual clients share one machine, so their timings "
                      "measure contention and would change the plan from run to run)",

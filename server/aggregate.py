@@ -120,10 +120,11 @@ def robust_combine(arrays: list[np.ndarray], method: str, trim_fraction: float) 
 
 
 def aggregate(state: dict[str, np.ndarray], plan: OwnershipPlan, replies: list[Reply], method: str = "mean",
-              trim_fraction: float = 0.2) -> dict[str, np.ndarray]:
+              trim_fraction: float = 0.2, block_step: dict[int, float] | None = None) -> dict[str, np.ndarray]:
     """New global state from validated replies; blocks nobody trained keep their weights. ``method`` applies
     to the shared tensors (embedding and head), which every node trains; a block has its one or few owners
-    and is always their weighted mean."""
+    and is always their weighted mean. block_step[t] < 1 moves block t only that share of the way from its
+    weights to the owners' mean (integer buffers take the owners' value)."""
     if method not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {method!r}: use one of {', '.join(AGGREGATIONS)}")
     new = dict(state)
@@ -146,4 +147,8 @@ def aggregate(state: dict[str, np.ndarray], plan: OwnershipPlan, replies: list[R
             new[key] = pooled_variance([r.arrays[mean_key] for r in contributing], arrays, weights)
         else:
             new[key] = weighted_mean(arrays, weights)
+        step = (block_step or {}).get(block, 1.0) if block is not None else 1.0
+        if step < 1.0 and np.issubdtype(state[key].dtype, np.floating):
+            old = state[key].astype(np.float64)
+            new[key] = np.asarray(old + step * (new[key].astype(np.float64) - old), dtype=state[key].dtype)
     return new

@@ -59,6 +59,8 @@ class BlockOwnershipStrategy(Strategy):
         self.discover(nodes, rnd)
         self.clock.lap("discovery")
         live = [self.capacities[n] for n in nodes if n in self.capacities]
+        if not cfg.label_aware:
+            live = [replace(c, classes=frozenset()) for c in live]
         if not live:
             raise FederationError("no node answered discovery: check the clients' logs")
         try:  # mid-run (a resumed run too), nodes that left must not end it: train the blocks the rest can hold
@@ -147,12 +149,28 @@ class BlockOwnershipStrategy(Strategy):
         # float sums depend on their order: combine in the nodes' stable names, not in the order replies came
         accepted.sort(key=lambda r: self.capacities[r.node_id].identity if r.node_id in self.capacities
                       else f"node-{r.node_id}")
-        self.global_state = aggregate(self.global_state, plan, accepted, cfg.aggregation, cfg.trim_fraction)
+        steps = self.coverage_steps(accepted) if cfg.coverage_step else {}
+        if steps:
+            record["block_step"] = {str(t): round(v, 3) for t, v in sorted(steps.items())}
+        self.global_state = aggregate(self.global_state, plan, accepted, cfg.aggregation, cfg.trim_fraction,
+                                      block_step=steps)
         self.clock.lap("aggregate")
         if cfg.head_steps and accepted:
             record["head_fit"] = self.fit_head(rnd)  # before the next round: the head goes out with the blocks
             self.clock.lap("head_fit")
         return arrays_to_record(self.global_state), MetricRecord({"mean-l2": record["mean_l2"]})
+
+    def coverage_steps(self, accepted: list[Reply]) -> dict[int, float]:
+        """Each block's step towards its owners' mean: the share of the classes they hold together (from discovery),
+        so a block whose owners hold 2 of 10 classes moves a fifth of the way and keeps most of what it knew of the
+        other 8. Blocks whose owners reported no classes take the full step."""
+        num_classes = self.model_cfg.num_classes
+        held: dict[int, set[int]] = {}
+        for r in accepted:
+            cap = self.capacities.get(r.node_id)
+            for t in self.plan.blocks_of(r.node_id):
+                held.setdefault(t, set()).update(cap.classes if cap else ())
+        return {t: len(c) / num_classes for t, c in held.items() if c and len(c) < num_classes}
 
     def fit_head(self, rnd: int) -> dict[str, float]:
         """Retrain the aggregated head on the server, class-balanced, from q(z_T | y): no images, as many steps as
@@ -189,7 +207,10 @@ class BlockOwnershipStrategy(Strategy):
                 c = msg.content["capacity"]
                 cap = NodeCapacity(node_id=node, max_blocks=int(c["max-blocks"]), throughput=float(c["throughput"]),
                                    num_examples=int(c["num-examples"]), device=str(c["device"]),
-                                   memory_mb=float(c["memory-mb"]), name=str(c.get("name") or ""))
+                                   memory_mb=float(c["memory-mb"]), name=str(c.get("name") or ""),
+                                   classes=frozenset(int(k) for k in c.get("classes", [])))
+                if not all(0 <= k < self.model_cfg.num_classes for k in cap.classes):
+                    raise ValueError(f"classes {sorted(cap.classes)} outside 0..{self.model_cfg.num_classes - 1}")
                 if not (cap.max_blocks >= 1 and cap.num_examples >= 1 and math.isfinite(cap.throughput)
                         and cap.throughput > 0):
                     raise ValueError("max-blocks, num-examples and throughput must be positive")

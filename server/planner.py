@@ -7,6 +7,10 @@ are laid out once into T owner sets (one per block slot, largest remaining quota
 policy never puts a node twice on one block), and round r shifts the slots by r. Over T rounds every block
 therefore passes through every slot, and so through every node's data, which is what non-IID data needs.
 
+Label-aware ownership: where nodes report the classes they hold, a block's owners are picked to hold as many
+classes together as they can, and the owner sets are ordered so that a block goes next round to owners whose
+classes differ from its last ones (lay_out_owner_sets).
+
 Nodes are ordered by their identity (`NodeCapacity.name`: the partition or key name a node reports), never by
 Flower's node id, which simulation and a restarted SuperLink draw at random: the same nodes and seed give the
 same plan in every run. Measured throughputs within THROUGHPUT_TOLERANCE of each other count as equal, so
@@ -42,6 +46,7 @@ class NodeCapacity:
     device: str = "cpu"
     memory_mb: float = 0.0
     name: str = ""  # the node's stable identity ("" in tests that need none: the node id stands in)
+    classes: frozenset[int] = frozenset()  # the classes the node holds (label-aware ownership); empty: unknown
 
     @property
     def identity(self) -> str:
@@ -105,6 +110,62 @@ def apportion(weights: dict[int, float], total: int, caps: dict[int, int], floor
     return quota
 
 
+def lay_out_owner_sets(quota: dict[int, int], rank: dict[int, int], n_blocks: int, per_block: int,
+                       classes: dict[int, frozenset[int]]) -> list[tuple[int, ...]]:
+    """The quotas laid out into n_blocks owner sets of per_block distinct nodes each.
+
+    Without labels: largest remaining quota first. With the classes each node reported (label-aware ownership):
+    a set's owners are chosen to cover as many classes together as they can, and the sets are ordered so that
+    each one's classes differ most from the set before it, since rotation hands a block from one set to the next
+    round by round. A node whose remaining quota equals the sets still to fill is always picked, which keeps
+    every node on distinct sets."""
+    left = dict(quota)
+    aware = any(classes.get(n) for n in quota)
+    sets: list[tuple[int, ...]] = []
+    for i in range(n_blocks):
+        remaining = n_blocks - i
+        open_nodes = sorted((n for n in quota if left[n] > 0), key=lambda n: (-left[n], rank[n]))
+        picks = [n for n in open_nodes if left[n] >= remaining][:per_block]
+        covered: set[int] = set().union(*(classes.get(n, frozenset()) for n in picks))
+        while len(picks) < per_block:
+            candidates = [n for n in open_nodes if n not in picks]
+            if not candidates:
+                break
+            if aware:
+                best = max(candidates, key=lambda n: (len(classes.get(n, frozenset()) - covered), left[n], -rank[n]))
+            else:
+                best = candidates[0]
+            picks.append(best)
+            covered |= classes.get(best, frozenset())
+        for n in picks:
+            left[n] -= 1
+        sets.append(tuple(sorted(picks, key=rank.get)))
+    if not aware or len(sets) < 3:
+        return sets
+    # a chain through the sets in which each differs most from the one before (fewest shared classes)
+    def held(owner_set: tuple[int, ...]) -> set[int]:
+        return set().union(*(classes.get(n, frozenset()) for n in owner_set))
+
+    chain, rest = [sets[0]], sets[1:]
+    while rest:
+        last = held(chain[-1])
+        nxt = min(range(len(rest)), key=lambda j: (len(held(rest[j]) & last), j))
+        chain.append(rest.pop(nxt))
+    # the chain is a cycle (the last set hands its blocks to the first): 2-opt moves until no reversal helps
+    shared = [[len(held(a) & held(b)) for b in chain] for a in chain]
+    order, n = list(range(len(chain))), len(chain)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(n - 1):
+            for j in range(i + 2, n if i else n - 1):
+                a, b, c, d = order[i], order[i + 1], order[j], order[(j + 1) % n]
+                if shared[a][c] + shared[b][d] < shared[a][b] + shared[c][d]:
+                    order[i + 1:j + 1] = reversed(order[i + 1:j + 1])
+                    improved = True
+    return [chain[k] for k in order]
+
+
 def covered_window(T: int, capacity: int, round: int) -> list[int]:
     """The capacity blocks a partial plan trains in this round: consecutive (cyclically from 1..T), starting
     where the previous round's window ended, so any ceil(T / capacity) consecutive rounds train every block."""
@@ -150,13 +211,8 @@ def plan_ownership(capacities: list[NodeCapacity], T: int, round: int, seed: int
     throughput = settled_throughputs([nodes[n] for n in usable]) if by_speed else dict.fromkeys(usable, 1.0)
     weights = {n: max(throughput[n] / max(nodes[n].num_examples, 1), 1e-12) for n in usable}
     quota = apportion(weights, slots, caps, floor=1 if slots >= len(usable) else 0, rank=rank)
-    left = dict(quota)
-    owner_sets: list[tuple[int, ...]] = []
-    for _ in range(n_blocks):
-        picks = sorted((n for n in usable if left[n] > 0), key=lambda n: (-left[n], rank[n]))[:per_block]
-        for n in picks:
-            left[n] -= 1
-        owner_sets.append(tuple(sorted(picks, key=rank.get)))
+    classes = {n: nodes[n].classes for n in usable}
+    owner_sets = lay_out_owner_sets(quota, rank, n_blocks, per_block, classes)
     shift = round % n_blocks
     owners = {t: owner_sets[(i + shift) % n_blocks] for i, t in enumerate(blocks)}
     assignments: dict[int, list[int]] = {}

@@ -57,6 +57,9 @@ class FederationConfig:
     # a node raises its local epochs until each block (network) gets this many steps: 3 nodes of 500 examples got
     # 4 steps a block a round (round 1: 34.9% with 0, 82.2% with 50; BENCHMARKS.md)
     min_local_steps: int = 40
+    # dt: a block moves towards its owners' mean by the share of the classes they hold (2 of 10: a fifth)
+    coverage_step: bool = True
+    label_aware: bool = True  # dt: owners of a block are picked to hold different classes (from discovery)
     # dt: the plan gives a node work in proportion to the throughput it measured at discovery; noprop-sim turns it
     # off, because virtual clients share one machine and their timings measure contention (3x apart run to run)
     plan_by_speed: bool = True
@@ -166,6 +169,8 @@ NODE_CONFIG_KEYS = {
     "threads": "torch threads (0 = the run's client-threads)",
     "node-name": "this node's stable identity for the plan and its seeds (default: its node key's name, else "
                  "partition-I-of-N); never used to address or authenticate it",
+    "share-labels": "1 (default): tell the server in discovery which classes this node holds (no counts), for "
+                    "label-aware ownership; 0: keep them to itself",
     "worker-dir": "folder of the node's warm worker (noprop-client sets it; absent: every message runs in-process)",
     "worker-owner": "pid of the process whose end stops the warm worker (the noprop-client launcher)",
 }

@@ -243,3 +243,14 @@ def test_batchnorm_buffers_are_pooled_over_the_blocks_owners(method):
 def test_unknown_aggregation_is_refused():
     with pytest.raises(ValueError, match="unknown aggregation 'max'"):
         aggregate(state(), PLAN5, five_replies(1.0), "max")
+
+
+def test_a_block_step_moves_a_block_only_that_share_of_the_way():
+    s = state()
+    s["blocks.2.w"] = np.full(3, 2.0, np.float32)
+    a, b = reply(7, (1, 2), 1.0, 100), reply(8, (2,), 4.0, 300)
+    new = aggregate(s, PLAN, [a, b], block_step={2: 0.2})
+    assert np.allclose(new["blocks.2.w"], 2.0 + 0.2 * (3.25 - 2.0))  # by hand: a fifth of the way to the mean
+    assert np.allclose(new["blocks.1.w"], 1.0)  # no step given: the owners' mean
+    assert np.allclose(new["embedding.weight"], 3.25)  # shared tensors: never stepped
+    assert int(new["blocks.2.bn.num_batches_tracked"]) == 3 and new["blocks.2.w"].dtype == np.float32

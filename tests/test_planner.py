@@ -225,3 +225,55 @@ def test_without_speed_the_plan_follows_the_data_alone():
         return by_name(plan_ownership(capacities, 3, 1, seed=5, by_speed=False), capacities)
 
     assert plan([3563, 3043, 1027, 2985]) == plan([6846, 1423, 4157, 4353])
+
+
+# -- label-aware ownership (issue 21) ---------------------------------------------------------------------------
+
+
+def two_class_nodes(n=10, m=10):
+    """n nodes of 2 classes each, as --partition classes:2 deals them: every class on two nodes."""
+    return [NodeCapacity(node_id=500 + i, max_blocks=10, throughput=100.0, num_examples=6000, name=f"p{i}",
+                         classes=frozenset({i % m, (i + 1) % m})) for i in range(n)]
+
+
+def classes_of_block(plan, capacities):
+    held = {c.node_id: c.classes for c in capacities}
+    return {t: set().union(*(held[n] for n in owners)) for t, owners in plan.owners.items()}
+
+
+def test_a_blocks_owners_together_hold_every_class_when_they_can():
+    """10 nodes of 2 classes, 2 blocks of 5 owners: label-blind sets can miss classes, aware ones hold all 10."""
+    capacities = two_class_nodes()
+    for r in range(4):
+        plan = plan_ownership(capacities, 2, r, seed=0)
+        check_plan(plan, capacities, 2)
+        assert all(len(c) == 10 for c in classes_of_block(plan, capacities).values()), plan.owners
+    blind = [replace_classes(c) for c in capacities]
+    worst = min(len(c) for r in range(4) for s in range(6)
+                for c in classes_of_block(plan_ownership(blind, 2, r, seed=s), capacities).values())
+    assert worst < 10  # without labels some seed leaves a block short of classes: the test can tell
+
+
+def replace_classes(c, classes=frozenset()):
+    from dataclasses import replace
+
+    return replace(c, classes=classes)
+
+
+def test_a_block_is_handed_on_to_owners_with_other_classes():
+    """One owner a block: the next owner of every block (next round) shares no class with the last one."""
+    capacities = two_class_nodes()
+    held = {c.node_id: c.classes for c in capacities}
+    plans = [plan_ownership(capacities, 10, r, seed=1) for r in range(3)]
+    for a, b in zip(plans, plans[1:]):
+        for t in range(1, 11):
+            (before,), (after,) = a.owners[t], b.owners[t]
+            assert not held[before] & held[after], (t, before, after)
+
+
+@pytest.mark.parametrize("specs", [[(10, 100)] * 7, [(3, 100), (3, 100), (4, 50)], [(2, 10)] * 25])
+def test_label_aware_plans_keep_every_rule(specs):
+    capacities = [replace_classes(c, frozenset({i % 10, (3 * i) % 10})) for i, c in enumerate(caps(*specs))]
+    for policy in ("rotate", "replicate"):
+        for r in range(6):
+            check_plan(plan_ownership(capacities, 10, r, seed=2, policy=policy), capacities, 10)
