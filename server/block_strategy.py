@@ -30,10 +30,15 @@ from noprop.trainer import fit_head, node_seed
 
 class BlockOwnershipStrategy(Strategy):
     """Block ownership over Flower's Grid. `model` is the run's NoPropDT: the head is fitted on it after each
-    aggregation. After aggregate_train, `round_record` holds the round's metrics.jsonl fields but evaluation."""
+    aggregation. After aggregate_train, `round_record` holds the round's metrics.jsonl fields but evaluation.
+    history: the metrics lines of the rounds done before (a resumed run)."""
 
-    def __init__(self, cfg: FederationConfig, model_cfg: NoPropConfig, model: NoPropDT, log=print):
+    def __init__(self, cfg: FederationConfig, model_cfg: NoPropConfig, model: NoPropDT, log=print,
+                 history: list[dict] | None = None):
         self.cfg, self.model_cfg, self.model, self.log = cfg, model_cfg, model, log
+        # block t -> the classes its owners have held so far (the coverage step); a resumed run reads its last round
+        last = (history or [{}])[-1]
+        self.block_classes: dict[int, set[int]] = {int(t): set(c) for t, c in last.get("block_classes", {}).items()}
         self.model_cfg_json = json.dumps(model_cfg.to_dict())
         self.capacities: dict[int, NodeCapacity] = {}  # nodes that answered discovery and have not failed since
         self.global_state: dict = {}
@@ -151,7 +156,9 @@ class BlockOwnershipStrategy(Strategy):
                       else f"node-{r.node_id}")
         steps = self.coverage_steps(accepted) if cfg.coverage_step else {}
         if steps:
-            record["block_step"] = {str(t): round(v, 3) for t, v in sorted(steps.items())}
+            record["block_step"] = {str(t): round(v, 4) for t, v in sorted(steps.items())}
+        if self.block_classes:  # what each block has been trained on, for the next rounds' steps and a resume
+            record["block_classes"] = {str(t): sorted(c) for t, c in sorted(self.block_classes.items())}
         self.global_state = aggregate(self.global_state, plan, accepted, cfg.aggregation, cfg.trim_fraction,
                                       block_step=steps)
         self.clock.lap("aggregate")
@@ -161,16 +168,25 @@ class BlockOwnershipStrategy(Strategy):
         return arrays_to_record(self.global_state), MetricRecord({"mean-l2": record["mean_l2"]})
 
     def coverage_steps(self, accepted: list[Reply]) -> dict[int, float]:
-        """Each block's step towards its owners' mean: the share of the classes they hold together (from discovery),
-        so a block whose owners hold 2 of 10 classes moves a fifth of the way and keeps most of what it knew of the
-        other 8. Blocks whose owners reported no classes take the full step."""
-        num_classes = self.model_cfg.num_classes
+        """Each block's step towards its owners' mean: the share that the classes they hold (from discovery) are of
+        every class the block has been trained on so far, these included. A block that knows 8 classes and whose
+        owners bring 2 moves a fifth of the way, so it keeps most of what it knew of the other 6; a block's first
+        owners, or owners of the classes it already knows (IID data), take the full step. Blocks whose owners
+        reported no classes take the full step and learn nothing for the next rounds."""
         held: dict[int, set[int]] = {}
         for r in accepted:
             cap = self.capacities.get(r.node_id)
             for t in self.plan.blocks_of(r.node_id):
                 held.setdefault(t, set()).update(cap.classes if cap else ())
-        return {t: len(c) / num_classes for t, c in held.items() if c and len(c) < num_classes}
+        steps = {}
+        for t, classes in held.items():
+            if not classes:
+                continue
+            known = self.block_classes.setdefault(t, set())
+            known |= classes
+            if len(classes) < len(known):
+                steps[t] = len(classes) / len(known)
+        return steps
 
     def fit_head(self, rnd: int) -> dict[str, float]:
         """Retrain the aggregated head on the server, class-balanced, from q(z_T | y): no images, as many steps as

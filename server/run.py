@@ -70,8 +70,8 @@ class FederatedRun:
                 self.log(f"no checkpoint in {self.out} to resume from: starting at round 1")
             self.metrics_path.unlink(missing_ok=True)
         self.arrays = arrays_to_record(to_numpy_state(self.model.state_dict()))
-        self.strategy: Strategy = (BlockOwnershipStrategy(cfg, self.model_cfg, self.model, log) if cfg.owns_blocks
-                                   else checked_strategy(cfg, log))
+        self.strategy: Strategy = (BlockOwnershipStrategy(cfg, self.model_cfg, self.model, log, self.records)
+                                   if cfg.owns_blocks else checked_strategy(cfg, log))
         # what every node is told each round; the block strategy adds each node's blocks, round and seed
         self.train_config = ConfigRecord({
             "method": cfg.method, "model-config": json.dumps(self.model_cfg.to_dict()),

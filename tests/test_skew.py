@@ -49,8 +49,18 @@ def test_discovery_carries_each_nodes_classes_and_the_plan_pairs_owners_that_dif
     assert all(len(cap.classes) == 1 for cap in fed.strategy.capacities.values())
     # two owners a block, one class each: together they must hold two classes, never one class twice
     assert all(len(c) == 2 for c in owners_classes(fed, record).values()), record["plan"]
-    # each block stepped half the way (2 of 4 classes), as the round's record says
-    assert record["block_step"] == {"1": 0.5, "2": 0.5}
+    # a block's first owners take the full step; what they held is recorded for the next rounds' steps
+    assert "block_step" not in record
+    assert {t: len(c) for t, c in record["block_classes"].items()} == {"1": 2, "2": 2}
+
+
+@pytest.mark.sim
+def test_a_resumed_run_steps_as_the_uninterrupted_one(tmp_path):
+    fed, grid = skewed_run(tmp_path)
+    fed.run_round(1, first=True)
+    resumed = FederatedRun(grid, FederationConfig(**{**fed.cfg.__dict__, "resume": True}), log=lambda _: None)
+    assert resumed.strategy.block_classes == fed.strategy.block_classes and resumed.round == 1
+    assert resumed.run_round(2)["block_step"] == {"1": 0.5, "2": 0.5}
 
 
 @pytest.mark.sim
