@@ -166,6 +166,7 @@ def test_export_is_one_onnx_file_with_parity(tmp_path):
         export_onnx(ckpt, tmp_path / "steps.onnx", steps=3)
 
 
+@pytest.mark.sim
 def test_sim_runs_fedavg_of_the_cnn_for_two_rounds(tmp_path, request):
     """A real noprop-sim: two virtual clients, two rounds of Flower's FedAvg of the CNN (about 30 s here). Round 2
     is the one that once failed: FedAvg handed BatchNorm's integer num_batches_tracked back as float64, so every

@@ -5,6 +5,7 @@ Ctrl-C stops a server and leaves nothing behind."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -155,7 +156,9 @@ def test_server_and_three_clients_finish_rounds_and_checkpoint_predicts(killed_r
     acc = checkpoint_accuracy(fed.out, npz)
     print(f"e2e: accuracy {acc:.3f} from the checkpoint")
     assert acc > 0.9, f"accuracy {acc:.3f} from the checkpoint (chance: 0.25; measured 1.00)\n{fed.report()}"
-    assert "accuracy" in (fed.out / "DONE.json").read_text()
+    done = json.loads((fed.out / "DONE.json").read_text())  # the final evaluation is of the checkpointed model
+    assert done["rounds"] == ROUNDS and done["checkpoint"] == str(fed.out / "checkpoint.pt"), done
+    assert done["eval_mode"] == "deterministic" and done["accuracy"] == pytest.approx(acc, abs=1e-6), (done, acc)
     text = fed.server.text()
     assert f"round {ROUNDS}/{ROUNDS}" in text and "final accuracy" in text and "checkpoint" in text, text
     assert not fed.server.leftovers(), f"processes left behind by noprop-server: {fed.server.leftovers()}"

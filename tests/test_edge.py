@@ -88,6 +88,7 @@ def run(args: list[str], env: dict, cwd: Path | None = None) -> subprocess.Compl
     return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=HANG_S)
 
 
+@pytest.mark.e2e
 def test_predict_and_eval_in_a_process_where_torch_cannot_be_imported(models, pngs, folder, no_torch_env):
     blocked = run(["-c", "import torch"], no_torch_env)
     assert blocked.returncode != 0 and "blocked" in blocked.stderr  # the blocker works
@@ -147,6 +148,7 @@ def test_predict_matches_the_model_and_info_describes_it(models, pngs, capsys):
     assert manifest["T"] == 3 and manifest["method"] == "dt" and manifest["input_shape"] == [1, 12, 12]
 
 
+@pytest.mark.e2e
 def test_stochastic_runs_are_reproducible_and_seeded(models, folder):
     model = edge.EdgeModel(models["stochastic"], threads=1)
     images, _ = task_images(folder)
@@ -246,6 +248,7 @@ def test_bad_inputs_are_one_line_errors_with_exit_2(models, pngs, folder, capsys
         assert len(err.splitlines()) == 1 and message in err, (argv, err)
 
 
+@pytest.mark.e2e
 def test_eval_reads_a_folder_of_class_folders(models, folder, capsys):
     images, labels = task_images(folder)
     root = folder / "tree" / "test"
@@ -274,6 +277,7 @@ def write_idx(raw: Path, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return pixels
 
 
+@pytest.mark.e2e
 def test_eval_reads_mnist_style_idx_files(models, folder, capsys):
     images, labels = task_images(folder)
     pixels = write_idx(folder / "idx" / "raw", images, labels)
@@ -284,6 +288,7 @@ def test_eval_reads_mnist_style_idx_files(models, folder, capsys):
     assert result["accuracy"] >= 0.97  # measured 1.0 (seeds 0-3)
 
 
+@pytest.mark.e2e
 def test_edge_py_copied_alone_runs_info_predict_and_eval_without_noprop_or_torch(models, pngs, folder):
     """The single-file deployment: edge.py alone in a folder, in a process where neither noprop nor torch can be
     imported. info, predict and eval (.npz and raw IDX files) work; serve and query say in one line that they need
@@ -369,6 +374,7 @@ def predict_request(images: np.ndarray, noise: np.ndarray | None = None, seed: i
                                         noise=[] if noise is None else noise.ravel().tolist(), seed=seed)
 
 
+@pytest.mark.e2e
 def test_grpc_service_predicts_informs_checks_health_and_survives_bad_requests(server, models, folder, pngs,
                                                                                capsys):
     proc, target, channel = server

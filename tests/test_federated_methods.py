@@ -61,6 +61,7 @@ def run_sim(tmp_path, request, out, npz_path, rounds: int, *extra: str) -> str:
                            *extra], tmp_path, request, 300, f"sim-{rounds}.log")
 
 
+@pytest.mark.sim
 def test_sim_fedavg_of_noprop_fm_with_resume(tmp_path, request):
     """Round 1, stop, then --resume to round 2: FedAvg of the whole FM network, checked end to end."""
     npz_path = write_synthetic_npz(tmp_path / "task.npz")

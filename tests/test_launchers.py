@@ -87,6 +87,7 @@ def test_flags_and_toml_build_the_config(tmp_path):
     assert cfg.out.startswith("/") and cfg.out.endswith("rel/out")
 
 
+@pytest.mark.e2e
 def test_run_settings_are_read_and_checked_without_torch():
     """Importing noprop.federation, validating a FederationConfig of every method (its model config included) and
     a TrainConfig, and the launchers' flags to a checked config, import no torch: a launcher that lives as long
@@ -226,6 +227,7 @@ def test_client_with_missing_data_fails_before_anything_starts(capsys, tmp_path)
     assert "missing.npz" in err
 
 
+@pytest.mark.e2e
 def test_client_with_unreachable_server_exits_quickly_with_one_line(tmp_path, npz):
     port = free_port()  # nothing listens there
     # gives up after its --wait (a client that retried forever would hit the subprocess timeout and fail here)
@@ -260,6 +262,7 @@ def test_sim_accepts_class_partitions_and_checks_them_against_the_data(monkeypat
         sim.check_class_partitions(FederationConfig(dataset=f"npz:{npz}", partition_type="classes:1"), 2)
 
 
+@pytest.mark.e2e
 def test_process_group_stop_ends_the_whole_tree(tmp_path):
     # a leader that ignores SIGTERM and a grandchild in its group: both must be gone after stop()
     code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -273,6 +276,7 @@ def test_process_group_stop_ends_the_whole_tree(tmp_path):
     assert group not in ProcessGroup.live
 
 
+@pytest.mark.e2e
 def test_console_scripts_report_errors_in_one_line(tmp_path):
     res = subprocess.run([script("noprop-server"), "--rounds", "0", "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, env=quiet_env(), timeout=120)
@@ -313,6 +317,7 @@ def test_round_line_shows_the_round_beside_its_slowest_training():
     assert line.endswith("reply of node 2 rejected: round 1, expected 2"), line
 
 
+@pytest.mark.e2e
 def test_a_supernode_stuck_after_the_server_forgot_its_node_is_restarted(tmp_path):
     """Flower's SuperNode sometimes keeps retrying with its old id after the SuperLink forgot it (a server restarted
     in memory): noprop-client restarts it after its patience, as it does one that exits on its own."""
@@ -353,6 +358,7 @@ def test_dataset_specs_become_absolute_paths_for_the_flower_processes(tmp_path, 
     assert resolve_dataset_spec("missing.npz") == "missing.npz"  # left for the loader's "not found"
 
 
+@pytest.mark.e2e
 def test_a_launchers_children_end_when_it_is_killed(tmp_path):
     """PR_SET_PDEATHSIG, set by setpriv before the child's exec (no preexec_fn in a threaded launcher): a
     launcher SIGKILLed takes its ProcessGroup children and its check subprocesses' with it."""

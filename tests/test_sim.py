@@ -12,6 +12,8 @@ from noprop.checkpoint import load_checkpoint
 from noprop.data import load_dataset
 from noprop.io import read_jsonl
 
+pytestmark = pytest.mark.sim  # noprop-sim on Flower's simulation engine (Ray)
+
 T = 3
 
 

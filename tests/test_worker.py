@@ -27,6 +27,8 @@ from noprop.client.app import make_client_app
 from noprop.model import NoPropDT
 from noprop.records import record_to_arrays, to_numpy_state
 
+pytestmark = pytest.mark.e2e  # a real worker process behind the ClientApp's relay
+
 
 @pytest.fixture
 def folder(tmp_path):
