@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-4}
 # 16,32,64: half-width conv paths, so that 4 rounds fit in 15 minutes on 2 cores (measured: BENCHMARKS.md)
 RUN_FLAGS=(--rounds 4 --local-epochs 1 --eval-limit 2000 --T 10 --channels 16,32,64)
-# the SuperLink keeps its state in memory: ~10 s faster rounds here; the quickstart never restarts the server
+# the SuperLink keeps its state in memory (no database file; the quickstart never restarts the server)
 # under live clients (the default, file, survives that)
 SERVER_FLAGS=(--superlink-db memory)
 read -r -a EXTRA_FLAGS <<< "${QUICKSTART_FLAGS:-}"  # e.g. QUICKSTART_FLAGS="--rounds 2": appended, so they win

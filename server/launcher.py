@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="SuperLink database, Flower home, generated app and logs (default OUT/.flower)")
     net.add_argument("--superlink-db", choices=("file", "memory"), default="file",
                      help="where the SuperLink keeps its state and the messages in flight: file (STATE/superlink.db; "
-                          "clients keep their node ids across a server restart) or memory (rounds faster, "
-                          "BENCHMARKS.md; after a server restart, clients rejoin as new nodes) (default file)")
+                          "clients keep their node ids across a server restart) or memory (no disk; as fast since "
+                          "messages travel packed, BENCHMARKS.md; after a server restart, clients rejoin as new "
+                          "nodes) (default file)")
     net.add_argument("--startup-timeout", type=float, default=120.0,
                      help="seconds to wait for the SuperLink to come up (default 120)")
     net.add_argument("--verbose", "-v", action="store_true", help="echo the ServerApp's log as it arrives")
@@ -120,7 +121,7 @@ class Server:
         cmd = [flower_command("flower-superlink"), *security,
                "--fleet-api-address", p.fleet_address,
                "--host", "127.0.0.1", "--port", str(p.control_port),
-               # the SQL object store on disk slowed each message by seconds each way (BENCHMARKS.md, round overhead)
+               # with packed messages (7-8 objects each) the file store is as fast as memory (BENCHMARKS.md)
                "--database", str(p.state / "superlink.db") if p.superlink_db == "file" else ":flwr-in-memory:",
                "--disable-runtime-dependency-installation"]
         with open(self.superlink_log, "a") as f:
