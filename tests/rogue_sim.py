@@ -1,6 +1,7 @@
 """A federation with a rogue node, on Flower's simulation engine: the real noprop ServerApp, and a ClientApp that
 is noprop's own wrapped so that the node holding partition 0 tampers each train reply it sends, one way per
-round (TAMPERS). Run by tests/test_faults.py as a script (Ray lives and dies with this process):
+round (TAMPERS). tests/test_faults.py runs its federation in process (make_rogue_client_app over LocalGrid, the
+real run loop); as a script it runs on Flower's simulation engine (Ray lives and dies with this process):
 
     python tests/rogue_sim.py OUT NPZ VARIANT
 
