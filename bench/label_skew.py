@@ -208,6 +208,20 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def save_run(path: Path, name: str, summary: dict) -> dict:
+    """Add one run to results.json under a lock: several bench processes may share it (two at a time on 2 cores)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+        results["runs"][name] = summary
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+    return results
+
+
 def main() -> int:
     args = build_parser().parse_args()
     out = Path(args.out)
@@ -230,8 +244,7 @@ def main() -> int:
                     summary.update(final_readouts(run_dir), clients=args.clients, rounds=args.rounds, split=split,
                                    variant=variant, seed=seed, machine=machine,
                                    finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-                    results["runs"][name] = summary
-                    path.write_text(json.dumps(results, indent=1))  # each run lands as soon as it ends
+                    results = save_run(path, name, summary)  # each run lands as soon as it ends
                     print(f"[bench] {name}: " + ", ".join(pct(r["accuracy"]) for r in summary["rounds"])
                           + f"; final {pct(summary['final_accuracy'])}, worst class {pct(summary['min_class'])}",
                           flush=True)
