@@ -48,6 +48,14 @@ FORMAT_VERSION = 1
 INPUT_SCALE = "[0, 1]"  # raw pixels: uint8 / 255
 MODES = ("deterministic", "stochastic")
 PRECISIONS = ("fp32", "int8")
+RUN_MODES = ("full", "anytime", "streamed")  # --mode of predict / eval
+EXIT_RULES = ("confidence", "margin")  # on the current block's posterior p_t: max p_t, or top-1 minus top-2
+BUNDLE_FORMAT = "noprop-fl/block-bundle"
+BUNDLE_FORMAT_VERSION = 1
+BUNDLE_MANIFEST = "manifest.json"
+BLOCK_INPUTS = ("image", "z")  # of each block graph: raw image, z_{t-1}
+BLOCK_OUTPUTS = ("block_probabilities", "z_next")  # p_t and z_t; the last block adds OUTPUT_NAMES
+DEFAULT_MAX_LOSS_POINTS = 0.5  # the anytime calibration's accuracy loss against the full chain, in points
 INPUT_NAME, NOISE_NAME = "image", "noise"
 OUTPUT_NAMES = ("probabilities", "label")
 SERVICE_NAME = "noprop.v1.Inference"
@@ -125,6 +133,7 @@ class ModelInfo:
     solver: str = ""  # ct: ddim | posterior; fm: euler | heun; adjoint: euler | midpoint | rk4
     normalised_in_graph: bool = True
     input_scale: str = INPUT_SCALE
+    anytime: dict = field(default_factory=dict)  # dt: the exit calibration of the block bundle beside the model
 
     @property
     def input_layout(self) -> str:
@@ -170,6 +179,8 @@ class ModelInfo:
         }
         if self.quantization:
             meta["quantization"] = json.dumps(self.quantization, sort_keys=True)
+        if self.anytime:
+            meta["anytime"] = json.dumps(self.anytime, sort_keys=True)
         if self.steps:
             meta["steps"], meta["solver"] = str(self.steps), self.solver
         return meta
@@ -208,6 +219,7 @@ class ModelInfo:
                 exporter=meta.get("exporter", ""),
                 opset=int(meta.get("opset", "0")),
                 quantization=json.loads(meta.get("quantization", "{}")),
+                anytime=json.loads(meta.get("anytime", "{}")),
                 steps=int(meta.get("steps", "0")),
                 solver=meta.get("solver", ""),
                 input_scale=meta.get("input_scale", INPUT_SCALE),
@@ -319,21 +331,7 @@ class EdgeModel:
 
     def check_images(self, images: np.ndarray, what: str = "input") -> np.ndarray:
         """[N, *input_shape] float32 (a single example gains the batch axis); wrong shapes are an EdgeError."""
-        x = np.asarray(images)
-        shape = self.info.input_shape
-        if x.ndim == len(shape):
-            x = x[None]
-        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-            raise EdgeError(f"{what} has shape {list(x.shape)} but the model takes [N, {', '.join(map(str, shape))}]"
-                            f" ({self.info.input_layout}, raw scale {self.info.input_scale})")
-        if x.shape[0] < 1:
-            raise EdgeError(f"{what} is an empty batch")
-        if x.dtype.kind not in "fiub":
-            raise EdgeError(f"{what} must be numeric, got dtype {x.dtype}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise EdgeError(f"{what} contains NaN or infinite values")
-        return x
+        return check_array(images, self.info, what)
 
     def make_noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
         t1, d = self.info.noise_shape
@@ -374,6 +372,262 @@ class EdgeModel:
             probs.append(p)
             labels.append(lab)
         return np.concatenate(probs), np.concatenate(labels)
+
+
+# -- the block bundle: anytime and streamed inference (issue 26) -----------------------------------------
+
+
+def bundle_path_for(onnx_path: str | Path) -> Path:
+    """model.onnx -> model.blocks.zip (beside it): the per-block graphs noprop-export --blocks writes."""
+    p = Path(onnx_path)
+    return p.with_name(p.name.removesuffix(".onnx") + ".blocks.zip")
+
+
+def block_file_name(t: int, T: int) -> str:
+    return f"block-{t:0{max(2, len(str(T)))}d}.onnx"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM; getrusage where /proc is missing), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def exit_scores(probs: np.ndarray, rule: str) -> np.ndarray:
+    """A block's confidence per row, float32: max p_t (confidence) or its top-1 minus top-2 (margin)."""
+    if rule == "confidence":
+        return probs.max(axis=1)
+    top2 = np.partition(probs, probs.shape[1] - 2, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """When a row leaves the chain after block t < T: its score (exit_scores) at least `threshold`, or, for the
+    rule "blocks", after `blocks` blocks. A row that never exits runs all T blocks and the head."""
+
+    rule: str  # confidence | margin | blocks
+    threshold: float = 1.0
+    blocks: int = 0
+
+    def describe(self) -> str:
+        return f"after {self.blocks} blocks" if self.rule == "blocks" else f"{self.rule} >= {self.threshold:.6g}"
+
+    def exits(self, probs: np.ndarray, t: int) -> np.ndarray:
+        if self.rule == "blocks":
+            return np.full(len(probs), t >= self.blocks)
+        return exit_scores(probs, self.rule) >= np.float32(self.threshold)
+
+
+def exit_simulation(per_block: np.ndarray, final: np.ndarray, rule: ExitRule) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, blocks used) of `rule` from every block's probabilities [T, N, K] and the head's [N, K]: what
+    BlockBundle.run(..., rule) returns, computed from one pass over all blocks."""
+    T, n = per_block.shape[:2]
+    labels, used = final.argmax(axis=1), np.full(n, T)
+    open_rows = np.ones(n, dtype=bool)
+    for t in range(1, T):
+        leave = open_rows & rule.exits(per_block[t - 1], t)
+        labels[leave] = per_block[t - 1][leave].argmax(axis=1)
+        used[leave] = t
+        open_rows &= ~leave
+    return labels, used
+
+
+def calibrate_exit(per_block: np.ndarray, final: np.ndarray, labels: np.ndarray,
+                   max_loss_points: float = DEFAULT_MAX_LOSS_POINTS, candidates: int = 400) -> dict:
+    """The exit threshold with the fewest blocks per example whose accuracy on (per_block, final, labels) is at
+    most max_loss_points below the full chain's, for each rule in EXIT_RULES; the cheaper rule is the default.
+
+    Candidates are quantiles of the scores of blocks 1..T-1 (values the graphs produce, so float32-exact) and
+    "never" (2.0: the full chain). Ties go to the higher threshold."""
+    labels = np.asarray(labels)
+    n, T = len(labels), per_block.shape[0]
+    full_correct = int((final.argmax(axis=1) == labels).sum())
+    allowed = max_loss_points * n / 100 + 1e-9  # correct answers the exit may lose
+    result: dict = {"max_loss_points": float(max_loss_points), "examples": int(n), "T": int(T),
+                    "full_accuracy": full_correct / n,
+                    "block_accuracy": [float((p.argmax(axis=1) == labels).mean()) for p in per_block]}
+    best = {}
+    for rule in EXIT_RULES:
+        scores = np.stack([exit_scores(p, rule) for p in per_block[:-1]]) if T > 1 else np.ones((0, n), np.float32)
+        grid = np.unique(np.quantile(scores, np.linspace(0, 1, candidates), method="nearest")) if T > 1 else []
+        chosen = (2.0, float(T), full_correct)
+        for tau in (float(v) for v in grid):
+            pred, used = exit_simulation(per_block, final, ExitRule(rule, tau))
+            correct, cost = int((pred == labels).sum()), float(used.mean())
+            if full_correct - correct <= allowed and (cost, -tau) < (chosen[1], -chosen[0]):
+                chosen = (tau, cost, correct)
+        tau, cost, correct = chosen
+        used = exit_simulation(per_block, final, ExitRule(rule, tau))[1]
+        best[rule] = {"threshold": tau, "mean_blocks": cost, "accuracy": correct / n,
+                      "loss_points": 100 * (full_correct - correct) / n,
+                      "exits_per_block": np.bincount(used, minlength=T + 1)[1:].tolist()}
+    rule = min(EXIT_RULES, key=lambda r: (best[r]["mean_blocks"], r != "confidence"))
+    result.update(rule=rule, threshold=best[rule]["threshold"], mean_blocks=best[rule]["mean_blocks"],
+                  accuracy=best[rule]["accuracy"], rules=best)
+    return result
+
+
+class BlockBundle:
+    """A block bundle (noprop-export --blocks) in onnxruntime sessions, one per block.
+
+    preload=True (anytime) keeps every block's session; preload=False (streamed) loads block t from the zip,
+    runs it over all the rows, and drops it before block t + 1, so one block is in memory at a time.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, arena: bool = True, preload: bool = True):
+        import zipfile
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise EdgeError(f"block bundle {self.path} does not exist: export it with noprop-export --blocks")
+        self.threads, self.arena = threads, arena
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+            self.manifest = json.loads(self._zip.read(BUNDLE_MANIFEST))
+        except (OSError, zipfile.BadZipFile, KeyError, ValueError) as exc:
+            raise EdgeError(f"{self.path} is not a readable block bundle ({_one_line(exc, 100)}): export it again "
+                            "with noprop-export --blocks") from None
+        if self.manifest.get("format") != BUNDLE_FORMAT or self.manifest.get("format_version") != \
+                BUNDLE_FORMAT_VERSION:
+            raise EdgeError(f"{self.path} is a zip but not a noprop-fl block bundle of version "
+                            f"{BUNDLE_FORMAT_VERSION}: export it again with noprop-export --blocks")
+        self.info = ModelInfo.from_metadata(self.manifest.get("metadata", {}), self.path)
+        self.blocks = self.manifest.get("blocks", [])
+        if len(self.blocks) != self.info.T or self.info.mode != "deterministic":
+            raise EdgeError(f"{self.path}: {len(self.blocks)} block graphs for T={self.info.T} "
+                            f"({self.info.mode}): export it again")
+        self.calibration: dict = self.manifest.get("anytime", {})
+        self.size = self.path.stat().st_size
+        self._sessions = [self._load(t) for t in range(1, self.info.T + 1)] if preload else None
+
+    @property
+    def T(self) -> int:
+        return self.info.T
+
+    def close(self) -> None:
+        self._sessions = None
+        self._zip.close()
+
+    def _load(self, t: int) -> ort.InferenceSession:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = self.arena
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        name = self.blocks[t - 1]["file"]
+        try:
+            data = self._zip.read(name)  # the zip checks the member's CRC-32
+            return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise EdgeError(f"{self.path}: block {t} ({name}) cannot be loaded ({_one_line(exc, 120)}): export it "
+                            "again") from None
+
+    def session(self, t: int) -> ort.InferenceSession:
+        return self._sessions[t - 1] if self._sessions is not None else self._load(t)
+
+    def default_rule(self) -> ExitRule | None:
+        """The calibrated exit rule, or None when the bundle records no calibration."""
+        c = self.calibration
+        if not c or c.get("rule") not in EXIT_RULES:
+            return None
+        return ExitRule(c["rule"], float(c["threshold"]))
+
+    def _step(self, sess: ort.InferenceSession, x: np.ndarray, z: np.ndarray, last: bool,
+              batch_size: int) -> list[np.ndarray]:
+        names = list(BLOCK_OUTPUTS) + (list(OUTPUT_NAMES) if last else [])
+        if len(x) <= batch_size:
+            return sess.run(names, {BLOCK_INPUTS[0]: x, BLOCK_INPUTS[1]: z})
+        parts = [sess.run(names, {BLOCK_INPUTS[0]: x[i:i + batch_size], BLOCK_INPUTS[1]: z[i:i + batch_size]})
+                 for i in range(0, len(x), batch_size)]
+        return [np.concatenate(col) for col in zip(*parts)]
+
+    def run(self, images: np.ndarray, rule: ExitRule | None = None,
+            batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probabilities [N, classes], labels [N], blocks used [N]). Without a rule every row runs all T blocks
+        and the head: the one-graph chain's answer. With one, a row leaves after block t < T when the rule says
+        so, answered by p_t; block t + 1 runs only on the rows still open. Rows go through each session in
+        batches of batch_size."""
+        x = check_array(images, self.info)
+        if rule is not None and rule.rule == "blocks" and not 1 <= rule.blocks <= self.T:
+            raise EdgeError(f"--exit-after must be in 1 .. {self.T} (the model's blocks), got {rule.blocks}")
+        n, T = len(x), self.T
+        probs = np.empty((n, self.info.num_classes), dtype=np.float32)
+        labels = np.empty(n, dtype=np.int64)
+        used = np.full(n, T, dtype=np.int64)
+        z = np.zeros((n, self.info.embedding_dim), dtype=np.float32)
+        open_rows = np.arange(n)
+        xa = x
+        try:
+            for t in range(1, T + 1):
+                sess = self.session(t)
+                out = self._step(sess, xa, z, t == T, batch_size)
+                del sess  # streamed: the only reference; the block's memory goes here
+                if t == T:
+                    probs[open_rows], labels[open_rows] = out[2], out[3]
+                    break
+                z = out[1]
+                if rule is None:
+                    continue
+                leave = rule.exits(out[0], t)
+                if leave.any():
+                    rows = open_rows[leave]
+                    probs[rows], labels[rows], used[rows] = out[0][leave], out[0][leave].argmax(axis=1), t
+                    stay = ~leave
+                    open_rows, xa, z = open_rows[stay], xa[stay], z[stay]
+                    if not len(open_rows):
+                        break
+        except EdgeError:
+            raise
+        except Exception as exc:
+            raise EdgeError(f"onnxruntime failed on {self.path} ({_one_line(exc, 120)})") from None
+        return probs, labels, used
+
+    def all_block_probabilities(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(every block's p_t [T, N, K], the head's probabilities [N, K]) of the full chain: the calibration's
+        input."""
+        x = check_array(images, self.info)
+        z = np.zeros((len(x), self.info.embedding_dim), dtype=np.float32)
+        per_block = []
+        for t in range(1, self.T + 1):
+            out = self._step(self.session(t), x, z, t == self.T, batch_size)
+            per_block.append(out[0])
+            z = out[1]
+        return np.stack(per_block), out[2]
+
+    def run_batches(self, images: np.ndarray, batch_size: int = 256, rule: ExitRule | None = None):
+        """run() batch by batch (what a device answering requests of batch_size does)."""
+        parts = [self.run(images[i:i + batch_size], rule, batch_size) for i in range(0, len(images), batch_size)]
+        return tuple(np.concatenate(col) for col in zip(*parts))
+
+
+def check_array(images: np.ndarray, info: ModelInfo, what: str = "input") -> np.ndarray:
+    """[N, *input_shape] float32 (a single example gains the batch axis); wrong shapes are an EdgeError."""
+    x = np.asarray(images)
+    shape = info.input_shape
+    if x.ndim == len(shape):
+        x = x[None]
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise EdgeError(f"{what} has shape {list(x.shape)} but the model takes [N, {', '.join(map(str, shape))}]"
+                        f" ({info.input_layout}, raw scale {info.input_scale})")
+    if x.shape[0] < 1:
+        raise EdgeError(f"{what} is an empty batch")
+    if x.dtype.kind not in "fiub":
+        raise EdgeError(f"{what} must be numeric, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise EdgeError(f"{what} contains NaN or infinite values")
+    return x
 
 
 # -- reading inputs ----------------------------------------------------------------------------------------
@@ -608,6 +862,54 @@ def _seed(text: str) -> int:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside (0, 1]: a probability or margin threshold")
+    return value
+
+
+def _exit_rule(args: argparse.Namespace, bundle: BlockBundle) -> ExitRule | None:
+    """The exit rule of --mode anytime / streamed: --exit-after, --threshold (with --rule or the calibrated rule),
+    or the bundle's calibrated rule (anytime only); streamed runs the full chain unless told otherwise."""
+    if args.exit_after is not None:
+        if args.threshold is not None:
+            raise EdgeError("--exit-after and --threshold are two exit rules: give one")
+        if not 1 <= args.exit_after <= bundle.T:
+            raise EdgeError(f"--exit-after must be in 1 .. {bundle.T} (the model's blocks), got {args.exit_after}")
+        return ExitRule("blocks", blocks=args.exit_after)
+    if args.threshold is not None:
+        calibrated = bundle.default_rule()
+        return ExitRule(args.rule or (calibrated.rule if calibrated else "confidence"), args.threshold)
+    if args.rule is not None:
+        raise EdgeError("--rule needs --threshold (the calibrated rule comes with its own threshold)")
+    if args.mode == "streamed":
+        return None
+    rule = bundle.default_rule()
+    if rule is None:
+        raise EdgeError(f"{bundle.path} records no exit calibration: pass --threshold P or --exit-after K, or "
+                        "export again with noprop-export --blocks (which calibrates on held-out images)")
+    return rule
+
+
+def _open_model(args: argparse.Namespace) -> EdgeModel | BlockBundle:
+    """The one-graph model (--mode full on an .onnx) or the block bundle (anytime, streamed, or a bundle given)."""
+    path = Path(args.model)
+    if args.mode == "full" and (args.threshold is not None or args.exit_after is not None or args.rule):
+        raise EdgeError("--threshold, --rule and --exit-after need --mode anytime or streamed")
+    given_bundle = path.is_file() and path.suffix == ".zip"
+    if args.mode == "full" and not given_bundle and not args.bundle:
+        return EdgeModel(path, threads=args.threads, arena=not args.no_arena)
+    bundle = Path(args.bundle) if args.bundle else path if given_bundle else bundle_path_for(path)
+    if not bundle.is_file():
+        raise EdgeError(f"--mode {args.mode} needs the block bundle {bundle}, which does not exist: export the "
+                        "checkpoint with noprop-export --blocks (NoProp-DT), or pass --bundle")
+    return BlockBundle(bundle, threads=args.threads, arena=not args.no_arena, preload=args.mode != "streamed")
+
+
 def _format_info(model: EdgeModel) -> str:
     info = model.info
     lines = [f"{model.path}  ({model.size / 1e6:.2f} MB, sha256 {model.sha256[:16]}...)"]
@@ -679,10 +981,24 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
+    def mode_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--mode", choices=RUN_MODES, default="full",
+                        help="full (the one-graph chain, default), anytime (the block bundle beside the model, "
+                             "leaving the chain once a block is sure enough: its calibrated rule unless --threshold "
+                             "or --exit-after) or streamed (one block in memory at a time; the full chain's answers)")
+        sp.add_argument("--bundle", help="the block bundle (default: <model>.blocks.zip beside the model)")
+        sp.add_argument("--threshold", type=_unit_interval, metavar="P",
+                        help="anytime / streamed: leave after block t once its score is at least P, in (0, 1]")
+        sp.add_argument("--rule", choices=EXIT_RULES,
+                        help="the score --threshold applies to: max p_t (confidence) or its top-1 minus top-2 "
+                             "(margin); default: the calibrated rule, else confidence")
+        sp.add_argument("--exit-after", type=int, metavar="K", help="anytime / streamed: stop after K blocks")
+
     sp = sub.add_parser("predict", help="label and class name per image")
     model_args(sp)
     sp.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...) or .npy arrays")
     image_args(sp)
+    mode_args(sp)
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("eval", help="accuracy and images per second on labelled data")
@@ -692,6 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, help="use the first N examples only")
     sp.add_argument("--batch-size", type=int, default=256)
     image_args(sp)
+    mode_args(sp)
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("serve", help="gRPC inference service (noprop.v1.Inference + grpc.health.v1)")
@@ -731,42 +1048,74 @@ def _run(args: argparse.Namespace) -> int:
         from noprop.deploy.edge_service import serve_command
 
         return serve_command(args)
-    model = EdgeModel(args.model, threads=args.threads, arena=not args.no_arena)
     if args.command == "info":
+        if Path(args.model).suffix == ".zip":
+            bundle = BlockBundle(args.model, preload=False)
+            print(json.dumps({k: v for k, v in bundle.manifest.items() if k != "metadata"}, indent=2) if args.json
+                  else f"{bundle.path}  ({bundle.size / 1e6:.2f} MB block bundle of {bundle.T} blocks)\n  "
+                       f"{bundle.info.summary()}\n  anytime       "
+                       + (json.dumps({k: v for k, v in bundle.calibration.items() if k != "rules"})
+                          if bundle.calibration else "not calibrated"))
+            return 0
+        model = EdgeModel(args.model, threads=args.threads, arena=not args.no_arena)
         if args.json:
             print(manifest_json(model.info, model.path), end="")
         else:
             print(_format_info(model))
         return 0
+    if args.command == "eval" and args.batch_size < 1:
+        raise EdgeError("--batch-size must be at least 1")
+    model = _open_model(args)
+    rule = _exit_rule(args, model) if isinstance(model, BlockBundle) else None
     if args.command == "predict":
         x = load_images(args.images, model.info.input_shape, args.resize, args.convert)
-        seed = _resolve_seed(model, args.seed)
-        probs, labels = model.run(x, rng=np.random.default_rng(seed))
+        extra: list[dict] = [{} for _ in args.images]
+        if isinstance(model, BlockBundle):
+            probs, labels, used = model.run(x, rule)
+            extra = [{"blocks": int(u)} for u in used]
+            seed = None
+        else:
+            seed = _resolve_seed(model, args.seed)
+            probs, labels = model.run(x, rng=np.random.default_rng(seed))
         _print_predictions([{"file": f, "label": int(lab), "class": model.info.class_names[int(lab)],
-                             "probability": float(p[lab])} for f, p, lab in zip(args.images, probs, labels,
-                                                                               strict=True)], args.json,
+                             "probability": float(p[lab]), **e}
+                            for f, p, lab, e in zip(args.images, probs, labels, extra, strict=True)], args.json,
                            seed, drawn=args.seed is None)
         return 0
     if args.command == "eval":
-        if args.batch_size < 1:
-            raise EdgeError("--batch-size must be at least 1")
         x, y = load_eval_data(args.data, model.info, args.limit, args.resize, args.convert)
-        seed = _resolve_seed(model, args.seed)
-        model.run(x[: min(len(x), args.batch_size)])  # warm-up: first-run allocations are not throughput
-        start = time.perf_counter()
-        _, labels = model.run_batches(x, args.batch_size, seed or 0)
-        elapsed = time.perf_counter() - start
+        extra = {}
+        if isinstance(model, BlockBundle):
+            seed = None
+            if args.mode == "anytime":
+                model.run(x[: min(len(x), args.batch_size)], rule)  # warm-up, as for the one-graph model
+            start = time.perf_counter()
+            if args.mode == "streamed":  # block by block over all the data: each block is loaded once
+                _, labels, used = model.run(x, rule, args.batch_size)
+            else:
+                _, labels, used = model.run_batches(x, args.batch_size, rule)
+            elapsed = time.perf_counter() - start
+            extra = {"exit_rule": rule.describe() if rule else "none (all blocks)",
+                     "mean_blocks": float(used.mean()), "bundle": str(model.path)}
+        else:
+            seed = _resolve_seed(model, args.seed)
+            model.run(x[: min(len(x), args.batch_size)])  # warm-up: first-run allocations are not throughput
+            start = time.perf_counter()
+            _, labels = model.run_batches(x, args.batch_size, seed or 0)
+            elapsed = time.perf_counter() - start
         result = {"model": str(model.path), "data": str(args.data), "examples": int(len(y)),
                   "correct": int((labels == y).sum()), "accuracy": float((labels == y).mean()),
                   "seconds": elapsed, "images_per_s": float(len(y) / elapsed), "batch_size": args.batch_size,
-                  "mode": model.info.mode, "precision": model.info.precision, "seed": seed}
+                  "mode": model.info.mode, "run_mode": args.mode, "precision": model.info.precision, "seed": seed,
+                  **extra, "peak_rss_mb": peak_rss_mb()}
         if args.json:
             print(json.dumps(result, indent=2))
         else:
             noise = f", noise seed {seed}" if seed is not None else ""
+            blocks = f", {extra['mean_blocks']:.2f} blocks per image ({extra['exit_rule']})" if extra else ""
             print(f"accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['examples']}) on "
                   f"{args.data}; {result['images_per_s']:.0f} images/s (batch {args.batch_size}, "
-                  f"{model.info.precision}, {model.info.mode}{noise})")
+                  f"{model.info.precision}, {args.mode}{noise}{blocks}); peak RSS {result['peak_rss_mb']:.0f} MB")
         return 0
     raise AssertionError(args.command)
 

@@ -191,7 +191,7 @@ def test_file_is_self_contained_checked_and_described(checkpoints, folder):
 def test_int8_runs_shrinks_and_keeps_accuracy(checkpoints, folder):
     path, _ = checkpoints["dt"]
     fp32 = export_checkpoint(path, folder / "fp32.onnx")
-    result = export_checkpoint(path, folder / "int8.onnx", int8=True, calibration=128)
+    result = export_checkpoint(path, folder / "int8.onnx", int8=True, calibration=128, int8_scheme="static")
     onnx.checker.check_model(str(result.path), full_check=True)
     model = onnx.load(str(result.path))
     ops = {n.op_type for n in model.graph.node}
@@ -254,8 +254,14 @@ def test_cli_bad_inputs_are_one_line_errors(checkpoints, folder, capsys):
         ([str(foreign), "-o", str(folder / "x.onnx")], "not a noprop-fl checkpoint"),
         ([str(folder / "garbage.pt"), "-o", str(folder / "x.onnx")], "not a readable noprop-fl checkpoint"),
         ([str(folder / "missing.pt"), "-o", str(folder / "x.onnx")], "does not exist"),
-        ([str(path), "-o", str(folder / "x.onnx"), "--int8", "--data", "npz:/nonexistent.npz"], "nonexistent.npz"),
-        ([str(path), "-o", str(folder / "x.onnx"), "--int8", "--calibration", "0"], "--calibration"),
+        ([str(path), "-o", str(folder / "x.onnx"), "--int8", "--int8-scheme", "static", "--data",
+          "npz:/nonexistent.npz"], "nonexistent.npz"),
+        ([str(path), "-o", str(folder / "x.onnx"), "--int8", "--int8-scheme", "static", "--calibration", "0"],
+         "--calibration"),
+        ([str(checkpoints["backprop"][0]), "-o", str(folder / "x.onnx"), "--blocks"], "exports NoProp-DT chains"),
+        ([str(path), "-o", str(folder / "x.onnx"), "--blocks", "--mode", "stochastic"], "deterministic chains only"),
+        ([str(path), "-o", str(folder / "x.onnx"), "--blocks", "--anytime-loss", "-1"], "--anytime-loss"),
+        ([str(path), "-o", str(folder / "x.onnx"), "--blocks", "--holdout", "-3"], "--holdout"),
     ]
     for argv, message in cases:
         assert export_cli.main(argv) == 2, argv
