@@ -862,6 +862,15 @@ def _seed(text: str) -> int:
     return value
 
 
+def _image_file(text: str) -> str:
+    """predict's and query's images: a folder is a usage error that says what to pass instead."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: pass image files (PNG, JPEG, ...) or .npy arrays, e.g. "
+                                         f"{text.rstrip('/')}/*.png; for a folder of class folders use noprop-edge "
+                                         f"eval MODEL --data {text}")
+    return text
+
+
 def _unit_interval(text: str) -> float:
     try:
         value = float(text)
@@ -962,78 +971,105 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+EPILOG = """Examples:
+  noprop-edge info model.onnx
+  noprop-edge predict model.onnx shoe.png bag.png
+  noprop-edge eval model.onnx --data test.npz
+  noprop-edge serve model.onnx --port 50051
+  noprop-edge query 127.0.0.1:50051 shoe.png --health
+Each command's own options: noprop-edge COMMAND --help."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="noprop-edge", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="noprop-edge", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("model", help="the .onnx file noprop-export wrote")
-        sp.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: its own choice)")
-        sp.add_argument("--no-arena", action="store_true", help="disable onnxruntime's CPU memory arena")
+        sp.add_argument("model", metavar="MODEL", help="the .onnx file noprop-export wrote")
+        sp.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: its own "
+                                                                  "choice)")
+        sp.add_argument("--no-arena", action="store_true", help="disable onnxruntime's CPU memory arena (default: "
+                                                                "the arena is used)")
 
     def image_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--resize", action="store_true", help="scale images of another size to the model's")
-        sp.add_argument("--convert", action="store_true", help="convert grayscale <-> RGB to the model's channels")
-        sp.add_argument("--seed", type=_seed, help="seed of a stochastic model's noise (default: a fresh one, "
-                                                   "printed so the run can be repeated)")
+        sp.add_argument("--resize", action="store_true", help="scale images of another size to the model's "
+                                                              "(default: another size is an error)")
+        sp.add_argument("--convert", action="store_true", help="convert grayscale <-> RGB to the model's channels "
+                                                               "(default: other channels are an error)")
+        sp.add_argument("--seed", type=_seed, metavar="N",
+                        help="seed of a stochastic model's noise (default: a fresh one, printed so the run can be "
+                             "repeated)")
 
     sp = sub.add_parser("info", help="show the model's metadata")
     model_args(sp)
-    sp.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    sp.add_argument("--json", action="store_true", help="print the manifest as JSON (default: text)")
 
     def mode_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--mode", choices=RUN_MODES, default="full",
                         help="full (the one-graph chain, default), anytime (the block bundle beside the model, "
                              "leaving the chain once a block is sure enough: its calibrated rule unless --threshold "
                              "or --exit-after) or streamed (one block in memory at a time; the full chain's answers)")
-        sp.add_argument("--bundle", help="the block bundle (default: <model>.blocks.zip beside the model)")
+        sp.add_argument("--bundle", metavar="FILE",
+                        help="the block bundle (default: model.blocks.zip beside model.onnx)")
         sp.add_argument("--threshold", type=_unit_interval, metavar="P",
                         help="anytime / streamed: leave after block t once its score is at least P, in (0, 1]")
         sp.add_argument("--rule", choices=EXIT_RULES,
                         help="the score --threshold applies to: max p_t (confidence) or its top-1 minus top-2 "
                              "(margin); default: the calibrated rule, else confidence")
-        sp.add_argument("--exit-after", type=int, metavar="K", help="anytime / streamed: stop after K blocks")
+        sp.add_argument("--exit-after", type=int, metavar="K", help="anytime / streamed: stop after K blocks "
+                                                                     "(default: all of them)")
 
     sp = sub.add_parser("predict", help="label and class name per image")
     model_args(sp)
-    sp.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...) or .npy arrays")
+    sp.add_argument("images", nargs="+", type=_image_file, metavar="IMAGE",
+                    help="image files (PNG, JPEG, ...) or .npy arrays")
     image_args(sp)
     mode_args(sp)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="one JSON object per image (default: a line of text)")
 
     sp = sub.add_parser("eval", help="accuracy and images per second on labelled data")
     model_args(sp)
-    sp.add_argument("--data", required=True, help="FILE.npz (x_test, y_test or x, y), a DIR of class folders, "
-                                                  "or a DIR with MNIST-style IDX test files")
-    sp.add_argument("--limit", type=int, help="use the first N examples only")
-    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--data", required=True, metavar="FILE|DIR",
+                    help="FILE.npz (x_test, y_test or x, y), a DIR of class folders, or a DIR with MNIST-style IDX "
+                         "test files")
+    sp.add_argument("--limit", type=int, metavar="N", help="use the first N examples only (default: all)")
+    sp.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per run (default: 256)")
     image_args(sp)
     mode_args(sp)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON (default: text)")
 
     sp = sub.add_parser("serve", help="gRPC inference service (noprop.v1.Inference + grpc.health.v1)")
     model_args(sp)
-    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    sp.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
-    sp.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                    help="larger requests get RESOURCE_EXHAUSTED (default 4 MiB)")
-    sp.add_argument("--workers", type=int, default=4, help="request threads")
-    sp.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT,
-                    help=f"calls in progress or queued; more get RESOURCE_EXHAUSTED (default {DEFAULT_MAX_CONCURRENT})")
-    sp.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get at shutdown")
-    sp.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS")
-    sp.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    sp.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without TLS")
+    sp.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                    help="address to bind (default: 127.0.0.1, this machine only)")
+    sp.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT",
+                    help=f"port (default: {DEFAULT_PORT}; 0 = any free)")
+    sp.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                    help="larger requests get RESOURCE_EXHAUSTED (default: 4 MiB)")
+    sp.add_argument("--workers", type=int, default=4, metavar="N", help="request threads (default: 4)")
+    sp.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
+                    help=f"calls in progress or queued; more get RESOURCE_EXHAUSTED (default: "
+                         f"{DEFAULT_MAX_CONCURRENT})")
+    sp.add_argument("--grace", type=float, default=5.0, metavar="S",
+                    help="seconds calls in flight get at shutdown (default: 5)")
+    sp.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve over TLS (default: no TLS)")
+    sp.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    sp.add_argument("--insecure", action="store_true",
+                    help="allow a non-loopback --host without TLS (default: refused)")
 
     sp = sub.add_parser("query", help="call a running noprop-edge serve")
-    sp.add_argument("target", help="HOST:PORT")
-    sp.add_argument("images", nargs="*", help="image files or .npy arrays to classify")
+    sp.add_argument("target", metavar="HOST:PORT", help="the address noprop-edge serve listens on")
+    sp.add_argument("images", nargs="*", type=_image_file, metavar="IMAGE",
+                    help="image files or .npy arrays to classify")
     sp.add_argument("--info", action="store_true", help="print the served model's manifest")
     sp.add_argument("--health", action="store_true", help="check the standard health service")
-    sp.add_argument("--timeout", type=float, default=10.0)
-    sp.add_argument("--tls-ca", help="PEM CA certificate of a server started with --tls-cert: use TLS")
+    sp.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                    help="seconds to wait for an answer (default: 10)")
+    sp.add_argument("--tls-ca", metavar="FILE",
+                    help="PEM CA certificate of a server started with --tls-cert: use TLS (default: no TLS)")
     image_args(sp)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the answers as JSON (default: text)")
     return p
 
 
