@@ -9,6 +9,7 @@ import contextlib
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from noprop.ops.certs import authorized_keys, check_server_certificates, speaks_
 from noprop.ops.network import free_port
 from noprop.server import launcher as server_launcher
 from noprop.server import preflight
+
+pytestmark = pytest.mark.e2e  # noprop-certs, noprop-server, noprop-client and Flower's SuperNode as processes
 
 SMALL = ["--T", "2", "--channels", "4,8,8", "--hidden", "16", "--batch-size", "32", "--local-epochs", "1",
          "--eval-limit", "0", "--client-threads", "1", "--rounds", "1"]
@@ -232,6 +235,15 @@ def registered_nodes(server_log: str) -> dict[str, int]:
     return {name: int(node) for name, node in re.findall(r"(\S+) \(node (\d+)\)", line)}
 
 
+def superlink_nodes(state: Path) -> dict[int, tuple[str, str | None]]:
+    """Every node the SuperLink's database (--superlink-db file, in --state-dir) knows: id -> (status, when it was
+    last activated). Flower stores the unsigned 64-bit node ids as signed ones."""
+    (db_path,) = state.rglob("superlink.db")
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        rows = db.execute("SELECT node_id, status, last_activated_at FROM node").fetchall()
+    return {(n + 2**64 if n < 0 else n): (status, activated) for n, status, activated in rows}
+
+
 @dataclass
 class SecureRun:
     code: int
@@ -241,6 +253,7 @@ class SecureRun:
     relay: Relay
     report: str
     server_log: str
+    superlink_nodes: dict[int, tuple[str, str | None]]  # the SuperLink's node table: id -> (status, last activated)
 
 
 def prime_state(state: Path, certs: Path, keys: Path, out: Path) -> None:
@@ -304,7 +317,8 @@ def secure_run(tmp_path_factory, npz, certs, other_ca):
         records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
         report = "\n".join([f"--- server ---\n{server.text()[-3000:]}",
                             *(f"--- {name} ---\n{c.text()[-1500:]}" for name, c in clients.items())])
-        yield SecureRun(code, records, registered_nodes(server.text()), clients, relay, report, server.text())
+        yield SecureRun(code, records, registered_nodes(server.text()), clients, relay, report, server.text(),
+                        superlink_nodes(state))
     finally:
         relay.close()
         cleanup_all([*clients.values(), server])
@@ -332,6 +346,13 @@ def test_clients_trusting_another_ca_are_refused(secure_run):
 
 def test_unregistered_node_keys_cannot_join(secure_run):
     assert "client2 removed (node" in secure_run.server_log, secure_run.server_log  # unregistered on restart
+    # the SuperLink's own node table: the two registered keys' nodes, and the removed key's node unregistered and
+    # never activated; no node at all for the never registered key
+    removed = int(re.search(r"client2 removed \(node (\d+)", secure_run.server_log).group(1))
+    nodes = secure_run.superlink_nodes
+    assert set(nodes) == {*secure_run.nodes.values(), removed}, (nodes, secure_run.nodes)
+    assert nodes[removed][0] == "unregistered" and nodes[removed][1] in (None, ""), nodes
+    assert all(nodes[n][1] for n in secure_run.nodes.values()), nodes  # those two were activated
     for name in ("removed-key", "unknown-key"):  # right CA, key unknown to the SuperLink: refused, exit at once
         client = secure_run.clients[name]
         assert wait_exit(client, 60) != 0, client.text()
