@@ -19,12 +19,14 @@ class LocalGrid:
     processes: a run is a few seconds). A node in ``gone`` is offline: it is not listed and a message to it gets
     no reply."""
 
-    def __init__(self, npz, num_nodes: int, run_config: dict, max_blocks: int = 0):
+    def __init__(self, npz, num_nodes: int, run_config: dict, max_blocks: int = 0,
+                 node_ids: list[int] | None = None):
         self.app = make_client_app()
+        ids = node_ids or [100 + i for i in range(num_nodes)]  # node_ids: as Flower draws them (random per run)
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=run_config,
-                             node_config={"data": f"npz:{npz}", "partition-id": i, "num-partitions": num_nodes,
-                                          "threads": 1, "max-blocks": max_blocks})
+            ids[i]: Context(run_id=1, node_id=ids[i], state=RecordDict(), run_config=run_config,
+                            node_config={"data": f"npz:{npz}", "partition-id": i, "num-partitions": num_nodes,
+                                         "threads": 1, "max-blocks": max_blocks})
             for i in range(num_nodes)}
         self.gone: set[int] = set()
 
