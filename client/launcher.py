@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 from noprop.client.worker import start_worker, stop_worker, worker_dir
 from noprop.ops.certs import check_node_key, check_root_certificate, speaks_tls, tls_handshake
-from noprop.ops.cli import LaunchError, OneLineParser, fail, say
+from noprop.ops.cli import LaunchError, OneLineParser, examples, fail, say
 from noprop.ops.flower import config_string, flower_command, flower_env
 from noprop.ops.network import (
     check_port,
@@ -47,10 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Join a noprop-server federation: start a Flower SuperNode that trains the NoProp blocks the "
                     "server gives this device, on this device's data.",
-        epilog="Example: noprop-client --server 127.0.0.1:9092 --data fashion-mnist --partition 0/4",
+        epilog=examples(
+            "noprop-client --server 127.0.0.1:9092 --insecure --data fashion-mnist --partition 0/4",
+            "noprop-client --server server.lan:9092 --root-certificate ca.crt --data fashion-mnist --partition 1/4",
+            "noprop-client --server server.lan --root-certificate ca.crt --key client2 --data npz:mine.npz "
+            "--partition 2/4 --name lab-pc",
+            "noprop-client --superlink 127.0.0.1:9092 --root-certificates certs/ca.crt --data mnist",
+        ) + "\n--superlink and --root-certificates are Flower's names for --server and --root-certificate.",
     )
-    p.add_argument("--server", required=True, metavar="HOST:PORT",
-                   help=f"the noprop-server's Fleet API address (port defaults to {DEFAULT_FLEET_PORT})")
+    p.add_argument("--server", "--superlink", required=True, metavar="HOST:PORT",
+                   help=f"the noprop-server's Fleet API address (port: default {DEFAULT_FLEET_PORT})")
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="this device's data: fashion-mnist, mnist, cifar10, cifar100, imagefolder:DIR or npz:FILE")
     p.add_argument("--data-root", default=None, metavar="DIR",
@@ -69,13 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not tell the server which classes this device holds (by default discovery reports the "
                         "set of classes that make up 2%% or more of the local data, never their counts, so the plan "
                         "can give each block owners with different classes)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="where training runs (default: auto, a GPU if there is one)")
     p.add_argument("--max-blocks", type=int, default=None, metavar="K",
                    help="hold at most K blocks at once (default: as many as memory allows)")
-    p.add_argument("--memory-mb", type=int, default=None, metavar="M", help="memory budget in MB (default: measured)")
+    p.add_argument("--memory-mb", type=int, default=None, metavar="N", help="memory budget in MB (default: measured)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads for training (default: the run's client-threads)")
-    p.add_argument("--port", type=int, default=None, metavar="P",
+    p.add_argument("--port", type=int, default=None, metavar="PORT",
                    help="local port of the SuperNode's runtime API on 127.0.0.1 (default: a free one)")
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="Flower home of this node: the apps it receives are unpacked here (default: $FLWR_HOME or "
@@ -84,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every message in Flower's fresh per-message process (imports torch and loads the data "
                         "each time) instead of relaying it to this node's warm worker")
     p.add_argument("--wait", type=float, default=10.0, metavar="S",
-                   help="seconds to wait for the server to answer before giving up (default 10)")
+                   help="seconds to wait for the server to answer before giving up (default: 10)")
     sec = p.add_argument_group("security (one of --root-certificate and --insecure is required)")
-    sec.add_argument("--root-certificate", default=None, metavar="FILE",
+    sec.add_argument("--root-certificate", "--root-certificates", default=None, metavar="FILE",
                      help="connect with TLS, trusting the server certificates this CA signed (noprop-certs DIR: "
                           "DIR/ca.crt)")
     sec.add_argument("--insecure", action="store_true",
@@ -112,6 +120,16 @@ def check_security(args: argparse.Namespace, host: str) -> tuple[Path | None, Pa
     root = check_root_certificate(args.root_certificate) if args.root_certificate else None
     key = check_node_key(args.key)[0] if args.key else None
     return root, key
+
+
+def check_resolves(host: str, port: int, flag: str = "--server") -> None:
+    """The --server name resolves to an address (DNS or /etc/hosts); raises LaunchError."""
+    try:
+        socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise LaunchError(f"{flag} {format_address(host, port)}: the name {host} does not resolve ({reason}): "
+                          "check its spelling, or give the server's IP address") from None
 
 
 def parse_partition(text: str) -> tuple[int, int]:
@@ -198,8 +216,11 @@ def check_node(config: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    server_flag = "--superlink" if any(a.split("=")[0] == "--superlink" for a in given) else "--server"
     try:
-        host, port = parse_address(args.server, DEFAULT_FLEET_PORT, "--server")
+        host, port = parse_address(args.server, DEFAULT_FLEET_PORT, server_flag)
+        check_resolves(host, port, server_flag)  # before the data loads: a misspelt name is one line at once
         root_certificate, key = check_security(args, host)
         if not args.wait >= 0:
             raise LaunchError("--wait must be 0 or more seconds")

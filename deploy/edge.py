@@ -1007,9 +1007,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def mode_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--mode", choices=RUN_MODES, default="full",
-                        help="full (the one-graph chain, default), anytime (the block bundle beside the model, "
-                             "leaving the chain once a block is sure enough: its calibrated rule unless --threshold "
-                             "or --exit-after) or streamed (one block in memory at a time; the full chain's answers)")
+                        help="full (the one-graph chain), anytime (the block bundle beside the model, leaving the "
+                             "chain once a block is sure enough: its calibrated rule unless --threshold or "
+                             "--exit-after) or streamed (one block in memory at a time; the full chain's answers) "
+                             "(default: full)")
         sp.add_argument("--bundle", metavar="FILE",
                         help="the block bundle (default: model.blocks.zip beside model.onnx)")
         sp.add_argument("--threshold", type=_unit_interval, metavar="P",

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from noprop.io import atomic_write
-from noprop.ops.cli import LaunchError, OneLineParser, fail
+from noprop.ops.cli import LaunchError, OneLineParser, examples, fail
 from noprop.ops.network import format_address
 
 PROG = "noprop-certs"
@@ -182,7 +182,8 @@ def write_bundle(out: Path, hosts: Sequence[str], clients: Sequence[str], days: 
         for path, data, mode in files:
             atomic_write(path, lambda f, data=data: f.write(data), mode=mode)
     except OSError as exc:
-        raise LaunchError(f"cannot write to {out}: {exc.strerror or exc}") from None
+        raise LaunchError(f"cannot write to {out}: {exc.strerror or exc}: give a DIR in a folder you can write to, "
+                          "e.g. noprop-certs ./certs") from None
     return [path for path, _, _ in files]
 
 
@@ -350,21 +351,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Make a development CA, a TLS certificate for noprop-server and SuperNode key pairs for "
                     "noprop-client, in one folder.",
-        epilog="Example: noprop-certs certs --host server.lan --clients 4, then noprop-server --certificates certs "
-               "--authorized-keys certs/clients and noprop-client --root-certificate certs/ca.crt --key "
-               "certs/clients/client0",
+        epilog=examples(
+            "noprop-certs certs",
+            "noprop-certs certs --host server.lan --host 192.168.1.20 --clients 4",
+            "noprop-server --host 0.0.0.0 --certificates certs --authorized-keys certs/clients --min-clients 4",
+            "noprop-client --server server.lan:9092 --root-certificate certs/ca.crt --key certs/clients/client0 "
+            "--data fashion-mnist --partition 0/4",
+        ) + "\nThe first for one machine; the rest across machines (copy ca.crt and clients/clientI with its .pub "
+            "to client I; keep ca.key on the server).",
     )
     p.add_argument("dir", metavar="DIR", help="output folder (made if missing)")
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="a name or address clients use to reach the server (repeatable); localhost, 127.0.0.1 and "
-                        "::1 are always in the certificate")
+                        "::1 are always in the certificate (default: those three alone)")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--clients", type=int, default=None, metavar="N",
-                     help="make N node key pairs, clients/client0 .. client{N-1}")
+                     help="make N node key pairs, clients/client0 .. client{N-1} (default: none)")
     who.add_argument("--client", action="append", default=None, metavar="NAME",
                      help="make a node key pair clients/NAME (repeatable)")
-    p.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
-    p.add_argument("--force", action="store_true", help="replace an existing CA and same-named client keys")
+    p.add_argument("--days", type=int, default=365, metavar="N",
+                   help="validity of the certificates in days (default: 365)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing CA and same-named client keys (default: refuse)")
     return p
 
 

@@ -33,7 +33,7 @@ import tomli_w
 
 from noprop.io import atomic_write_text
 from noprop.ops.certs import key_fingerprint
-from noprop.ops.cli import LaunchError, OneLineParser, fail, say
+from noprop.ops.cli import LaunchError, OneLineParser, examples, fail, say
 from noprop.ops.flower import flower_command, flower_env
 from noprop.ops.network import format_address, tcp_answers
 from noprop.ops.processes import ProcessGroup, run_quiet, tail
@@ -55,16 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a Flower SuperLink and run NoProp federated training on it: clients "
                     "(noprop-client) connect to --host:--port, the server plans block ownership, aggregates, "
                     "evaluates and checkpoints each round.",
-        epilog="Example: noprop-server --rounds 4 --min-clients 4, then on each client machine: "
-               "noprop-client --server SERVER:9092 --data fashion-mnist --partition i/4",
+        epilog=examples(
+            "noprop-certs certs --host server.lan",
+            "noprop-server --host 0.0.0.0 --certificates certs --rounds 4 --min-clients 4",
+            "noprop-client --server server.lan:9092 --root-certificate ca.crt --data fashion-mnist --partition 0/4",
+            "noprop-server --insecure --rounds 2 --min-clients 2 --out runs/fed",
+            "noprop-server --insecure --config pyproject.toml",
+        ) + "\nThe first three: TLS across machines (copy certs/ca.crt to each client); the last two: one machine. "
+            "Follow a run with Flower's CLI: FLWR_HOME=OUT/.flower/flwr-home flwr ls noprop (or flwr log RUN-ID "
+            "noprop --stream).",
     )
     net = p.add_argument_group("network and state")
-    net.add_argument("--host", default="127.0.0.1",
-                     help="address the Fleet API (the clients' side) listens on (default 127.0.0.1: this machine "
+    net.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                     help="address the Fleet API (the clients' side) listens on (default: 127.0.0.1, this machine "
                           "only; 0.0.0.0 = every interface)")
-    net.add_argument("--port", type=int, default=9092, help="Fleet API port (default 9092)")
-    net.add_argument("--control-port", type=int, default=9093,
-                     help="port of the SuperLink's HTTP Control API, always on 127.0.0.1 (default 9093)")
+    net.add_argument("--port", type=int, default=9092, metavar="PORT", help="Fleet API port (default: 9092)")
+    net.add_argument("--control-port", type=int, default=9093, metavar="PORT",
+                     help="port of the SuperLink's HTTP Control API, always on 127.0.0.1 (default: 9093)")
     sec = p.add_argument_group("security (one of --certificates and --insecure is required)")
     sec.add_argument("--certificates", default=None, metavar="DIR",
                      help="TLS for the Fleet and Control APIs with DIR/ca.crt, DIR/server.crt, DIR/server.key (made by "
@@ -74,17 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--authorized-keys", default=None, metavar="DIR",
                      help="only SuperNodes holding the private key of a DIR/*.pub may join (Flower's SuperNode "
                           "authentication; needs --certificates); clients pass --key")
-    net.add_argument("--state-dir", default=None,
-                     help="SuperLink database, Flower home, generated app and logs (default OUT/.flower)")
+    net.add_argument("--state-dir", default=None, metavar="DIR",
+                     help="SuperLink database, Flower home (STATE/flwr-home: set FLWR_HOME to it for flwr ls / flwr "
+                          "log), generated app and logs (default: OUT/.flower)")
     net.add_argument("--superlink-db", choices=("file", "memory"), default="file",
                      help="where the SuperLink keeps its state and the messages in flight: file (STATE/superlink.db; "
                           "clients keep their node ids across a server restart) or memory (no disk; as fast since "
                           "messages travel packed, BENCHMARKS.md; after a server restart, clients rejoin as new "
-                          "nodes) (default file)")
-    net.add_argument("--startup-timeout", type=float, default=120.0,
-                     help="seconds to wait for the SuperLink to come up (default 120)")
-    net.add_argument("--verbose", "-v", action="store_true", help="echo the ServerApp's log as it arrives")
-    add_federation_flags(p)
+                          "nodes) (default: file)")
+    net.add_argument("--startup-timeout", type=float, default=120.0, metavar="S",
+                     help="seconds to wait for the SuperLink to come up (default: 120)")
+    net.add_argument("--verbose", "-v", action="store_true",
+                     help="echo the ServerApp's log as it arrives (default: a line per round)")
+    add_federation_flags(p, defaults={"plan_by_speed": "on"})
     return p
 
 
@@ -303,8 +312,9 @@ class Server:
         p, cfg = self.plan, self.plan.cfg
         self.start_superlink()
         run_id = self.submit()
-        self.say(f"run {run_id} submitted: {cfg.num_rounds} rounds, T={cfg.T}, policy {cfg.policy}, evaluating "
-                 f"on {cfg.dataset}; output in {p.out}")
+        shape = f"T={cfg.T}, policy {cfg.policy}" if cfg.owns_blocks else f"FedAvg of one {cfg.method} network"
+        self.say(f"run {run_id} submitted: {cfg.num_rounds} rounds, {shape}, evaluating on {cfg.dataset}; output in "
+                 f"{p.out}; Flower's CLI sees it with FLWR_HOME={p.flwr_home} flwr ls {CONNECTION}")
         hint_host = p.host if p.host not in ("0.0.0.0", "::") else "THIS-MACHINE"
         security = " --insecure" if p.tls is None else f" --root-certificate {p.tls['ca']}"
         if p.node_keys:

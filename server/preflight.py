@@ -12,7 +12,7 @@ from noprop.ops.certs import authorized_keys, certificate_names, check_server_ce
 from noprop.ops.cli import LaunchError, say
 from noprop.ops.network import check_port, format_address, is_loopback, port_free_soon
 from noprop.ops.processes import check_in_subprocess
-from noprop.ops.run_flags import federation_config_from_args
+from noprop.ops.run_flags import federation_config_from_args, ignored_settings
 
 PROG = "noprop-server"
 
@@ -55,6 +55,8 @@ class Plan:
 def prepare(args: argparse.Namespace) -> Plan:
     """Everything that can be checked before a process starts; raises LaunchError."""
     cfg, overrides = federation_config_from_args(args)
+    for warning in ignored_settings(cfg, overrides):
+        say(PROG, warning)
     host = args.host.strip().strip("[]")
     if not host:
         raise LaunchError("--host is empty: give an address, e.g. 127.0.0.1 or 0.0.0.0")

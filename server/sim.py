@@ -12,13 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from noprop.ops.cli import LaunchError, OneLineParser, fail, say
+from noprop.ops.cli import LaunchError, OneLineParser, examples, fail, say
 from noprop.ops.flower import apply_flower_env, flower_env
-from noprop.ops.run_flags import add_federation_flags, federation_config_from_args
+from noprop.ops.run_flags import PARTITIONS, add_federation_flags, federation_config_from_args, ignored_settings
 from noprop.ops.supervision import supervise
 
 PROG = "noprop-sim"
 CHILD_ENV = "NOPROP_SIM_CHILD"  # set in the child that runs the simulation
+EPILOG = examples("noprop-sim --clients 8 --partition dirichlet:0.5 --rounds 5",
+                  "noprop-sim --method cnn --clients 10 --partition classes:2 --rounds 4 --out runs/sim-cnn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,19 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Simulate a NoProp federation: N virtual clients on this machine (Flower simulation engine, "
                     "Ray), the same ServerApp and ClientApp as noprop-server / noprop-client.",
-        epilog="Example: noprop-sim --clients 8 --partition dirichlet:0.5 --rounds 5",
+        epilog=EPILOG,
     )
     sim = p.add_argument_group("simulation")
-    sim.add_argument("--clients", type=int, default=4, metavar="N", help="virtual clients (default 4)")
-    sim.add_argument("--partition", default=None, metavar="iid|dirichlet:ALPHA|classes:K",
+    sim.add_argument("--clients", type=int, default=4, metavar="N", help="virtual clients (default: 4)")
+    sim.add_argument("--partition", default=None, metavar=PARTITIONS,
                      help="how the client data is split among the N clients: iid, dirichlet:ALPHA (label skew) or "
-                          "classes:K (each client holds exactly K classes) (default: --partition-type, iid)")
-    sim.add_argument("--num-cpus", type=int, default=None,
+                          "classes:K (each client holds exactly K classes) (default: --partition-type's, iid)")
+    sim.add_argument("--num-cpus", type=int, default=None, metavar="N",
                      help="CPUs Ray may use (default: all of this machine's)")
-    sim.add_argument("--client-cpus", type=float, default=1.0,
+    sim.add_argument("--client-cpus", type=float, default=1.0, metavar="X",
                      help="CPUs reserved per virtual client; num-cpus / client-cpus clients train at once "
-                          "(default 1)")
-    add_federation_flags(p)
+                          "(default: 1)")
+    add_federation_flags(p, defaults={"min_nodes": "--clients: every virtual client is there from the start",
+                                      "plan_by_speed": "off: virtual clients share this machine, so their timings "
+                                                       "measure contention and would change the plan run to run"})
     return p
 
 
@@ -54,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
             raise LaunchError(f"--clients {args.clients}: need at least 1 virtual client")
         extra: dict[str, object] = {}
         if args.partition is not None:
-            extra["partition_type"] = args.partition.strip()
+            extra["partition_type"] = check_partition(args.partition)
         if args.cfg_plan_by_speed is None:  # virtual clients share this machine: their speed is not theirs
             extra["plan_by_speed"] = False
         if args.cfg_min_nodes is None:
             extra["min_nodes"] = args.clients  # every virtual client is there from the start
-        cfg, _ = federation_config_from_args(args, extra)
+        cfg, overrides = federation_config_from_args(args, extra)
         if cfg.min_nodes > args.clients:
             raise LaunchError(f"--min-clients {cfg.min_nodes} is more than --clients {args.clients}")
         num_cpus = args.num_cpus if args.num_cpus is not None else (os.cpu_count() or 1)
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, str(exc))
 
     if os.environ.get(CHILD_ENV) != "1":
+        for warning in ignored_settings(cfg, overrides):
+            say(PROG, warning)
         return run_in_child(list(sys.argv[1:] if argv is None else argv))
     return simulate(cfg, args, num_cpus)
 
@@ -80,6 +86,39 @@ def run_in_child(argv: list[str]) -> int:
     env[CHILD_ENV] = "1"
     return supervise(PROG, "noprop-sim", [sys.executable, "-m", "noprop.server.sim", *argv], env,
                      "stopping the simulation and Ray", grace=lambda: 10.0)
+
+
+def check_partition(text: str) -> str:
+    """--partition's value, checked here so that the message names --partition (the run setting it sets is
+    partition-type). Raises LaunchError."""
+    from noprop.partition import parse_partitioning
+    from noprop.sources import DatasetError
+
+    spec = text.strip()
+    try:
+        parse_partitioning(spec)
+    except DatasetError as exc:
+        raise LaunchError(f"--partition {text}: {exc}") from None
+    return spec
+
+
+def check_data(cfg) -> None:
+    """The server's test split of --dataset and the clients' train split of --client-data (default --dataset) load,
+    before Ray starts: a wrong name or path is one line naming the flag, not a failure inside the simulation.
+    Raises LaunchError."""
+    from noprop.data import load_dataset
+    from noprop.sources import DatasetError
+
+    checks = [("--dataset", cfg.dataset, "test")]
+    checks.append(("--client-data", cfg.client_data, "train") if cfg.client_data else ("--dataset", cfg.dataset,
+                                                                                          "train"))
+    for flag, spec, split in checks:
+        try:
+            load_dataset(spec, split, root=cfg.data_root or None)
+        except DatasetError as exc:
+            raise LaunchError(f"{flag} {spec}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise LaunchError(f"{flag} {spec} cannot be read: {exc}") from None
 
 
 def check_class_partitions(cfg, clients: int) -> None:
@@ -101,6 +140,7 @@ def check_class_partitions(cfg, clients: int) -> None:
 
 def simulate(cfg, args: argparse.Namespace, num_cpus: int) -> int:
     try:
+        check_data(cfg)
         check_class_partitions(cfg, args.clients)
     except LaunchError as exc:
         return fail(PROG, str(exc))

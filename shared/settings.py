@@ -30,7 +30,12 @@ class Flag:
 
     help: str | None = None
     aliases: tuple[str, ...] = ()
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | None = None  # argparse refuses any other value
+    # the values, listed in the help as {a,b,c} but checked by the settings' own validate, so that a flag and a
+    # TOML key get the same message
+    listed: tuple[str, ...] | None = None
+    default: str | None = None  # what the default means, where its value would not say it ("" or 0 for unset)
+    metavar: str | None = None  # the placeholder (default: N for whole numbers, X for numbers, VALUE for text)
     negatable: bool = True  # a bool field: --x / --no-x; False: --x alone sets it
     parse: Callable[[str], object] | None = None  # the flag's text -> value (raises argparse.ArgumentTypeError)
     list_as_text: bool = False  # a str field that a TOML list of whole numbers may give, comma-separated
@@ -144,14 +149,32 @@ def _whole_numbers_flag(text: str) -> tuple[int, ...]:
 
 FLAG_PARSERS: dict[type, Callable[[str], object]] = {int: _whole_number_flag, float: _number_flag, str: str,
                                                       tuple: _whole_numbers_flag}
+METAVARS = {int: "N", float: "X", str: "VALUE", tuple: "N,N,N"}  # one placeholder style: upper case, no underscores
+
+
+def default_text(value: object) -> str:
+    """A default as the help shows it: on/off, numbers as written, text unquoted."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def with_default(text: str | None, shown: str) -> str:
+    return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, flags: Mapping[str, Flag],
               *, dest_prefix: str = "", show_defaults: bool = False, config_help: str | None = None,
-              skip: Sequence[str] = ()) -> dict[str, str]:
+              skip: Sequence[str] = (), defaults: Mapping[str, str] | None = None) -> dict[str, str]:
     """One flag per field of ``cls`` (kebab-case; ``flags`` adds help, aliases, choices), each defaulting to None
-    so that only what the user gave overrides; with ``config_help``, ``--config TOML`` too. Returns
-    {field name: primary flag}."""
+    so that only what the user gave overrides; with ``config_help``, ``--config TOML`` too. With
+    ``show_defaults``, each help ends with "(default: ...)": ``defaults[name]``, else the Flag's ``default``, else
+    the field's value (a None or "" default without either is a TypeError: unset must say what it means).
+    Returns {field name: primary flag}."""
     if config_help is not None:
         parser.add_argument("--config", metavar="TOML", default=None, help=config_help)
     made = {}
@@ -162,14 +185,22 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         names = [flag_name(f.name), *spec.aliases]
         help_text = spec.help
         if show_defaults:
-            help_text = f"{spec.help or f.name.replace('_', ' ')} (default: {field_default(f)!r})"
+            shown = (defaults or {}).get(f.name) or spec.default
+            if shown is None:
+                value = field_default(f)
+                if value is None or value == "":
+                    raise TypeError(f"{cls.__name__}.{f.name}: say what its unset default means (Flag.default)")
+                shown = default_text(value)
+            help_text = with_default(spec.help, shown)
         dest = dest_prefix + f.name
         if kind.kind is bool:
             action = argparse.BooleanOptionalAction if spec.negatable else "store_const"
             extra = {} if spec.negatable else {"const": True}
             parser.add_argument(*names, dest=dest, action=action, default=None, help=help_text, **extra)
         else:
-            metavar = None if spec.choices else f.name.upper().replace("_", "-") if f.name != "T" else "T"
+            metavar = spec.metavar or ("{" + ",".join(spec.listed) + "}" if spec.listed else None)
+            if metavar is None and not spec.choices:
+                metavar = METAVARS[kind.kind]
             parser.add_argument(*names, dest=dest, type=spec.parse or FLAG_PARSERS[kind.kind], default=None,
                                 choices=spec.choices, metavar=metavar, help=help_text)
         made[f.name] = names[0]
@@ -191,8 +222,9 @@ def given_flags(args: argparse.Namespace, cls: type, dest_prefix: str = "") -> d
 
 
 def read_toml(path: str | os.PathLike, cls: type, table: str, flags: Mapping[str, Flag] = {}) -> dict[str, object]:
-    """Settings from a TOML file: field names (dashes or underscores, or a flag's alias) at the top level or in a
-    ``[table]``; an unknown key or a value of the wrong type is a SettingsError naming the file and key."""
+    """Settings from a TOML file: field names (dashes or underscores, or a flag's alias) at the top level, in a
+    ``[table]`` or in a Flower app's ``[tool.flwr.app.config]``; an unknown key or a value of the wrong type is a
+    SettingsError naming the file and key."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -203,8 +235,16 @@ def read_toml(path: str | os.PathLike, cls: type, table: str, flags: Mapping[str
         raise SettingsError(f"config file {path} is a folder: give a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    flower: object = raw
+    for key in ("tool", "flwr", "app", "config"):
+        flower = flower.get(key) if isinstance(flower, dict) else None
     if isinstance(raw.get(table), dict):
         raw = raw[table]
+    elif isinstance(flower, dict):  # a Flower app's pyproject.toml: its run config table
+        raw, path = flower, f"{path} [tool.flwr.app.config]"
+    elif isinstance(raw.get("tool"), dict):
+        raise SettingsError(f"config file {path}: a [tool] table without [tool.flwr.app.config]: put the run "
+                            "settings in that table (as in a Flower app's pyproject.toml) or at the top level")
     known = {f.name: f for f in fields(cls)}
     aliases = {alias.lstrip("-").replace("-", "_"): name for name, spec in flags.items() for alias in spec.aliases}
     values: dict[str, object] = {}

@@ -31,14 +31,16 @@ from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.methods import METHODS, build_model, make_optimizer
 from noprop.model import prototype_rows, scale_prototypes
 from noprop.model_configs import (
+    ADJOINT_SOLVERS,
     CT_L2_WEIGHTS,
+    FM_SOLVERS,
     HEAD_KINDS,
     NORM_KINDS,
     PROTOTYPE_SCALES,
     PROTOTYPE_Z_PATHS,
     parse_embedding,
 )
-from noprop.ops.cli import OneLineParser
+from noprop.ops.cli import OneLineParser, examples
 from noprop.plots import plot_training_curves
 from noprop.settings import Flag, SettingsError, add_flags
 from noprop.sources import DatasetError
@@ -55,44 +57,67 @@ def parse_channels(text: str) -> tuple[int, int, int]:
     return parts
 
 
-# what TrainConfig's fields do not say themselves: help, choices, the short -T (noprop.settings makes the flags)
+# what TrainConfig's fields do not say themselves: help, choices, what an unset default means, the short -T
+# (noprop.settings makes the flags and adds each default)
+SOLVERS = tuple(dict.fromkeys((*FM_SOLVERS, *ADJOINT_SOLVERS)))
 TRAIN_FLAGS = {
-    "method": Flag(f"{', '.join(METHODS)} (default dt)"),
-    "dataset": Flag("fashion-mnist (default), mnist, cifar10, cifar100, imagefolder:DIR, npz:FILE"),
-    "data_root": Flag("folder holding the datasets (default: $NOPROP_DATA or ./data)"),
+    "method": Flag("dt: NoProp-DT; ct, fm: NoProp-CT and -FM; adjoint, backprop: the baselines; cnn: the plain CNN "
+                   "peer", listed=tuple(METHODS)),
+    "dataset": Flag("fashion-mnist, mnist, cifar10, cifar100, imagefolder:DIR or npz:FILE", metavar="SPEC"),
+    "data_root": Flag("folder holding the datasets", metavar="DIR", default="$NOPROP_DATA or ./data"),
     "download": Flag("let torchvision download MNIST/CIFAR", negatable=False),
-    "subset": Flag("train on a class-stratified subset of M examples"),
-    "eval_limit": Flag("evaluate on the first M test examples only"),
-    "T": Flag("number of blocks (default 10)", aliases=("-T",)),
-    "embedding": Flag("one-hot (default), learned:D, prototype"),
-    "prototype_scale": Flag("prototype rows: unit (one factor to mean norm 1) or image (the raw normalised images); "
-                            "default: dt and ct unit, fm, backprop and adjoint image", choices=PROTOTYPE_SCALES),
-    "prototype_z_path": Flag("prototype z read by a conv path (the paper) or by the FC path of the other embeddings; "
-                             "default: dt and ct linear, fm, backprop and adjoint conv", choices=PROTOTYPE_Z_PATHS),
-    "head": Flag(choices=HEAD_KINDS),
-    "eta": Flag("L2 weight (default: dt 0.1, ct 1.0, the paper's values)"),
-    "clip": Flag("alpha_bar clip (sets SNR(T)); default 1e-4"),
-    "max_delta_snr": Flag("cap on SNR(t) - SNR(t-1) in the loss weight"),
-    "norm": Flag("dt: normalisation in a block (default batch, Figure 6)", choices=NORM_KINDS),
+    "subset": Flag("train on a class-stratified subset of N examples", default="all of the train split"),
+    "eval_limit": Flag("evaluate on the first N test examples only", default="all of them"),
+    "epochs": Flag("passes over the training data"),
+    "T": Flag("dt, backprop: number of blocks", aliases=("-T",)),
+    "embedding": Flag("class embedding (cnn: one-hot only)", metavar="one-hot|learned:D|prototype"),
+    "prototype_scale": Flag("prototype rows: unit (one factor to mean norm 1) or image (the raw normalised images)",
+                            choices=PROTOTYPE_SCALES, default="dt and ct unit; fm, backprop and adjoint image"),
+    "prototype_z_path": Flag("prototype z read by a conv path (the paper) or by the FC path of the other embeddings",
+                             choices=PROTOTYPE_Z_PATHS, default="dt and ct linear; fm, backprop and adjoint conv"),
+    "head": Flag("output head (cnn: softmax only)", choices=HEAD_KINDS),
+    "radial_sigma": Flag("width of the radial head's kernel"),
+    "eta": Flag("dt, ct: weight of the L2 (denoising) term", default="the paper's values: dt 0.1, ct 1.0"),
+    "clip": Flag("dt: the noise schedule's alpha-bar clip (sets SNR(T) and the last block's loss weight)"),
+    "max_delta_snr": Flag("dt: cap on SNR(t) - SNR(t-1) in the loss weight", default="no cap"),
+    "channels": Flag("conv widths of a block, three comma-separated numbers", parse=parse_channels),
+    "hidden": Flag("hidden width of a block"),
+    "dropout": Flag("dropout in a block"),
+    "norm": Flag("dt, backprop: normalisation in a block (batch: Figure 6)", choices=NORM_KINDS),
     "z_skip": Flag("dt: blocks add the closed-form class posterior given z_{t-1} to their logits (not Figure 6; "
                    "the federation's default)", negatable=False),
-    "channels": Flag("conv widths of a block, default 32,64,128", parse=parse_channels),
-    "steps": Flag("ct / fm / adjoint: ODE steps from t=0 to 1 (default 10)"),
-    "solver": Flag("fm: euler (default) or heun; adjoint: euler (default), midpoint or rk4"),
-    "fm_sigma": Flag("fm: width of the Gaussian path (default 0.1)"),
+    "steps": Flag("ct, fm, adjoint: ODE steps from t=0 to 1", default="10"),
+    "solver": Flag("fm: euler or heun; adjoint: euler, midpoint or rk4", listed=SOLVERS, default="euler"),
+    "fm_sigma": Flag("fm: width of the Gaussian path"),
     "ct_l2_weight": Flag("ct: the L2 term's weight over t, snr (Eq. 9's SNR'(t)) or log-snr (-gamma'(t))",
-                         choices=CT_L2_WEIGHTS),
-    "grad_clip": Flag("ct: largest gradient norm of a training step (0 = off)"),
-    "eval_mode": Flag(choices=EVAL_MODES),
-    "device": Flag("auto (default), cpu, cuda, cuda:N, mps"),
-    "threads": Flag("torch CPU threads"),
-    "out": Flag("run folder (default runs/<method>-<dataset>-<time>)"),
+                         choices=CT_L2_WEIGHTS, default="log-snr"),
+    "grad_clip": Flag("ct: largest gradient norm of a training step (0 = off)", default="1"),
+    "lr": Flag("AdamW learning rate"),
+    "weight_decay": Flag("AdamW weight decay"),
+    "batch_size": Flag("training batch size"),
+    "eval_mode": Flag("inference mode of the test accuracy", choices=EVAL_MODES),
+    "device": Flag("where training runs", metavar="auto|cpu|cuda|cuda:N|mps"),
+    "seed": Flag("random seed"),
+    "threads": Flag("torch CPU threads", default="torch's own choice"),
+    "out": Flag("run folder", metavar="DIR", default="runs/METHOD-DATASET-TIME"),
 }
 
 
+EPILOG = examples(
+    "noprop-train --method dt --dataset fashion-mnist --epochs 5 --embedding learned:20",
+    "noprop-train --method cnn --epochs 5 --out runs/cnn",
+    "noprop-train --method ct --epochs 5 --steps 10",
+    "noprop-train --config run.toml --epochs 2",
+    "noprop-train --out runs/cnn --method cnn --epochs 8 --resume",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="noprop-train", description=__doc__.splitlines()[0], argument_default=None)
-    add_flags(p, TrainConfig, TRAIN_FLAGS, config_help="TOML file with any of the settings below (flags override it)")
+    p = OneLineParser(prog="noprop-train", description=__doc__.splitlines()[0], argument_default=None,
+                      epilog=EPILOG)
+    add_flags(p, TrainConfig, TRAIN_FLAGS, show_defaults=True,
+              config_help="TOML file with any of the settings below, at the top level or in a [train] table (flags "
+                          "win over it)")
     p.add_argument("--resume", action="store_true",
                    help="continue --out's run after its last checkpointed epoch (same settings; --epochs may grow)")
     return p
