@@ -5,12 +5,15 @@ started random and got a few averaged steps a round); it must be well above chan
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from procs import run_sim_to_end
 from synthetic import synthetic_arrays
 
 from noprop.checkpoint import load_checkpoint
 from noprop.data import load_dataset
 from noprop.io import read_jsonl
+
+pytestmark = pytest.mark.sim  # noprop-sim on Flower's simulation engine (Ray)
 
 CLASSES = 10
 
