@@ -9,6 +9,12 @@ onnxruntime through noprop.deploy.edge (no torch in that process) with and witho
 a bare python + numpy process as the floor. All engines use the same thread count and deterministic
 inference (z_0 = 0, eps = 0), on inputs in raw pixel scale (eager normalises inside the timed call too, as
 the exported graph does). Prints a markdown table and writes everything as JSON.
+
+    .venv/bin/python bench/inference.py runs/dt/checkpoint.pt --peer runs/cnn/checkpoint.pt --data-root data
+
+With --peer (a --method cnn checkpoint): issue 26's comparison instead, NoProp-DT full / anytime / streamed, fp32
+and int8, against the CNN peer's export, in one run (bench/edge_modes.py: table, JSON and a plot of accuracy
+against latency).
 """
 
 from __future__ import annotations
@@ -231,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", type=int, default=512, help="int8 calibration images")
     p.add_argument("--rss-images", type=int, default=1000)
     p.add_argument("--limit", type=int, help="use the first N test images only")
+    p.add_argument("--peer", help="a --method cnn checkpoint: run bench/edge_modes.py's comparison against it")
     args = p.parse_args(argv)
+    if args.peer:
+        import edge_modes
+
+        return edge_modes.main([args.checkpoint, args.peer, *(["--data-root", args.data_root] if args.data_root
+                                                              else []), "--threads", str(args.threads)])
     result = run(args)
     table = markdown(result)
     print(table)

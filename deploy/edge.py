@@ -15,6 +15,7 @@ message of proto/noprop/v1/inference.proto).
     noprop-edge info model.onnx
     noprop-edge predict model.onnx a.png b.png [--resize] [--convert] [--json]
     noprop-edge eval model.onnx --data test.npz|DIR [--limit N] [--batch-size B]
+    noprop-edge eval|predict model.onnx ... --mode full|anytime|streamed [--threshold P [--rule R] | --exit-after K]
     noprop-edge serve model.onnx [--host 127.0.0.1] [--port 50051] [--max-request-bytes B]
     noprop-edge query HOST:PORT a.png [--info] [--health]
 
