@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from benchlib import replace_section  # bench/ is on sys.path: this script runs from there
-from federated_peer import run_sim
+from federated_peer import run_sim, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -102,11 +102,11 @@ def report(results: dict) -> str:
              "they name. Several seeds: the mean, with the lowest and highest in brackets. 'worst class' is the "
              "lowest per-class accuracy at the end (the mean over seeds). MB and client train s are per client "
              "per round; client CPU s is the sum over clients and rounds.", ""]
-    configs = sorted({(r["clients"], r["rounds"]) for r in results["runs"].values()})
+    configs = sorted({(r["clients"], r["num_rounds"]) for r in results["runs"].values()})
     for clients, rounds in configs:
         lines += [f"### {clients} clients, {rounds} rounds", ""]
         splits = list(dict.fromkeys(r["split"] for r in results["runs"].values()
-                                    if (r["clients"], r["rounds"]) == (clients, rounds)))
+                                    if (r["clients"], r["num_rounds"]) == (clients, rounds)))
         for split in splits:
             variants = [v for v in VARIANTS if cells(results, clients, rounds, split, v)]
             shown = [r for r in range(1, rounds + 1) if rounds <= 8 or r in (1, 2, 5, 10, 15, 20) or r == rounds]
@@ -159,7 +159,7 @@ def goals(results: dict) -> list[str]:
         verdict = "holds" if gap <= 2 else "missed"
         out.append(f"- Dirichlet(0.5) {gap:.1f} points below IID (goal: within 2; {verdict}).")
     worst = [(k, r["min_class"]) for k, r in results["runs"].items()
-             if r["variant"] == "dt" and r["clients"] == 10 and r["rounds"] == 6 and r["min_class"] is not None]
+             if r["variant"] == "dt" and r["clients"] == 10 and r["num_rounds"] == 6 and r["min_class"] is not None]
     if worst:
         k, v = min(worst, key=lambda kv: kv[1])
         out.append(f"- Every class at least 25% at the end: the lowest is {pct(v)}% ({k}; "
@@ -184,7 +184,7 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["clients"], r["rounds"], r["split"]) for r in results["runs"].values()})
+    panels = sorted({(r["clients"], r["num_rounds"], r["split"]) for r in results["runs"].values()})
     if not panels:
         return
     cols = min(4, len(panels))
@@ -228,6 +228,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    for name, run in results["runs"].items():  # entries an earlier version saved with the round count as "rounds"
+        if isinstance(run.get("rounds"), int):
+            fixed = {**run, **summarise(out / "runs" / name), "num_rounds": run["rounds"]}
+            results = save_run(path, name, fixed)
     if not args.report_only:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -241,7 +245,7 @@ def main() -> int:
                     cmd = command(args, run_dir, split, variant, seed)
                     print(f"[bench] {' '.join(cmd)}", flush=True)
                     summary = run_sim(cmd, run_dir, reuse=False)
-                    summary.update(final_readouts(run_dir), clients=args.clients, rounds=args.rounds, split=split,
+                    summary.update(final_readouts(run_dir), clients=args.clients, num_rounds=args.rounds, split=split,
                                    variant=variant, seed=seed, machine=machine,
                                    finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
                     results = save_run(path, name, summary)  # each run lands as soon as it ends
