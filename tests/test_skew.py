@@ -31,7 +31,7 @@ def skewed_run(tmp_path, **kw) -> tuple[FederatedRun, LocalGrid]:
     cfg = FederationConfig(T=T, num_rounds=2, min_nodes=4, channels="4,8,8", hidden=16, dropout=0.0, batch_size=64,
                            min_local_steps=0, head_steps=10, eval_limit=0, eval_in_background=False,
                            join_timeout=0.01, dataset=f"npz:{npz}", partition_type="classes:1",
-                           out=str(tmp_path / "out"), **kw)
+                           out=str(tmp_path / "out"), **{"coverage_step": True, "label_aware": True, **kw})
     grid = LocalGrid(npz, 4, cfg.to_run_config())
     return FederatedRun(grid, cfg, log=lambda _: None), grid
 
