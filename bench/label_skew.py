@@ -134,7 +134,9 @@ def report(results: dict) -> str:
     machines = sorted({r["machine"] for r in results["runs"].values()})
     loads = [r[k] for r in results["runs"].values() for k in ("load_start", "load_end")]
     lines += [f"Machine: {'; '.join(machines)}. Load average over the runs: {min(loads):.2f}-{max(loads):.2f} "
-              "(1-minute, read at each run's start and end). Plot: bench/results/label_skew/accuracy.png.", ""]
+              "(1-minute, read at each run's start and end). Above 2 the machine was shared (2 or 3 runs at a time, "
+              "other jobs): then compare accuracy and bytes between rows, not the seconds. Plot: "
+              "bench/results/label_skew/accuracy.png.", ""]
     return "\n".join(lines)
 
 
