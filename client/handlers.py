@@ -86,14 +86,15 @@ def node_identity(node_config: Mapping) -> str:
     return f"partition-{int(node_config.get('partition-id', 0))}-of-{int(node_config.get('num-partitions', 1))}"
 
 
-HELD_SHARE = 0.02  # a class counts as held when it is at least this share of the node's examples
+HELD_SHARE = 0.2  # a class counts as held when it has at least this fraction of an even share of the examples
 
 
 def held_classes(y: torch.Tensor, num_classes: int) -> list[int]:
-    """The classes that make up at least HELD_SHARE of these labels: what discovery tells the planner. A set, not
-    a histogram: the server learns which classes a node holds, not how many of each."""
+    """The classes that make up at least HELD_SHARE of an even share of these labels (2% of them for 10 classes,
+    0.2% for 100): what discovery tells the planner. A set, not a histogram: the server learns which classes a
+    node holds, not how many of each."""
     counts = torch.bincount(y.long().flatten(), minlength=num_classes)
-    return [c for c in range(num_classes) if counts[c] > 0 and counts[c] >= HELD_SHARE * len(y)]
+    return [c for c in range(num_classes) if counts[c] > 0 and counts[c] >= HELD_SHARE * len(y) / num_classes]
 
 
 def settings(run_config: Mapping, node_config: Mapping) -> tuple[FederationConfig, NodeSettings]:

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "never by this name")
     p.add_argument("--private-labels", action="store_true",
                    help="do not tell the server which classes this device holds (by default discovery reports the "
-                        "set of classes that make up 2%% or more of the local data, never their counts, so the plan "
-                        "can give each block owners with different classes)")
+                        "set of classes holding at least a fifth of an even share of the local data, 2%% for 10 "
+                        "classes, never their counts, so the plan can give each block owners with different classes)")
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N|mps",
                    help="where training runs (default: auto, a GPU if there is one)")
     p.add_argument("--max-blocks", type=int, default=None, metavar="K",

@@ -22,6 +22,8 @@ def test_a_node_reports_the_classes_it_holds_not_their_counts():
     y = torch.tensor([0] * 500 + [3] * 480 + [7] * 19 + [9] * 1)  # 7 is 1.9% of 1000, 9 one example
     assert held_classes(y, 10) == [0, 3]
     assert held_classes(torch.arange(10).repeat(5), 10) == list(range(10))
+    # 100 even classes (1% each) are all held: the bar is a fifth of an even share, not a fixed 2%
+    assert held_classes(torch.arange(100).repeat(3), 100) == list(range(100))
 
 
 def skewed_run(tmp_path, **kw) -> tuple[FederatedRun, LocalGrid]:
