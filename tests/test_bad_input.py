@@ -227,8 +227,9 @@ BAD_INPUT: list[Row] = [
         truncated("{ckpt}", "bad.pt"), 2, "is not a readable noprop-fl checkpoint"),
     Row("export-checksum-mismatch", ["noprop-export", "{tmp}/bad.pt", "-o", "{tmp}/m.onnx"],
         tampered_checkpoint("bad.pt"), 2, "fails its checksum"),
-    Row("export-calibration-image-shape", ["noprop-export", "{ckpt}", "-o", "{tmp}/m.onnx", "--int8", "--data",
-                                           "npz:{tmp}/wide.npz", "--calibration", "16"],
+    Row("export-calibration-image-shape", ["noprop-export", "{ckpt}", "-o", "{tmp}/m.onnx", "--int8",
+                                           "--int8-scheme", "static", "--data", "npz:{tmp}/wide.npz",
+                                           "--calibration", "16"],  # static: the scheme that calibrates
         images_npz("wide.npz", 20), 2, "has examples [1, 20, 20] but the model takes [1, 12, 12]"),
     # ONNX files into noprop-edge
     *[Row(f"edge-{cmd}-{kind}-onnx", ["noprop-edge", cmd, "{tmp}/bad.onnx", *extra], setup, 2,
