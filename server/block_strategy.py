@@ -152,8 +152,7 @@ class BlockOwnershipStrategy(Strategy):
                                   for r in accepted if r.node_id in by_node}
         self.clock.lap("validate")
         # float sums depend on their order: combine in the nodes' stable names, not in the order replies came
-        accepted.sort(key=lambda r: self.capacities[r.node_id].identity if r.node_id in self.capacities
-                      else f"node-{r.node_id}")
+        accepted.sort(key=lambda r: self.capacities[r.node_id].identity)  # accepted: planned, so discovered
         steps = self.coverage_steps(accepted) if cfg.coverage_step else {}
         if steps:
             record["block_step"] = {str(t): round(v, 4) for t, v in sorted(steps.items())}
@@ -175,9 +174,8 @@ class BlockOwnershipStrategy(Strategy):
         reported no classes take the full step and learn nothing for the next rounds."""
         held: dict[int, set[int]] = {}
         for r in accepted:
-            cap = self.capacities.get(r.node_id)
             for t in self.plan.blocks_of(r.node_id):
-                held.setdefault(t, set()).update(cap.classes if cap else ())
+                held.setdefault(t, set()).update(self.capacities[r.node_id].classes)
         steps = {}
         for t, classes in held.items():
             if not classes:
