@@ -31,13 +31,19 @@ quickstart: setup data
 quickstart-central: setup data
 	$(BIN)/noprop-train --dataset fashion-mnist --data-root $(DATA) --epochs 1 --out runs/quickstart-central
 
+# whole test modules spread over WORKERS pytest-xdist processes, the longest first (tests/conftest.py orders
+# them; every Ray simulation is in tests/test_sim.py, so one runs at a time). Federations of real processes
+# mostly wait on Flower's heartbeats and timeouts; 3 workers measured fastest on 2 cores (BENCHMARKS.md)
+WORKERS ?= 3
+PARALLEL = -n $(WORKERS) --dist loadscope --no-loadscope-reorder
+
 # the whole suite (unit, sim and e2e tiers; markers in pyproject.toml), then its 25 slowest tests
 test: setup data
-	NOPROP_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q --durations=25
+	NOPROP_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q $(PARALLEL) --durations=25
 
 # the unit tier only (no federation, no real processes): stops at the first failure, then its 15 slowest tests
 test-fast: setup data
-	NOPROP_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q -x -m unit --durations=15
+	NOPROP_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q $(PARALLEL) -x -m unit --durations=15
 
 lint: setup
 	$(BIN)/ruff check .

@@ -25,9 +25,15 @@ def process_start() -> float | None:
     """Wall clock of this process's start, when it is Flower's per-message flwr-clientapp (else None)."""
     if os.path.basename(sys.argv[0]) != "flwr-clientapp":
         return None
-    import psutil
+    try:  # Linux: the start in clock ticks since boot, against the boot clock now (10 ms)
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, AttributeError):  # psutil's is whole seconds off: it counts from btime
+        import psutil
 
-    return psutil.Process().create_time()
+        return psutil.Process().create_time()
 
 
 def handle_here(kind: str, content: RecordDict, context: Context, run_config: dict) -> RecordDict:

@@ -93,6 +93,8 @@ FEDERATION_FLAGS: dict[str, Flag] = {
     "round_timeout": Flag("seconds a round waits for replies; later replies are dropped and the node planned out",
                           metavar="S"),
     "join_timeout": Flag("seconds the first round waits for --min-clients clients", metavar="S"),
+    "rejoin_timeout": Flag("seconds a later round waits for --min-clients clients to be back (a restarted "
+                           "client rejoins) before it goes on with fewer (at most --join-timeout)", metavar="S"),
     "reply_poll_s": Flag("seconds between the server's looks for replies (Flower's own Grid waits 3)", metavar="S"),
     "client_threads": Flag("torch threads per client process", default="0, torch's own choice"),
     "aggregation": Flag("how replies are combined: dt: the shared embedding and head; the other methods: the whole "

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 # ---- run settings: the one place to tune them ---------------------------------------------------------------
 CLIENTS=${CLIENTS:-4}
 # 16,32,64: half-width conv paths, so that 4 rounds fit in 15 minutes on 2 cores (measured: BENCHMARKS.md)
-RUN_FLAGS=(--rounds 4 --local-epochs 1 --eval-limit 2000 --T 10 --channels 16,32,64)
+# --no-plan-by-speed: the 4 like clients share this machine, so their measured speeds are each other's contention;
+# planning by data alone makes two quickstarts train alike (same plan, same weights)
+RUN_FLAGS=(--rounds 4 --local-epochs 1 --eval-limit 2000 --T 10 --channels 16,32,64 --no-plan-by-speed)
 # the SuperLink keeps its state in memory (no database file; the quickstart never restarts the server)
 # under live clients (the default, file, survives that)
 SERVER_FLAGS=(--superlink-db memory)

@@ -178,8 +178,10 @@ class FederatedRun:
         self.log(round_line(record, self.cfg.num_rounds))
 
     def wait_for_nodes(self, first: bool) -> None:
-        """Wait for min_nodes (the whole join timeout before the first round, briefly after)."""
-        deadline = time.monotonic() + (self.cfg.join_timeout if first else min(30.0, self.cfg.join_timeout))
+        """Wait for min_nodes: the join timeout before the first round, the rejoin timeout (never longer) before
+        later ones, then go on with the nodes there are."""
+        later = min(self.cfg.rejoin_timeout, self.cfg.join_timeout)
+        deadline = time.monotonic() + (self.cfg.join_timeout if first else later)
         announced = False
         while True:
             nodes = sorted(self.grid.get_node_ids())

@@ -79,6 +79,7 @@ class FederationConfig:
     seed: int = 0
     round_timeout: float = 900.0  # seconds a round waits for replies
     join_timeout: float = 300.0  # seconds the first round waits for min_nodes
+    rejoin_timeout: float = 30.0  # seconds a later round waits for min_nodes before going on with fewer
     reply_poll_s: float = 0.2  # the ServerApp looks for replies this often (Flower's own Grid: every 3 s)
     client_threads: int = 0  # torch threads per client process (0 = torch's default)
     aggregation: str = "mean"  # of the shared embedding and head: mean | median | trimmed-mean
@@ -104,6 +105,8 @@ class FederationConfig:
         for name in ("eta", "steps", "fm_sigma"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be 0 (the method's default) or positive")
+        if self.rejoin_timeout < 0:
+            raise bad("rejoin_timeout", "must be 0 (go on at once) or positive")
         for name in ("head_steps", "min_local_steps"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be 0 (off) or positive")

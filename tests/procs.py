@@ -5,12 +5,14 @@ always ends the whole tree."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -137,9 +139,38 @@ class Spawned:
         return sorted(pid for pid in self.seen if alive(pid))
 
 
+SIMULATION_LOCK = Path(tempfile.gettempdir()) / "noprop-tests-simulation.lock"
+_simulation_slot = None  # the open lock file while this process holds the slot
+
+
+def one_simulation_at_a_time(request) -> None:
+    """Hold, until the test's end, the one slot for a noprop-sim on this machine: Flower's simulation engine
+    starts a Ray cluster that takes every core it is given (--num-cpus), so two at once (pytest-xdist workers)
+    would only slow each other down. Call it before spawning the simulation: finalizers run last-in first-out,
+    so the slot is freed after the simulation's cleanup."""
+    global _simulation_slot
+    assert request.node.path.name == "test_sim.py", (
+        f"{request.node.nodeid} runs noprop-sim: move it to tests/test_sim.py (make test runs that module in one "
+        "worker, one Ray cluster at a time)")
+    if _simulation_slot is not None:  # this test holds it already (a second simulation in one test)
+        return
+    lock = open(SIMULATION_LOCK, "a")  # noqa: SIM115 - held until the finalizer
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _simulation_slot = lock
+
+    def release() -> None:
+        global _simulation_slot
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+        _simulation_slot = None
+
+    request.addfinalizer(release)
+
+
 def run_sim_to_end(args: list[str], tmp_path: Path, request, timeout: float, log_name: str = "sim.log") -> str:
     """Run noprop-sim with args in its own session (cleaned up with the test), wait for it to end, assert exit 0 and
     return its log."""
+    one_simulation_at_a_time(request)
     sim = Spawned([script("noprop-sim"), *args], tmp_path / log_name, quiet_env(tmp_path / "flwr-home"), cwd=tmp_path)
     request.addfinalizer(sim.cleanup)
     deadline = time.monotonic() + timeout

@@ -8,6 +8,8 @@ stay an error.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from procs import write_synthetic_npz
 from run_helpers import LocalGrid
@@ -23,12 +25,13 @@ pytestmark = pytest.mark.sim  # the real run loop and ClientApp, in this process
 T = 3
 
 
-def federation(tmp_path, max_blocks: int, rounds: int, min_nodes: int = 3
-               ) -> tuple[FederatedRun, LocalGrid, list[str]]:
+def federation(tmp_path, max_blocks: int, rounds: int, min_nodes: int = 3, join_timeout: float = 0.01,
+               rejoin_timeout: float = 30.0) -> tuple[FederatedRun, LocalGrid, list[str]]:
     npz = write_synthetic_npz(tmp_path / "task.npz", n_train=600, n_test=200)
     cfg = FederationConfig(T=T, num_rounds=rounds, min_nodes=min_nodes, channels="4,8,8", hidden=16, dropout=0.0,
                            batch_size=64, min_local_steps=0, head_steps=20, eval_limit=0, eval_in_background=False,
-                           join_timeout=0.01, dataset=f"npz:{npz}", out=str(tmp_path / "out"))
+                           join_timeout=join_timeout, rejoin_timeout=rejoin_timeout, dataset=f"npz:{npz}",
+                           out=str(tmp_path / "out"))
     grid = LocalGrid(npz, 3, cfg.to_run_config(), max_blocks=max_blocks)
     lines: list[str] = []
     return FederatedRun(grid, cfg, log=lines.append), grid, lines
@@ -68,3 +71,25 @@ def test_nodes_that_cannot_hold_every_block_before_the_first_round_are_an_error(
     with pytest.raises(FederationError, match=r"can hold 2 block\(s\) but T=3"):
         fed.run_round(1, first=True)
     assert not (fed.out / "metrics.jsonl").exists() and not (fed.out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("rejoin_timeout", [0.0, 60.0])
+def test_a_later_round_waits_the_rejoin_timeout_for_a_node_to_come_back(tmp_path, rejoin_timeout):
+    """Round 2 with one of the 3 nodes gone: with --rejoin-timeout 0 it goes on with the two left at once; with
+    a minute's grace it waits, and the node that comes back (here after 1 s) trains in it."""
+    fed, grid, lines = federation(tmp_path, max_blocks=0, rounds=2, join_timeout=600.0,
+                                  rejoin_timeout=rejoin_timeout)
+    fed.run_round(1, first=True)
+    grid.gone.add(102)
+    back = threading.Timer(1.0, grid.gone.discard, args=(102,))
+    back.start()
+    try:
+        record = fed.run_round(2)
+    finally:
+        back.cancel()
+    if rejoin_timeout:
+        assert sorted(record["trained_by"]) == [100, 101, 102], record
+        assert not any("going on with them" in line for line in lines), lines
+    else:
+        assert sorted(record["trained_by"]) == [100, 101], record
+        assert any("only 2 of 3 nodes online; going on with them" in line for line in lines), lines

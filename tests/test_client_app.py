@@ -125,3 +125,20 @@ def test_train_on_data_of_the_wrong_shape_fails_with_a_clear_message(tmp_path):
     # Flower's runtime turns the exception into an error reply carrying this message
     with pytest.raises(ValueError, match=r"has input \(1, 16, 16\).*expects \(1, 12, 12\)"):
         app(train_message(state, (1,)), context(path, 0, 1))
+
+
+def test_the_clientapp_process_start_is_read_to_the_clock_tick():
+    """The timeline's first part (push -> the ClientApp process's start) needs the start to 10 ms: psutil's
+    create_time counts from the boot time in whole seconds, up to a second early, which made parts negative.
+    A process started here must report a start between the two clock readings around its spawn."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; sys.argv = ['/venv/bin/flwr-clientapp']; from noprop.client.app import process_start; "
+            "print(repr(process_start()))")
+    before = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    after = time.time()
+    started = float(out.strip().splitlines()[-1])
+    assert before - 0.02 <= started <= after, (before, started, after)

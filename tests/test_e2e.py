@@ -115,9 +115,10 @@ def killed_run(tmp_path_factory, npz):
     timeout lets the server give a dead node up; it leaves an honest reply on a loaded machine (up to ~60 s)
     more than twice that."""
     start = time.monotonic()
-    # the SuperLink in memory here (the fault tests run it on file: they restart the server under live clients)
+    # the SuperLink in memory here (the fault tests run it on file: they restart the server under live clients);
+    # the dead client never comes back, so round 3 waits 5 s for it (--rejoin-timeout), not the default 30
     fed = Federation(tmp_path_factory.mktemp("federation"), npz, rounds=ROUNDS,
-                     extra=["--round-timeout", "150", "--superlink-db", "memory"])
+                     extra=["--round-timeout", "150", "--superlink-db", "memory", "--rejoin-timeout", "5"])
     try:
         wait_for(lambda: fed.metrics() or fed.server.proc.poll() is not None, 300, what="round 1's metrics line")
         if fed.server.proc.poll() is not None:

@@ -11,16 +11,12 @@ import json
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MessageType, RecordDict
-from procs import run_sim_to_end, write_synthetic_npz
 from test_client_app import context, instruction, npz, task_identity  # noqa: F401 - fixtures
 
-from noprop.checkpoint import load_checkpoint
 from noprop.client.app import make_client_app
-from noprop.data import load_dataset
 from noprop.federation import FederationConfig
-from noprop.io import read_jsonl
 from noprop.methods import build_model
-from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state
+from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state
 
 
 def fedavg_message(method: str, model_cfg, state: dict, epochs: int = 1):
@@ -51,44 +47,6 @@ def test_federation_config_rejects_unknown_method_and_bad_solver():
         FederationConfig(method="fm", solver="rk4").validate()
     assert FederationConfig(method="ct").model_config((1, 12, 12), 4).eta == 1.0  # the method's own default
     assert FederationConfig().model_config((1, 12, 12), 4).eta == 0.1
-
-
-def run_sim(tmp_path, request, out, npz_path, rounds: int, *extra: str) -> str:
-    return run_sim_to_end(["--method", "fm", "--clients", "2", "--partition", "iid", "--rounds", str(rounds),
-                           "--num-cpus", "2", "--dataset", f"npz:{npz_path}", "--out", str(out), "--steps", "5",
-                           "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3",
-                           "--dropout", "0", "--local-epochs", "3", "--eval-limit", "0", "--client-threads", "1",
-                           *extra], tmp_path, request, 300, f"sim-{rounds}.log")
-
-
-@pytest.mark.sim
-def test_sim_fedavg_of_noprop_fm_with_resume(tmp_path, request):
-    """Round 1, stop, then --resume to round 2: FedAvg of the whole FM network, checked end to end."""
-    npz_path = write_synthetic_npz(tmp_path / "task.npz")
-    out = tmp_path / "out"
-    run_sim(tmp_path, request, out, npz_path, 1)
-    first = load_checkpoint(out / "checkpoint.pt")
-    assert first.extra["round"] == 1
-    log = run_sim(tmp_path, request, out, npz_path, 2, "--resume")
-    assert "resuming after round 1" in log, log[-3000:]
-    records = read_jsonl(out / "metrics.jsonl")
-    assert [r["round"] for r in records] == [1, 2], log[-3000:]
-    # the resumed round 2 sent out round 1's checkpoint, bit for bit (the digest of the arrays FedAvg sent)
-    assert records[1]["model_in"] == state_digest(to_numpy_state(first.state_dict)), records[1]
-    assert records[0]["model_in"] != records[1]["model_in"]
-    ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert ckpt.method == "fm" and ckpt.config.steps == 5 and ckpt.extra["round"] == 2
-    full_bytes = arrays_to_record(to_numpy_state(ckpt.state_dict)).count_bytes()
-    for r in records:
-        assert len(r["trained_by"]) == 2 and not r["rejected"] and not r["failed"], r
-        assert set(r["bytes_to"].values()) == {full_bytes}, r  # every node gets the whole network
-        assert set(r["bytes_from"].values()) == {full_bytes}, r
-    test = load_dataset(f"npz:{npz_path}", "test")
-    acc = (ckpt.model().predict(test.x) == test.y).float().mean().item()
-    print(f"fm sim: accuracy {acc:.3f} from the checkpoint")
-    assert acc > 0.9, f"accuracy {acc:.3f} (chance 0.25; measured 1.00)\n{log[-3000:]}"
-    assert json.loads((out / "DONE.json").read_text())["method"] == "fm"
-    assert (out / "accuracy.png").exists() and not (out / "ownership.png").exists()
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "median"])

@@ -6,11 +6,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from procs import run_sim_to_end, write_synthetic_npz
+from procs import write_synthetic_npz
 from run_helpers import LocalGrid
 from test_client_app import task_identity  # noqa: F401 - fixture
 
-from noprop.checkpoint import load_checkpoint
 from noprop.federation import FederationConfig
 from noprop.io import read_jsonl
 from noprop.records import state_digest, to_numpy_state
@@ -54,23 +53,3 @@ def test_runs_whose_nodes_flower_numbers_differently_train_alike(tmp_path, metho
     assert digest_a == digest_b
 
 
-def test_two_simulations_of_one_command_train_alike(tmp_path, request):
-    """The real thing: Ray's virtual clients, node ids drawn by Flower in each run, throughputs measured under
-    contention (noprop-sim plans by data alone)."""
-    npz = write_synthetic_npz(tmp_path / "task.npz", n_train=600, n_test=200)
-    runs = []
-    for i in (1, 2):
-        out = tmp_path / f"run{i}"
-        run_sim_to_end(["--clients", "4", "--partition", "dirichlet:0.5", "--rounds", "2", "--num-cpus", "2",
-                        "--dataset", f"npz:{npz}", "--out", str(out), "--T", "3", "--channels", "4,8,8",
-                        "--hidden", "16", "--batch-size", "32", "--local-epochs", "1", "--min-local-steps", "0",
-                        "--head-steps", "20", "--eval-limit", "0", "--client-threads", "1", "--seed", "5"],
-                       tmp_path, request, 300, log_name=f"sim{i}.log")
-        ckpt = load_checkpoint(out / "checkpoint.pt")
-        runs.append((read_jsonl(out / "metrics.jsonl"), state_digest(to_numpy_state(ckpt.state_dict))))
-    (first, digest1), (second, digest2) = runs
-    assert [r["round"] for r in first] == [r["round"] for r in second] == [1, 2]
-    for a, b in zip(first, second):
-        assert named_plan(a) == named_plan(b), (a["plan"], b["plan"])
-        assert a["model_in"] == b["model_in"] and a["accuracy"] == b["accuracy"]
-    assert digest1 == digest2

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 from procs import Spawned, alive, cleanup_all, descendants, quiet_env, wait_for
-from test_e2e import NUM_CLIENTS, ROUNDS, Federation, npz  # noqa: F401 - fixture
+from test_e2e import NUM_CLIENTS, Federation, npz  # noqa: F401 - fixture
 
 from noprop.ops.network import port_free
 
 pytestmark = pytest.mark.e2e
+ROUNDS = 2  # killed after round 1; the resumed run trains round 2 with every client back
 
 
 def test_clients_rejoin_a_server_restarted_in_memory(tmp_path, npz):  # noqa: F811
