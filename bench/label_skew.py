@@ -33,11 +33,12 @@ VARIANTS = {
     "dt": [],
     "cnn": ["--method", "cnn"],
     "dt-T2": ["--T", "2"],
+    "dt-T5": ["--T", "5"],
     "dt-blind": ["--no-label-aware", "--no-coverage-step"],
 }
 LABELS = {"dt": "NoProp-DT (defaults)", "cnn": "FedAvg CNN (peer)", "dt-T2": "NoProp-DT, T = 2",
-          "dt-blind": "NoProp-DT, label-blind plan, full steps (before issue 21)"}
-COLORS = {"dt": "tab:blue", "cnn": "tab:orange", "dt-T2": "tab:green", "dt-blind": "tab:gray"}
+          "dt-T5": "NoProp-DT, T = 5", "dt-blind": "NoProp-DT, label-blind plan, full steps (before issue 21)"}
+COLORS = {"dt": "tab:blue", "cnn": "tab:orange", "dt-T2": "tab:green", "dt-T5": "tab:olive", "dt-blind": "tab:gray"}
 SECTION = "## Label skew: NoProp-DT against the FedAvg CNN over seeds (`bench/label_skew.py`)"
 
 

@@ -85,7 +85,7 @@ FEDERATION_FLAGS: dict[str, Flag] = {
     "eval_in_background": Flag("evaluate and checkpoint round r while round r+1 trains, off the rounds' critical "
                                "path (a crash then can lose round r too: --resume continues from the checkpoint "
                                "before it)"),
-    "client_eval": Flag("also ask clients that can hold the chain to evaluate it on their data"),
+    "client_eval": Flag("dt: also ask clients that can hold the chain to evaluate it on their data"),
     "out": Flag("output folder: metrics.jsonl, checkpoint.pt, accuracy.png, ownership.png, DONE.json",
                 metavar="DIR"),
     "resume": Flag("continue from OUT/checkpoint.pt"),
@@ -108,7 +108,9 @@ FEDERATION_FLAGS: dict[str, Flag] = {
 # settings that only some methods read: given for another method, they are ignored, and the launchers say so
 APPLIES_TO = {"T": ("dt", "backprop"), "clip": ("dt",), "eta": ("dt", "ct"), "norm": ("dt", "backprop"),
               "policy": ("dt",), "replicas": ("dt",), "steps": ("ct", "fm", "adjoint"), "solver": ("fm", "adjoint"),
-              "fm_sigma": ("fm",)}
+              "fm_sigma": ("fm",), "z_skip": ("dt",), "head_steps": ("dt",), "logit_adjust": ("dt",),
+              "coverage_step": ("dt",), "label_aware": ("dt",), "plan_by_speed": ("dt",),
+              "split_local_data": ("dt",), "client_eval": ("dt",)}
 PATH_FIELDS = ("out", "data_root")  # resolved to absolute paths: Flower's processes run elsewhere
 DATASET_FIELDS = ("dataset", "client_data")  # npz:FILE / imagefolder:DIR specs get an absolute path
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, str(exc))
 
     if os.environ.get(CHILD_ENV) != "1":
-        for warning in ignored_settings(cfg, overrides):
+        for warning in ignored_settings(cfg, {k: v for k, v in overrides.items() if k not in extra}):
             say(PROG, warning)
         return run_in_child(list(sys.argv[1:] if argv is None else argv))
     return simulate(cfg, args, num_cpus)

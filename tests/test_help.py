@@ -15,7 +15,7 @@ from noprop.client import launcher as client_launcher
 from noprop.deploy import edge, export_cli
 from noprop.federation import FederationConfig
 from noprop.ops import certs
-from noprop.ops.run_flags import FEDERATION_FLAGS, federation_config_from_args, ignored_settings
+from noprop.ops.run_flags import APPLIES_TO, FEDERATION_FLAGS, federation_config_from_args, ignored_settings
 from noprop.server import launcher as server_launcher
 from noprop.server import sim
 
@@ -132,6 +132,27 @@ def test_a_setting_another_method_ignores_is_said(tmp_path):
     assert any(w.startswith("WARNING: --t ") or "--T applies" in w for w in warnings), warnings
     cfg, overrides = federation_config_from_args(parser.parse_args(["--clip", "0.001"]), resolve_paths=False)
     assert ignored_settings(cfg, overrides) == []
+
+
+def test_every_method_mark_in_the_help_is_a_warning_and_every_warning_a_mark():
+    """The help's marks ("dt:", "dt, backprop:") and APPLIES_TO, which the warning reads, say the same: a dt-only
+    flag given to cnn (--coverage-step, --client-eval, ...) is said to be ignored, not silently dropped."""
+    methods = {"dt", "ct", "fm", "adjoint", "backprop", "cnn"}
+    for name, spec in FEDERATION_FLAGS.items():
+        if name == "method":  # its help describes the methods themselves
+            continue
+        mark = re.match(r"([a-z]+(?:, [a-z]+)*): ", spec.help or "")
+        marked = set(mark.group(1).split(", ")) if mark else set()
+        if marked <= methods and marked:
+            assert name in APPLIES_TO and marked <= set(APPLIES_TO[name]), (name, marked, APPLIES_TO.get(name))
+        else:
+            assert name not in APPLIES_TO, (name, spec.help)
+    parser = sim.build_parser()
+    cfg, overrides = federation_config_from_args(
+        parser.parse_args(["--method", "cnn", "--no-coverage-step", "--client-eval"]), resolve_paths=False)
+    warnings = ignored_settings(cfg, overrides)
+    assert any("--coverage-step applies to dt only: ignored for --method cnn" in w for w in warnings), warnings
+    assert any("--client-eval applies to dt only" in w for w in warnings), warnings
 
 
 def test_flowers_names_are_aliases(tmp_path):
