@@ -1,6 +1,6 @@
 """The plain CNN (`--method cnn`), the FedAvg peer noprop-fl is compared against: it learns, refuses the NoProp
 options it has no use for, survives a checkpoint, trains whole on a FedAvg client, exports to ONNX with parity,
-and runs in a real noprop-sim federation through Flower's FedAvg."""
+and (tests/test_sim.py) runs in a real noprop-sim federation through Flower's FedAvg."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The one-network methods (NoProp-CT, NoProp-FM, adjoint, backprop) in a federation: FedAvg of the whole network.
 
-The ClientApp's train handler is called with a constructed FedAvg message; then noprop-sim runs NoProp-FM with
-two virtual clients through Flower's own FedAvg strategy, stops after a round, resumes, and is checked end to end.
+The ClientApp's train handler is called with a constructed FedAvg message. NoProp-FM in noprop-sim, through
+Flower's own FedAvg strategy with a stop and a resume, is in tests/test_sim.py (with every other Ray run).
 """
 
 from __future__ import annotations
