@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -32,13 +33,28 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "dt": [],
     "cnn": ["--method", "cnn"],
+    "dt-chain": ["--readout", "chain"],
     "dt-T2": ["--T", "2"],
     "dt-T5": ["--T", "5"],
+    "dt-T5-chain": ["--T", "5", "--readout", "chain"],
     "dt-blind": ["--no-label-aware", "--no-coverage-step"],
+    "dt-blind-chain": ["--no-label-aware", "--no-coverage-step", "--readout", "chain"],
+    "dt-zd5": ["--z-dropout", "0.5"],
+    "dt-stay": ["--policy", "stay"],
+    "dt-stay-zd5": ["--policy", "stay", "--z-dropout", "0.5"],
 }
-LABELS = {"dt": "NoProp-DT (defaults)", "cnn": "FedAvg CNN (peer)", "dt-T2": "NoProp-DT, T = 2",
-          "dt-T5": "NoProp-DT, T = 5", "dt-blind": "NoProp-DT, label-blind plan, full steps (before issue 21)"}
-COLORS = {"dt": "tab:blue", "cnn": "tab:orange", "dt-T2": "tab:green", "dt-T5": "tab:olive", "dt-blind": "tab:gray"}
+LABELS = {"dt": "NoProp-DT (defaults: ensemble readout)", "cnn": "FedAvg CNN (peer)",
+          "dt-chain": "NoProp-DT, --readout chain", "dt-T2": "NoProp-DT, T = 2", "dt-T5": "NoProp-DT, T = 5",
+          "dt-T5-chain": "NoProp-DT, T = 5, --readout chain",
+          "dt-blind": "NoProp-DT, label-blind plan, full steps",
+          "dt-blind-chain": "NoProp-DT, label-blind plan, full steps, --readout chain (before issue 21)",
+          "dt-zd5": "NoProp-DT, --z-dropout 0.5", "dt-stay": "NoProp-DT, --policy stay",
+          "dt-stay-zd5": "NoProp-DT, --policy stay --z-dropout 0.5"}
+COLORS = {"dt": "tab:blue", "cnn": "tab:orange", "dt-chain": "tab:cyan", "dt-T2": "tab:green", "dt-T5": "tab:olive",
+          "dt-T5-chain": "tab:brown", "dt-blind": "tab:gray", "dt-blind-chain": "silver",
+          "dt-zd5": "tab:red", "dt-stay": "tab:purple", "dt-stay-zd5": "tab:pink"}
+# runs made before --readout existed read out the chain: the variants they are now (same weights, same numbers)
+RENAMED = {"dt": "dt-chain", "dt-T5": "dt-T5-chain", "dt-blind": "dt-blind-chain"}
 SECTION = "## Label skew: NoProp-DT against the FedAvg CNN over seeds (`bench/label_skew.py`)"
 
 
@@ -73,7 +89,8 @@ def key(clients: int, rounds: int, split: str, variant: str, seed: int) -> str:
 def final_readouts(run_dir: Path) -> dict:
     done = json.loads((run_dir / "DONE.json").read_text())
     classes = done.get("class_accuracy") or {}
-    return {"class_accuracy": classes, "min_class": min(classes.values()) if classes else None}
+    return {"class_accuracy": classes, "min_class": min(classes.values()) if classes else None,
+            "chain_accuracy": done.get("chain_accuracy"), "ensemble_accuracy": done.get("ensemble_accuracy")}
 
 
 # -- report ----------------------------------------------------------------------------------------------------
@@ -87,6 +104,15 @@ def spread(values: list[float]) -> str:
     if len(values) == 1:
         return pct(values[0])
     return f"{pct(statistics.mean(values))} ({pct(min(values))}-{pct(max(values))})"
+
+
+def readouts(runs: list[dict]) -> str:
+    """The final chain and ensemble accuracy of the same weights (dt runs since --readout; chain only before)."""
+    def mean_of(k):
+        values = [r.get(k) for r in runs]
+        return None if None in values else statistics.mean(values)
+    chain, ensemble = mean_of("chain_accuracy"), mean_of("ensemble_accuracy")
+    return "" if chain is None and ensemble is None else f"{pct(chain)} / {pct(ensemble)}"
 
 
 def cells(results: dict, clients: int, rounds: int, split: str, variant: str) -> list[dict]:
@@ -112,9 +138,9 @@ def report(results: dict) -> str:
             variants = [v for v in VARIANTS if cells(results, clients, rounds, split, v)]
             shown = [r for r in range(1, rounds + 1) if rounds <= 8 or r in (1, 2, 5, 10, 15, 20) or r == rounds]
             lines += [f"#### {split}", "",
-                      "| variant | seeds | " + " | ".join(f"r{r}" for r in shown) + " | final | worst class | MB to / "
-                      "from | client train s | client CPU s | wall s |",
-                      "|---|---|" + "---|" * (len(shown) + 6)]
+                      "| variant | seeds | " + " | ".join(f"r{r}" for r in shown) + " | final | final: chain / "
+                      "ensemble | worst class | MB to / from | client train s | client CPU s | wall s |",
+                      "|---|---|" + "---|" * (len(shown) + 7)]
             for variant in variants:
                 runs = cells(results, clients, rounds, split, variant)
                 per_round = [statistics.mean(run["rounds"][r - 1]["accuracy"] for run in runs) for r in shown]
@@ -124,7 +150,7 @@ def report(results: dict) -> str:
                 lines.append(
                     f"| {LABELS[variant]} | {','.join(str(run['seed']) for run in runs)} | "
                     + " | ".join(pct(v) for v in per_round)
-                    + f" | **{spread([run['final_accuracy'] for run in runs])}** | "
+                    + f" | **{spread([run['final_accuracy'] for run in runs])}** | {readouts(runs)} | "
                     f"{pct(statistics.mean(worst)) if worst else 'n/a'} | {last['mb_to_mean']:.2f} / "
                     f"{last['mb_from_mean']:.2f} | {train_s:.1f} | "
                     f"{statistics.mean(run['rounds'][-1]['client_cpu_cumulative_s'] for run in runs):.0f} | "
@@ -225,16 +251,38 @@ def save_run(path: Path, name: str, summary: dict) -> dict:
     return results
 
 
+def rename_run(path: Path, old: str, new: str, changes: dict) -> dict:
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text())
+        results["runs"][new] = {**results["runs"].pop(old), **changes}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+    return results
+
+
 def main() -> int:
     args = build_parser().parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-    for name, run in results["runs"].items():  # entries an earlier version saved with the round count as "rounds"
-        if isinstance(run.get("rounds"), int):
+    for name, run in list(results["runs"].items()):  # entries an earlier version saved
+        if isinstance(run.get("rounds"), int):  # with the round count as "rounds"
             fixed = {**run, **summarise(out / "runs" / name), "num_rounds": run["rounds"]}
             results = save_run(path, name, fixed)
+        if "chain_accuracy" not in run and run["variant"] in RENAMED:  # before --readout: chain readouts
+            new = name.replace(f"-{run['variant']}-s", f"-{RENAMED[run['variant']]}-s")
+            (out / "runs" / name).rename(out / "runs" / new)
+            results = rename_run(path, name, new, {  # the command that repeats it now
+                "variant": RENAMED[run["variant"]], "chain_accuracy": run["final_accuracy"], "ensemble_accuracy": None,
+                "command": re.sub(rf"/{re.escape(name)}(?=\s|$)", f"/{new}", run["command"]) + " --readout chain"})
+            log = out / "runs" / f"{name}.log"
+            if log.exists():
+                log.rename(out / "runs" / f"{new}.log")
     if not args.report_only:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
         for seed in [int(s) for s in args.seeds.split(",")]:

@@ -89,6 +89,9 @@ def check_bundle_checkpoint(ckpt: Checkpoint, mode: str = "deterministic") -> No
                           "export is all it has)")
     if mode != "deterministic":
         raise ExportError("--blocks exports deterministic chains only (z_0 = 0, no noise): leave --mode out")
+    if getattr(ckpt.config, "readout", "chain") != "chain":
+        raise ExportError("--blocks bundles the chain, and this checkpoint reads out the ensemble of its blocks: "
+                          "add --readout chain (the same weights read out by the chain), or leave --blocks out")
 
 
 def export_block_graphs(ckpt: Checkpoint, folder: Path, opset: int = DEFAULT_OPSET) -> list[Path]:

@@ -291,6 +291,9 @@ def export_onnx(ckpt: Checkpoint, out: str | os.PathLike, mode: str = "determini
     if mode == "stochastic" and ckpt.method == "cnn":
         raise ExportError("a cnn checkpoint draws no noise at inference: export it in deterministic mode "
                           "(leave --mode out)")
+    if mode == "stochastic" and getattr(ckpt.config, "readout", "chain") == "ensemble":
+        raise ExportError("this checkpoint reads out the ensemble of its blocks, which draws no noise: export it in "
+                          "deterministic mode (leave --mode out), or add --readout chain")
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if opset is None:
@@ -319,7 +322,8 @@ def export_onnx(ckpt: Checkpoint, out: str | os.PathLike, mode: str = "determini
     proto.producer_name, proto.producer_version = "noprop-fl", noprop.__version__
     length = f"{info.steps} unrolled {info.solver} steps" if info.steps else f"T={info.T}"
     kind = "plain CNN (the FedAvg peer), one network call" if info.method == "cnn" else \
-        f"NoProp {info.method} chain, {length}"
+        f"NoProp {info.method} chain, {length}" if getattr(ckpt.config, "readout", "chain") == "chain" else \
+        f"NoProp {info.method}, the ensemble of its T={info.T} blocks"
     proto.doc_string = (f"{kind}, {info.mode}: input image float32 "
                         f"[N, {', '.join(map(str, info.input_shape))}] raw pixels in [0, 1], normalised in the "
                         "graph; outputs probabilities and label.")

@@ -16,6 +16,7 @@ the .onnx goes <name>.manifest.json (the ModelManifest of proto/noprop/v1/infere
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ from noprop.deploy.export import (
 )
 from noprop.deploy.quantize import DEFAULT_SCHEME, SCHEMES, calibration_images, quantize_model
 from noprop.io import atomic_write
+from noprop.model_configs import READOUTS
 from noprop.ops.cli import OneLineParser
 from noprop.sources import DatasetError
 
@@ -59,11 +61,20 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mod
                       calibration: int = 512, data: str | None = None, data_root: str | os.PathLike | None = None,
                       seed: int = 0, write_manifest: bool = True, steps: int | None = None, blocks: bool = False,
                       holdout: int = 5000, anytime_loss: float = 0.5,
-                      int8_scheme: str = DEFAULT_SCHEME) -> ExportResult:
-    """noprop-export's work: load, export fp32, optionally quantize to int8 (calibrated on training images)."""
+                      int8_scheme: str = DEFAULT_SCHEME, readout: str | None = None) -> ExportResult:
+    """noprop-export's work: load, export fp32, optionally quantize to int8 (calibrated on training images).
+
+    readout: chain | ensemble, what the exported dt model computes from the same weights (None: the checkpoint's)."""
     from noprop.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
+    if readout is not None:
+        if readout not in READOUTS:
+            raise ExportError(f"--readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+        if ckpt.method != "dt" and readout != "chain":
+            raise ExportError(f"--readout ensemble is NoProp-DT's; this is a {ckpt.method} checkpoint")
+        if ckpt.method == "dt":
+            ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, readout=readout))
     out = Path(out)
     steps = export_steps(ckpt, steps)  # a bad --steps fails before any work (or calibration data loading)
     if blocks:
@@ -161,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; dynamo: 18)")
     p.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
                    help="torch.onnx path (default torchscript: see noprop.deploy.export)")
+    p.add_argument("--readout", choices=READOUTS,
+                   help="dt: what the exported model computes from the checkpoint's weights: chain (Eq. 3, the head "
+                        "on z_T) or ensemble (the blocks' geometric mean) (default: the checkpoint's own; federated "
+                        "runs read out the ensemble); --blocks and --mode stochastic need chain")
     p.add_argument("--blocks", action="store_true",
                    help="dt: also write <name>.blocks.zip, one graph per block, for noprop-edge --mode anytime and "
                         "streamed, with the exit threshold calibrated on held-out images")
@@ -193,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                                    int8=args.int8, calibration=args.calibration, data=args.data,
                                    data_root=args.data_root, seed=args.seed, write_manifest=not args.no_manifest,
                                    steps=args.steps, blocks=args.blocks, holdout=args.holdout,
-                                   anytime_loss=args.anytime_loss, int8_scheme=args.int8_scheme)
+                                   anytime_loss=args.anytime_loss, int8_scheme=args.int8_scheme,
+                                   readout=args.readout)
     except (CheckpointError, DatasetError, ExportError, EdgeError) as exc:
         print(f"noprop-export: error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from noprop.federation import (  # torch-free: its method checks build config da
     POLICIES,
     FederationConfig,
 )
-from noprop.model_configs import ADJOINT_SOLVERS, FM_SOLVERS, HEAD_KINDS, NORM_KINDS
+from noprop.model_configs import ADJOINT_SOLVERS, FM_SOLVERS, HEAD_KINDS, NORM_KINDS, READOUTS
 from noprop.ops.cli import LaunchError
 from noprop.settings import Flag, SettingsError, add_flags, flag_name, given_flags, layered
 
@@ -33,8 +33,9 @@ FEDERATION_FLAGS: dict[str, Flag] = {
                    listed=FEDERATED_METHODS),
     "num_rounds": Flag("federated rounds", aliases=("--rounds", "--num-server-rounds")),
     "T": Flag("dt, backprop: number of NoProp blocks (diffusion steps)"),
-    "policy": Flag("dt: block ownership policy: rotate (a block moves to another owner each round) or replicate "
-                   "(--replicas owners per block)", listed=POLICIES),
+    "policy": Flag("dt: block ownership policy: rotate (a block moves to another owner each round), replicate "
+                   "(--replicas owners per block) or stay (a block keeps its owners from round to round while the "
+                   "nodes are the same)", listed=POLICIES),
     "replicas": Flag("dt: owners per block under --policy replicate"),
     "min_nodes": Flag("clients that must connect before the first round", aliases=("--min-clients",)),
     "local_epochs": Flag("passes over its local data a client makes per round"),
@@ -55,6 +56,11 @@ FEDERATION_FLAGS: dict[str, Flag] = {
                  "skew)", listed=NORM_KINDS),
     "z_skip": Flag("dt: each block adds the closed-form class posterior given z_{t-1} to its logits and learns only "
                    "what x adds (not Figure 6; --no-z-skip is the paper's block)"),
+    "readout": Flag("dt: how the blocks make a prediction: ensemble (the geometric mean of every block's posterior "
+                    "from the image alone, so that under label skew no single block decides; not the paper's) or "
+                    "chain (Eq. 3: z_T through every block, read by the head)", listed=READOUTS),
+    "z_dropout": Flag("dt: share of each training batch whose z_{t-1} is zeroed, so that every block also learns to "
+                      "read the label from the image alone, as the ensemble readout uses it (0 = off)"),
     "head_steps": Flag("dt: steps the server trains the output head each round, class-balanced on q(z_T | y), "
                        "no images (0 = off: the averaged head of the clients)"),
     "logit_adjust": Flag("dt: clients add their local label prior to the logits while training (balanced "
@@ -108,7 +114,9 @@ FEDERATION_FLAGS: dict[str, Flag] = {
 # settings that only some methods read: given for another method, they are ignored, and the launchers say so
 APPLIES_TO = {"T": ("dt", "backprop"), "clip": ("dt",), "eta": ("dt", "ct"), "norm": ("dt", "backprop"),
               "policy": ("dt",), "replicas": ("dt",), "steps": ("ct", "fm", "adjoint"), "solver": ("fm", "adjoint"),
-              "fm_sigma": ("fm",), "z_skip": ("dt",), "head_steps": ("dt",), "logit_adjust": ("dt",),
+              "fm_sigma": ("fm",), "z_skip": ("dt",), "readout": ("dt",), "z_dropout": ("dt",),
+              "head_steps": ("dt",),
+              "logit_adjust": ("dt",),
               "coverage_step": ("dt",), "label_aware": ("dt",), "plan_by_speed": ("dt",),
               "split_local_data": ("dt",), "client_eval": ("dt",)}
 PATH_FIELDS = ("out", "data_root")  # resolved to absolute paths: Flower's processes run elsewhere

@@ -213,7 +213,7 @@ def plan_ownership(capacities: list[NodeCapacity], T: int, round: int, seed: int
     quota = apportion(weights, slots, caps, floor=1 if slots >= len(usable) else 0, rank=rank)
     classes = {n: nodes[n].classes for n in usable}
     owner_sets = lay_out_owner_sets(quota, rank, n_blocks, per_block, classes)
-    shift = round % n_blocks
+    shift = 0 if policy == "stay" else round % n_blocks
     owners = {t: owner_sets[(i + shift) % n_blocks] for i, t in enumerate(blocks)}
     assignments: dict[int, list[int]] = {}
     for t, ns in owners.items():

@@ -22,8 +22,11 @@ def round_line(record: dict, num_rounds: int) -> str:
     if isinstance(acc, int | float):
         parts.append(f"accuracy {100 * acc:.2f}%")
         nearest, blocks = record.get("nearest_accuracy"), record.get("block_accuracy")
+        chain, ensemble = record.get("chain_accuracy"), record.get("ensemble_accuracy")
         if isinstance(nearest, int | float) and isinstance(blocks, dict) and blocks:
-            parts[-1] += (f" (nearest embedding {100 * nearest:.1f}%, blocks {100 * min(blocks.values()):.0f}-"
+            both = (f"chain {100 * chain:.1f}%, ensemble {100 * ensemble:.1f}%, "
+                    if isinstance(chain, int | float) and isinstance(ensemble, int | float) else "")
+            parts[-1] += (f" ({both}nearest embedding {100 * nearest:.1f}%, blocks {100 * min(blocks.values()):.0f}-"
                           f"{100 * max(blocks.values()):.0f}%)")
     if (counts := blocks_trained(record)) is not None:
         parts.append(f"blocks trained {counts[0]}/{counts[1]}")

@@ -44,7 +44,8 @@ from noprop.server.report import round_line
 from noprop.server.timing import PhaseClock
 from noprop.trainer import evaluate_accuracy
 
-DIAGNOSTICS = ("nearest_accuracy", "block_accuracy", "class_accuracy")  # NoProp-DT's readouts beside accuracy
+# NoProp-DT's readouts beside accuracy (which is the run's --readout)
+DIAGNOSTICS = ("chain_accuracy", "ensemble_accuracy", "nearest_accuracy", "block_accuracy", "class_accuracy")
 
 
 class FederatedRun:
@@ -201,7 +202,7 @@ class FederatedRun:
 
     # -- evaluation, checkpoint, the end -----------------------------------------------------------------------
     def evaluate(self, limit: int, model: torch.nn.Module | None = None) -> dict:
-        """The accuracy of what predict gives; for NoProp-DT also every other readout of the chain."""
+        """The accuracy of what predict gives; for NoProp-DT also every other readout (chain, ensemble, blocks)."""
         model = model or self.model
         data = self.eval_data if not limit else self.eval_data.subset(range(min(limit, len(self.eval_data))))
         if self.cfg.owns_blocks:

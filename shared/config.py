@@ -13,6 +13,7 @@ from noprop.model_configs import (
     HEAD_KINDS,
     PROTOTYPE_SCALES,
     PROTOTYPE_Z_PATHS,
+    READOUTS,
     ContinuousConfig,
     NoPropConfig,
     parse_embedding,
@@ -45,6 +46,8 @@ class TrainConfig:
     dropout: float = 0.2
     norm: str = "batch"  # dt / backprop: batch (Figure 6) | layer
     z_skip: bool = False  # dt: blocks add the closed-form class posterior given z (not Figure 6)
+    z_dropout: float = 0.0  # dt: share of a batch whose z_{t-1} is zeroed in training
+    readout: str = "chain"  # dt: chain (Eq. 3, the paper's) | ensemble (the blocks on x alone; the federation's)
     steps: int | None = None  # ct / fm / adjoint: integration steps (None: the method's measured default)
     solver: str | None = None  # fm: euler | heun; adjoint: euler | midpoint | rk4 (None: euler)
     fm_sigma: float = 0.1  # fm: width of the Gaussian probability path
@@ -75,6 +78,12 @@ class TrainConfig:
         solvers = {"fm": FM_SOLVERS, "adjoint": ADJOINT_SOLVERS}.get(self.method, ())
         if self.solver is not None and self.solver not in solvers:
             raise bad("solver", f"use one of {', '.join(solvers)}" if solvers else "applies to fm and adjoint only")
+        if self.readout not in READOUTS:
+            raise bad("readout", f"use one of {', '.join(READOUTS)}")
+        if self.z_dropout and self.method != "dt":
+            raise bad("z_dropout", "applies to dt only")
+        if self.readout != "chain" and self.method != "dt":
+            raise bad("readout", "applies to dt only (the other methods read out their one network)")
         if self.method != "ct":
             for name in ("ct_l2_weight", "grad_clip"):
                 if getattr(self, name) is not None:
@@ -134,7 +143,8 @@ class TrainConfig:
                                 head=self.head, radial_sigma=self.radial_sigma, channels=self.channels,
                                 hidden=self.hidden, dropout=self.dropout, eta=self.eta, clip=self.clip,
                                 max_delta_snr=self.max_delta_snr, steps=self.steps, solver=self.solver,
-                                fm_sigma=self.fm_sigma, norm=self.norm, z_skip=self.z_skip,
+                                fm_sigma=self.fm_sigma, norm=self.norm, z_skip=self.z_skip, readout=self.readout,
+                                z_dropout=self.z_dropout,
                                 embedding_lr_scale=embedding_lr_scale, ct_l2_weight=self.ct_l2_weight,
                                 grad_clip=self.grad_clip, prototype_z_path=self.prototype_z_path)
         except ValueError as exc:

@@ -78,7 +78,8 @@ def model_config(name: str, input_shape: tuple[int, ...], num_classes: int, *, T
                  eta: float | None = None, clip: float = 1e-4, max_delta_snr: float | None = None,
                  steps: int | None = None, solver: str | None = None, fm_sigma: float = 0.1, norm: str = "batch",
                  z_skip: bool = False, embedding_lr_scale: float = 1.0, ct_l2_weight: str | None = None,
-                 grad_clip: float | None = None, prototype_z_path: str | None = None):
+                 grad_clip: float | None = None, prototype_z_path: str | None = None, readout: str = "chain",
+                 z_dropout: float = 0.0):
     """The config of method `name`'s model from flat settings (noprop-train's and a federation's).
 
     None means the method's own default (eta: dt 0.1, ct 1.0; prototype_z_path: METHODS; steps, ct_l2_weight,
@@ -96,7 +97,9 @@ def model_config(name: str, input_shape: tuple[int, ...], num_classes: int, *, T
         return CNNConfig(**{k: v for k, v in common.items() if k not in unused})
     if config_class is NoPropConfig:
         return NoPropConfig(T=T, eta=0.1 if eta is None else eta, clip=clip, max_delta_snr=max_delta_snr, norm=norm,
-                            z_skip=z_skip and name == "dt", **common)  # the backprop chain has no z-skip
+                            z_skip=z_skip and name == "dt",  # the backprop chain has no z-skip, nor an ensemble
+                            readout=readout if name == "dt" else "chain",
+                            z_dropout=z_dropout if name == "dt" else 0.0, **common)
     if steps is not None:
         common["steps"] = steps
     if name == "ct":

@@ -21,6 +21,8 @@ PROTOTYPE_SCALES = ("unit", "image")  # unit: rows scaled to mean norm 1 (one-ho
 PROTOTYPE_Z_PATHS = ("conv", "linear")
 HEAD_KINDS = ("softmax", "radial")
 NORM_KINDS = ("batch", "layer")  # batch: Figure 6; layer: no running statistics (federated label skew)
+# how NoProp-DT turns its blocks into a prediction: chain (Eq. 3, the paper's) | ensemble (every block on x alone)
+READOUTS = ("chain", "ensemble")
 
 
 def parse_embedding(spec: str) -> tuple[str, int | None]:
@@ -99,6 +101,12 @@ class NoPropConfig(ModelShape):
     dropout: float = 0.2
     norm: str = "batch"  # batch (Figure 6) | layer: the blocks' normalisation layers
     z_skip: bool = False  # add the exact class posterior given z_{t-1} alone to each block's logits (not Figure 6)
+    # chain: z_T by Eq. 3, read by the head (the paper's); ensemble: the geometric mean of the blocks' class
+    # posteriors given x alone (z = 0), which under label skew no single late block decides (not the paper's)
+    readout: str = "chain"
+    # training only: the share of a batch whose z_{t-1} is zeroed, so that block t also learns to read the label
+    # from x alone, as the ensemble readout asks of it (0 = off, the paper's training)
+    z_dropout: float = 0.0
     embedding_lr_scale: float = 1.0  # W trains at lr x this (unit-scaled prototypes: see scale_prototypes)
     prototype_z_path: str = "conv"  # prototype z through a conv path (Figure 6) or the residual FC path
     extra: dict = field(default_factory=dict)
@@ -107,6 +115,10 @@ class NoPropConfig(ModelShape):
         normalise_and_check(self)
         if self.T < 1:
             raise ValueError(f"T must be at least 1, got {self.T}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"unknown readout {self.readout!r}: use {' or '.join(READOUTS)}")
+        if not 0 <= self.z_dropout < 1:
+            raise ValueError(f"z_dropout must lie in [0, 1), got {self.z_dropout}")
 
     def schedule(self) -> CosineSchedule:
         from noprop.schedule import CosineSchedule  # torch: only when a model is built

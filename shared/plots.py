@@ -102,8 +102,8 @@ def plot_federated_run(records: list[dict], accuracy_path: str | Path, ownership
 
 def plot_chain_diagnostics(records: list[dict], path: str | Path) -> Path | None:
     """One PNG of the chain's readouts per round: left, a blocks x rounds heatmap of each block's own accuracy
-    (argmax u_hat_t along the label-free chain); right, the head against the nearest embedding of z_T, and the
-    worst class. Rounds without diagnostics are skipped; None when there are none."""
+    (argmax u_hat_t along the label-free chain); right, the prediction, the chain's head, the blocks' ensemble, the
+    nearest embedding of z_T and the worst class. Rounds without diagnostics are skipped; None when there are none."""
     import numpy as np
 
     records = [r for r in records if r.get("block_accuracy")]
@@ -128,12 +128,16 @@ def plot_chain_diagnostics(records: list[dict], path: str | Path) -> Path | None
     ax_map.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_map.set_title("each block's own accuracy (argmax u_hat_t, %)", fontsize=9)
     fig.colorbar(image, ax=ax_map, fraction=0.046)
-    ax_read.plot(rounds, [100 * r["accuracy"] for r in records], marker="o", label="head (the prediction)")
+    ax_read.plot(rounds, [100 * r["accuracy"] for r in records], marker="o", label="the prediction (--readout)")
+    for key, label, marker in (("chain_accuracy", "chain: head on z_T", "^"),
+                               ("ensemble_accuracy", "ensemble of the blocks", "D")):
+        if all(key in r for r in records):
+            ax_read.plot(rounds, [100 * r[key] for r in records], marker=marker, linestyle="--", label=label)
     ax_read.plot(rounds, [100 * r["nearest_accuracy"] for r in records], marker="s",
                  label="nearest embedding of z_T")
     worst = [min((v for v in r.get("class_accuracy", {}).values() if v is not None), default=float("nan"))
              for r in records]
-    ax_read.plot(rounds, [100 * w for w in worst], marker="v", linestyle=":", label="worst class (head)")
+    ax_read.plot(rounds, [100 * w for w in worst], marker="v", linestyle=":", label="worst class (the prediction)")
     ax_read.set_xlabel("round")
     ax_read.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_read.set_ylabel("test accuracy (%)")

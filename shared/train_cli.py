@@ -38,6 +38,7 @@ from noprop.model_configs import (
     NORM_KINDS,
     PROTOTYPE_SCALES,
     PROTOTYPE_Z_PATHS,
+    READOUTS,
     parse_embedding,
 )
 from noprop.ops.cli import OneLineParser, examples
@@ -86,6 +87,11 @@ TRAIN_FLAGS = {
     "norm": Flag("dt, backprop: normalisation in a block (batch: Figure 6)", choices=NORM_KINDS),
     "z_skip": Flag("dt: blocks add the closed-form class posterior given z_{t-1} to their logits (not Figure 6; "
                    "the federation's default)", negatable=False),
+    "readout": Flag("dt: how the blocks make a prediction: chain (Eq. 3, the paper's) or ensemble (the geometric "
+                    "mean of every block's posterior from the image alone; the federation's default)",
+                    choices=READOUTS),
+    "z_dropout": Flag("dt: share of each training batch whose z_{t-1} is zeroed (every block also learns to read "
+                      "the label from the image alone, as the ensemble readout uses it; 0 = off)"),
     "steps": Flag("ct, fm, adjoint: ODE steps from t=0 to 1", default="10"),
     "solver": Flag("fm: euler or heun; adjoint: euler, midpoint or rk4", listed=SOLVERS, default="euler"),
     "fm_sigma": Flag("fm: width of the Gaussian path"),

@@ -7,11 +7,13 @@ from flwr.app import Context, Message, RecordDict
 from noprop.client.app import make_client_app
 from noprop.diagnostics import chain_diagnostics
 
+READOUT_KEYS = ("accuracy", "chain_accuracy", "ensemble_accuracy", "nearest_accuracy", "block_accuracy")
 
-def chain_numbers(model, data, mode: str = "deterministic", seed: int = 0) -> tuple[float, float]:
-    """(head accuracy, nearest-embedding accuracy) of the chain on data, as the server records them each round."""
+
+def chain_numbers(model, data, mode: str = "deterministic", seed: int = 0) -> tuple:
+    """Every readout of the model on data (READOUT_KEYS), as the server records them each round."""
     found = chain_diagnostics(model, data, mode, seed=seed)
-    return found["accuracy"], found["nearest_accuracy"]
+    return tuple(found[k] for k in READOUT_KEYS)
 
 
 class LocalGrid:

@@ -5,6 +5,7 @@ The helpers at the top (a synthetic task as .npz, tiny trained checkpoints) are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -287,3 +288,28 @@ def test_dynamo_exporter_alternative(checkpoints, folder, monkeypatch):
     parity(out, ckpt, "deterministic", folder)
     with pytest.raises(ExportError, match="opset"):
         export_onnx(ckpt, folder / "x.onnx", exporter="dynamo", opset=17)
+
+
+def test_an_ensemble_checkpoint_exports_its_readout_as_one_graph(checkpoints, folder, capsys):
+    """A federated checkpoint reads out the ensemble of its blocks (--readout ensemble): the one-graph export
+    computes that readout, not the chain; the block bundle and the stochastic mode, which need the chain, refuse."""
+    path, chain_ckpt = checkpoints["dt"]
+    ckpt = Checkpoint(method="dt", config=dataclasses.replace(chain_ckpt.config, readout="ensemble"),
+                      state_dict=chain_ckpt.state_dict, metrics=chain_ckpt.metrics, data=chain_ckpt.data)
+    ensemble_path = save_checkpoint(folder / "dt-ensemble.pt", ckpt)
+    out = export_onnx(ckpt, folder / "dt-ensemble.onnx")
+    parity(out, ckpt, "deterministic", folder)
+    images, _ = task_images(folder)
+    chain_probs, _ = run_onnx(export_onnx(chain_ckpt, folder / "dt-chain.onnx"), images[:8])
+    ensemble_probs, _ = run_onnx(out, images[:8])
+    assert not np.allclose(chain_probs, ensemble_probs, atol=1e-3)  # the same weights, another readout
+    assert "ensemble" in onnx.load(str(out)).doc_string
+    with pytest.raises(ExportError, match="draws no noise"):
+        export_onnx(ckpt, folder / "x.onnx", mode="stochastic")
+    assert export_cli.main([str(ensemble_path), "-o", str(folder / "x.onnx"), "--blocks"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "reads out the ensemble" in err and "--readout chain" in err, err
+    assert not (folder / "x.onnx").exists()
+    # --readout chain exports the same weights' chain: what the checkpoint would have given before
+    again = export_checkpoint(ensemble_path, folder / "dt-as-chain.onnx", readout="chain").path
+    np.testing.assert_allclose(run_onnx(again, images[:8])[0], chain_probs, atol=1e-6)

@@ -22,7 +22,7 @@ def check_plan(plan, capacities, T):
         assert all(node in plan.owners[t] for t in blocks)
 
 
-@pytest.mark.parametrize("policy", ["rotate", "replicate"])
+@pytest.mark.parametrize("policy", ["rotate", "replicate", "stay"])
 @pytest.mark.parametrize("specs", [
     [(10, 100)], [(10, 100), (10, 100), (10, 100), (10, 100)], [(3, 100), (3, 100), (4, 50)],
     [(1, 10)] * 10, [(2, 10)] * 25, [(10, 500), (2, 10), (10, 100)],
@@ -58,6 +58,17 @@ def test_rotation_moves_blocks_between_rounds_with_equal_nodes():
     capacities = caps(*[(10, 100)] * 5)
     a, b = plan_ownership(capacities, 10, 0), plan_ownership(capacities, 10, 1)
     assert all(a.owners[t] != b.owners[t] for t in range(1, 11))
+
+
+def test_stay_keeps_each_blocks_owners_while_the_nodes_stay():
+    capacities = caps(*[(10, 100)] * 10)
+    plans = [plan_ownership(capacities, 10, r, policy="stay") for r in range(4)]
+    assert all(p.owners == plans[0].owners for p in plans)
+    assert sorted(len(b) for b in plans[0].assignments.values()) == [1] * 10
+    rotated = [plan_ownership(capacities, 10, r, policy="rotate") for r in range(2)]
+    assert all(rotated[0].owners[t] != rotated[1].owners[t] for t in range(1, 11))
+    # nodes that change are planned afresh (the survivors' blocks may move: the plan keeps no memory)
+    check_plan(plan_ownership(capacities[1:], 10, 4, policy="stay"), capacities[1:], 10)
 
 
 def test_deterministic_for_a_seed():

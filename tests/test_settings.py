@@ -43,3 +43,16 @@ def test_run_config_round_trip_coerces_by_declared_type():
     assert (back.lr, back.num_rounds) == (1.0, 3) and isinstance(back.lr, float) and isinstance(back.num_rounds, int)
     with pytest.raises(SettingsError, match="run config key 'num-rounds' must be a whole number, not 2.5"):
         FederationConfig.from_run_config({"num-rounds": 2.5})
+
+
+def test_the_readout_is_dt_only_and_the_federation_reads_out_the_ensemble():
+    assert FederationConfig().model_config((1, 8, 8), 4).readout == "ensemble"
+    assert FederationConfig(readout="chain").model_config((1, 8, 8), 4).readout == "chain"
+    # the backprop chain is one network trained end to end: it keeps its chain, as it has no z-skip
+    assert FederationConfig(method="backprop").model_config((1, 8, 8), 4).readout == "chain"
+    with pytest.raises(ValueError, match="unknown readout 'vote'"):
+        FederationConfig(readout="vote").validate()
+    assert TrainConfig().validate().model_config((1, 8, 8), 4).readout == "chain"  # noprop-train: the paper's
+    assert TrainConfig(readout="ensemble").validate().model_config((1, 8, 8), 4).readout == "ensemble"
+    with pytest.raises(SettingsError, match="readout='ensemble': applies to dt only"):
+        TrainConfig(method="ct", readout="ensemble").validate()

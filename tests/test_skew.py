@@ -1,17 +1,26 @@
 """Against forgetting under label skew (issue 21): the classes a node reports in discovery, the plan that uses
-them, and the coverage step that keeps an owner of few classes from overwriting a block."""
+them, the coverage step that keeps an owner of few classes from overwriting a block, and the ensemble readout
+that lets no single block decide."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from procs import write_synthetic_npz
 from run_helpers import LocalGrid
 from test_client_app import task_identity  # noqa: F401 - fixture
+from torch import nn
 
 from noprop.client.handlers import held_classes
+from noprop.data import LabelledData
+from noprop.diagnostics import chain_diagnostics
 from noprop.federation import FederationConfig
+from noprop.model import NoPropDT
+from noprop.model_configs import NoPropConfig
 from noprop.server.run import FederatedRun
 
 T = 2
@@ -84,3 +93,92 @@ def test_the_coverage_step_keeps_half_of_what_a_block_had(tmp_path):
     for k in keys:
         assert np.allclose(stepped[k], before[k] + 0.5 * (full[k] - before[k]), atol=1e-6), k
     assert any(not np.allclose(stepped[k], full[k]) for k in keys)
+
+
+# -- the ensemble readout (--readout ensemble, the federation's default) -------------------------------------------
+
+
+class LeaningBlock(nn.Module):
+    """What an owner of one class leaves behind: logits that read the class from the image (+3 on the true class,
+    given one-hot as the input features) and lean by `lean` to the owner's class, whatever the image."""
+
+    def __init__(self, owner_class: int, lean: float):
+        super().__init__()
+        self.owner_class, self.lean = owner_class, lean
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        logits = 3.0 * x.clone()
+        logits[:, self.owner_class] += self.lean
+        return logits
+
+
+M = 4
+LEAN_CFG = NoPropConfig(input_shape=(M,), num_classes=M, T=M, hidden=4, z_skip=True)
+
+
+def leaning_model(readout: str, lean: float = 8.0) -> NoPropDT:
+    """Block t last trained by an owner of class t - 1 only: every block leans to a different class."""
+    model = NoPropDT(replace(LEAN_CFG, readout=readout)).eval()
+    model.blocks = nn.ModuleDict({str(t): LeaningBlock(t - 1, lean) for t in range(1, M + 1)})
+    return model
+
+
+def one_hot_images(n: int) -> LabelledData:
+    y = torch.arange(M).repeat(n)
+    return LabelledData(x=F.one_hot(y, M).float(), y=y, classes=[f"c{i}" for i in range(M)], mean=[0.0],
+                        std=[1.0], name="lean")
+
+
+@pytest.mark.unit
+def test_the_ensemble_cancels_the_leans_that_the_chain_follows():
+    """Each block leans to its last owner's class by more than the image tells it. The chain follows the leans
+    from block to block and ends on the last one; the ensemble weighs every block alike, so the leans cancel."""
+    data = one_hot_images(25)
+    chain = chain_diagnostics(leaning_model("chain"), data)
+    ensemble = chain_diagnostics(leaning_model("ensemble"), data)
+    assert chain["accuracy"] <= 0.5 and min(chain["class_accuracy"].values()) == 0.0, chain
+    assert ensemble["accuracy"] == 1.0 and set(ensemble["class_accuracy"].values()) == {1.0}, ensemble
+    assert torch.equal(leaning_model("ensemble").predict(data.x), data.y)  # what an export or noprop-edge gives
+    assert (leaning_model("chain").predict(data.x) == data.y).float().mean() <= 0.5
+    # the same weights, both readouts, whichever the model uses: the server records both every round
+    for d in (chain, ensemble):
+        assert (d["chain_accuracy"], d["ensemble_accuracy"]) == (chain["accuracy"], ensemble["accuracy"])
+    # with leans the image outweighs, both read the images right: the ensemble is no trick of the construction
+    assert chain_diagnostics(leaning_model("chain", lean=1.0), data)["accuracy"] == 1.0
+
+
+@pytest.mark.unit
+def test_the_ensemble_is_the_mean_of_the_blocks_log_posteriors_from_the_image_alone():
+    torch.manual_seed(0)
+    cfg = NoPropConfig(input_shape=(1, 8, 8), num_classes=M, T=3, channels=(4, 8, 8), hidden=16, z_skip=True,
+                       readout="ensemble")
+    model = NoPropDT(cfg).eval()
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        z0 = torch.zeros(5, cfg.embedding_dim)
+        expected = F.softmax(torch.stack([F.log_softmax(model.block(t)(x, z0), 1) for t in (1, 2, 3)]).mean(0), 1)
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        # no head, no noise: a scrambled head or drawn noise change nothing
+        nn.init.normal_(model.head.linear.weight, std=3.0)
+        assert torch.allclose(model(x, torch.randn(4, 5, cfg.embedding_dim)), expected, atol=1e-6)
+        assert torch.equal(model.predict(x, mode="stochastic"), expected.argmax(1))
+    with pytest.raises(RuntimeError, match="needs all 3 blocks"):
+        NoPropDT(cfg, owned_blocks=[1, 2]).eval()(x)
+    with pytest.raises(ValueError, match="unknown readout 'vote'"):
+        replace(cfg, readout="vote")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_z_dropout_shows_a_share_of_each_batch_z_zero_in_training_only(share):
+    """--z-dropout trains block t on rows whose z_{t-1} is 0, the input the ensemble readout gives it."""
+    cfg = NoPropConfig(input_shape=(6,), num_classes=M, T=3, hidden=8, z_skip=True, z_dropout=share)
+    model = NoPropDT(cfg)
+    seen = []
+    model.block(2).register_forward_hook(lambda _m, args, _out: seen.append(args[1].detach().clone()))
+    y = torch.arange(M).repeat(500)
+    model.block_loss(2, torch.randn(len(y), 6), y, torch.Generator().manual_seed(0))
+    zero_rows = (seen[-1] == 0).all(dim=1).float().mean().item()
+    assert zero_rows == pytest.approx(share, abs=0.05)
+    with pytest.raises(ValueError, match="z_dropout must lie in"):
+        replace(cfg, z_dropout=1.0)
