@@ -5,6 +5,7 @@ One format for centralized and federated runs, so that export and the edge tooli
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -153,7 +154,11 @@ def resume_mismatch(ckpt: Checkpoint, method: str, config) -> str | None:
     if saved != wanted:
         return (f"was trained on input {saved[0]} with {saved[1]} classes, this run's data has {wanted[0]} with "
                 f"{wanted[1]}: resume on the original data, or use a new --out")
-    if ckpt.method != method or ckpt.config != config:
+    saved_config = ckpt.config
+    if getattr(config, "readout", None) is not None and getattr(saved_config, "readout", None) is not None:
+        # the readout is inference only: the same weights fit either, and the run's readout goes on
+        saved_config = dataclasses.replace(saved_config, readout=config.readout)
+    if ckpt.method != method or saved_config != config:
         return (f"holds a {ckpt.method} model of other settings than this run's: give the original settings, or use "
                 "a new --out")
     return None

@@ -15,6 +15,7 @@ from run_helpers import LocalGrid
 from test_client_app import task_identity  # noqa: F401 - fixture
 from torch import nn
 
+from noprop.checkpoint import Checkpoint, resume_mismatch
 from noprop.client.handlers import held_classes
 from noprop.data import LabelledData
 from noprop.diagnostics import chain_diagnostics
@@ -182,3 +183,12 @@ def test_z_dropout_shows_a_share_of_each_batch_z_zero_in_training_only(share):
     assert zero_rows == pytest.approx(share, abs=0.05)
     with pytest.raises(ValueError, match="z_dropout must lie in"):
         replace(cfg, z_dropout=1.0)
+
+
+@pytest.mark.unit
+def test_a_run_resumes_a_checkpoint_of_the_other_readout():
+    """The readout is inference only: a run started before --readout (the chain) goes on with the ensemble."""
+    chain = NoPropConfig(input_shape=(6,), num_classes=M, T=3, hidden=8, z_skip=True)
+    ckpt = Checkpoint(method="dt", config=chain, state_dict={})
+    assert resume_mismatch(ckpt, "dt", replace(chain, readout="ensemble")) is None
+    assert "other settings" in resume_mismatch(ckpt, "dt", replace(chain, readout="ensemble", hidden=16))
