@@ -116,8 +116,9 @@ def readouts(runs: list[dict]) -> str:
 
 
 def cells(results: dict, clients: int, rounds: int, split: str, variant: str) -> list[dict]:
-    prefix = key(clients, rounds, split, variant, 0).rsplit("-s", 1)[0] + "-s"
-    return [v for k, v in sorted(results["runs"].items()) if k.startswith(prefix)]
+    """Every seed's run of one configuration (matched on its fields: "dt-s" is also how "dt-stay-..." begins)."""
+    return [v for _, v in sorted(results["runs"].items())
+            if (v["clients"], v["num_rounds"], v["split"], v["variant"]) == (clients, rounds, split, variant)]
 
 
 def report(results: dict) -> str:
