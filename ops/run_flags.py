@@ -115,10 +115,8 @@ FEDERATION_FLAGS: dict[str, Flag] = {
 APPLIES_TO = {"T": ("dt", "backprop"), "clip": ("dt",), "eta": ("dt", "ct"), "norm": ("dt", "backprop"),
               "policy": ("dt",), "replicas": ("dt",), "steps": ("ct", "fm", "adjoint"), "solver": ("fm", "adjoint"),
               "fm_sigma": ("fm",), "z_skip": ("dt",), "readout": ("dt",), "z_dropout": ("dt",),
-              "head_steps": ("dt",),
-              "logit_adjust": ("dt",),
-              "coverage_step": ("dt",), "label_aware": ("dt",), "plan_by_speed": ("dt",),
-              "split_local_data": ("dt",), "client_eval": ("dt",)}
+              "head_steps": ("dt",), "logit_adjust": ("dt",), "coverage_step": ("dt",), "label_aware": ("dt",),
+              "plan_by_speed": ("dt",), "split_local_data": ("dt",), "client_eval": ("dt",)}
 PATH_FIELDS = ("out", "data_root")  # resolved to absolute paths: Flower's processes run elsewhere
 DATASET_FIELDS = ("dataset", "client_data")  # npz:FILE / imagefolder:DIR specs get an absolute path
 
