@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -53,8 +52,6 @@ LABELS = {"dt": "NoProp-DT (defaults: ensemble readout)", "cnn": "FedAvg CNN (pe
 COLORS = {"dt": "tab:blue", "cnn": "tab:orange", "dt-chain": "tab:cyan", "dt-T2": "tab:green", "dt-T5": "tab:olive",
           "dt-T5-chain": "tab:brown", "dt-blind": "tab:gray", "dt-blind-chain": "silver",
           "dt-zd5": "tab:red", "dt-stay": "tab:purple", "dt-stay-zd5": "tab:pink"}
-# runs made before --readout existed read out the chain: the variants they are now (same weights, same numbers)
-RENAMED = {"dt": "dt-chain", "dt-T5": "dt-T5-chain", "dt-blind": "dt-blind-chain"}
 SECTION = "## Label skew: NoProp-DT against the FedAvg CNN over seeds (`bench/label_skew.py`)"
 
 
@@ -252,38 +249,16 @@ def save_run(path: Path, name: str, summary: dict) -> dict:
     return results
 
 
-def rename_run(path: Path, old: str, new: str, changes: dict) -> dict:
-    import fcntl
-
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(path.read_text())
-        results["runs"][new] = {**results["runs"].pop(old), **changes}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
-    return results
-
-
 def main() -> int:
     args = build_parser().parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-    for name, run in list(results["runs"].items()):  # entries an earlier version saved
-        if isinstance(run.get("rounds"), int):  # with the round count as "rounds"
+    for name, run in results["runs"].items():  # entries an earlier version saved with the round count as "rounds"
+        if isinstance(run.get("rounds"), int):
             fixed = {**run, **summarise(out / "runs" / name), "num_rounds": run["rounds"]}
             results = save_run(path, name, fixed)
-        if "chain_accuracy" not in run and run["variant"] in RENAMED:  # before --readout: chain readouts
-            new = name.replace(f"-{run['variant']}-s", f"-{RENAMED[run['variant']]}-s")
-            (out / "runs" / name).rename(out / "runs" / new)
-            results = rename_run(path, name, new, {  # the command that repeats it now
-                "variant": RENAMED[run["variant"]], "chain_accuracy": run["final_accuracy"], "ensemble_accuracy": None,
-                "command": re.sub(rf"/{re.escape(name)}(?=\s|$)", f"/{new}", run["command"]) + " --readout chain"})
-            log = out / "runs" / f"{name}.log"
-            if log.exists():
-                log.rename(out / "runs" / f"{new}.log")
     if not args.report_only:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
         for seed in [int(s) for s in args.seeds.split(",")]:
