@@ -41,6 +41,7 @@ class BlockOwnershipStrategy(Strategy):
         self.block_classes: dict[int, set[int]] = {int(t): set(c) for t, c in last.get("block_classes", {}).items()}
         self.model_cfg_json = json.dumps(model_cfg.to_dict())
         self.capacities: dict[int, NodeCapacity] = {}  # nodes that answered discovery and have not failed since
+        self.silent_in: dict[int, int] = {}  # node -> the round whose discovery it did not answer
         self.global_state: dict = {}
         self.plan: OwnershipPlan | None = None
         self.pending: list[tuple[Message, int, list[str]]] = []  # this round's messages, their nodes and keys
@@ -197,13 +198,21 @@ class BlockOwnershipStrategy(Strategy):
                 self.global_state[key] = state[key]
         return {k: round(v, 4) for k, v in parts.items()}
 
-    def discover(self, nodes: list[int], rnd: int) -> None:
-        """Query nodes not yet known; forget nodes that are gone."""
+    def discovered(self, grid: Grid, nodes: list[int], rnd: int) -> list[int]:
+        """The nodes among `nodes` that have answered discovery (querying those not yet known, again if they were
+        silent before): the run waits on this for enough nodes before a round."""
+        self.grid = grid
+        self.discover(nodes, rnd, again=True)
+        return [n for n in nodes if n in self.capacities]
+
+    def discover(self, nodes: list[int], rnd: int, again: bool = False) -> None:
+        """Query nodes not yet known (not again in a round they were silent in, unless `again`); forget nodes
+        that are gone."""
         known = self.capacities
         for n in list(known):
             if n not in nodes:
                 del known[n]
-        new = [n for n in nodes if n not in known]
+        new = [n for n in nodes if n not in known and (again or self.silent_in.get(n) != rnd)]
         if not new:
             return
         content = ConfigRecord({"model-config": self.model_cfg_json, "batch-size": self.cfg.batch_size})
@@ -240,6 +249,9 @@ class BlockOwnershipStrategy(Strategy):
             self.log(f"node {node} ({cap.identity}): {c['device']}, {cap.num_examples} examples of "
                      f"{c.get('data', '?')}, "
                      f"{cap.throughput:.0f} samples/s per block, holds up to {cap.max_blocks} blocks")
+        for n in new:
+            if n not in known:
+                self.silent_in[n] = rnd
 
     # -- client evaluation (--client-eval) ---------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

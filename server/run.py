@@ -123,8 +123,7 @@ class FederatedRun:
         the metrics line, of a copy of the round's model, in the background while the next round trains (or now)."""
         clock = PhaseClock()
         self.strategy.clock = clock
-        self.wait_for_nodes(first=first)
-        clock.lap("wait_for_nodes")
+        self.wait_for_nodes(first, clock, rnd)
         msgs = list(self.strategy.configure_train(rnd, self.arrays, self.train_config, self.grid))
         clock.lap("build_messages")
         replies = self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout)
@@ -178,27 +177,35 @@ class FederatedRun:
         append_jsonl(self.metrics_path, record)  # after the checkpoint: a resume drops lines past it anyway
         self.log(round_line(record, self.cfg.num_rounds))
 
-    def wait_for_nodes(self, first: bool) -> None:
-        """Wait for min_nodes: the join timeout before the first round, the rejoin timeout (never longer) before
-        later ones, then go on with the nodes there are."""
+    def wait_for_nodes(self, first: bool, clock: PhaseClock, rnd: int) -> None:
+        """Wait for min_nodes ready nodes: the join timeout before this process's first round, the rejoin timeout
+        (never longer) before later ones, then go on with the nodes there are. For NoProp-DT a node is ready once
+        it answered discovery: a restarted server's file database lists its clients as online before they have
+        reconnected, and a round planned then would leave them out."""
         later = min(self.cfg.rejoin_timeout, self.cfg.join_timeout)
         deadline = time.monotonic() + (self.cfg.join_timeout if first else later)
         announced = False
         while True:
             nodes = sorted(self.grid.get_node_ids())
+            clock.lap("wait_for_nodes")
+            if self.cfg.owns_blocks and nodes:
+                nodes = self.strategy.discovered(self.grid, nodes, rnd)
+                clock.lap("discovery")
             if len(nodes) >= self.cfg.min_nodes:
                 return
             if time.monotonic() > deadline:
                 if nodes and not first:
                     self.log(f"only {len(nodes)} of {self.cfg.min_nodes} nodes online; going on with them")
                     return
-                raise FederationError(f"{len(nodes)} of the {self.cfg.min_nodes} required nodes connected within "
+                ready = "connected and answered discovery" if self.cfg.owns_blocks else "connected"
+                raise FederationError(f"{len(nodes)} of the {self.cfg.min_nodes} required nodes {ready} within "
                                       f"{self.cfg.join_timeout:.0f}s: start more noprop-client processes or lower "
                                       "min-nodes")
             if not announced:
                 self.log(f"waiting for nodes: {len(nodes)}/{self.cfg.min_nodes} connected")
                 announced = True
             time.sleep(1.0)
+            clock.lap("wait_for_nodes")
 
     # -- evaluation, checkpoint, the end -----------------------------------------------------------------------
     def evaluate(self, limit: int, model: torch.nn.Module | None = None) -> dict:

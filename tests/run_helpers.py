@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
 from noprop.client.app import make_client_app
 from noprop.diagnostics import chain_diagnostics
@@ -19,7 +19,8 @@ def chain_numbers(model, data, mode: str = "deterministic", seed: int = 0) -> tu
 class LocalGrid:
     """The two Grid calls the federation makes, answered by each node's ClientApp in this process (no Flower
     processes: a run is a few seconds). A node in ``gone`` is offline: it is not listed and a message to it gets
-    no reply."""
+    no reply. A node in ``mute`` is listed but leaves its next n messages unanswered (a restarted SuperLink's
+    database lists a client as online while it is still reconnecting); ``asked`` counts each node's queries."""
 
     def __init__(self, npz, num_nodes: int, run_config: dict, max_blocks: int = 0,
                  node_ids: list[int] | None = None):
@@ -31,6 +32,8 @@ class LocalGrid:
                                          "threads": 1, "max-blocks": max_blocks})
             for i in range(num_nodes)}
         self.gone: set[int] = set()
+        self.mute: dict[int, int] = {}
+        self.asked: dict[int, int] = {}
 
     def get_node_ids(self) -> list[int]:
         return [n for n in self.contexts if n not in self.gone]
@@ -40,6 +43,10 @@ class LocalGrid:
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink does on push
             node = msg.metadata.dst_node_id
-            if node not in self.gone:
+            if msg.metadata.message_type == MessageType.QUERY:
+                self.asked[node] = self.asked.get(node, 0) + 1
+            if self.mute.get(node, 0) > 0:
+                self.mute[node] -= 1
+            elif node not in self.gone:
                 replies.append(self.app(msg, self.contexts[node]))
         return replies

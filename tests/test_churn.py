@@ -93,3 +93,30 @@ def test_a_later_round_waits_the_rejoin_timeout_for_a_node_to_come_back(tmp_path
     else:
         assert sorted(record["trained_by"]) == [100, 101], record
         assert any("only 2 of 3 nodes online; going on with them" in line for line in lines), lines
+
+
+def test_the_first_round_waits_for_a_listed_node_until_it_answers_discovery(tmp_path):
+    """A server restarted with the file database lists its clients as online before they have reconnected: a
+    node that is listed but silent to its first two queries is still asked until it answers, and the round
+    (here the first of the process, as after --resume) is planned with it."""
+    fed, grid, lines = federation(tmp_path, max_blocks=0, rounds=1, join_timeout=600.0)
+    grid.mute[102] = 2
+    record = fed.run_round(1, first=True)
+    assert grid.asked[102] == 3 and grid.asked[100] == 1, grid.asked
+    assert 102 in {n for owners in record["plan"].values() for n in owners}, record
+    assert sorted(record["trained_by"]) == [100, 101, 102], record
+    assert any("waiting for nodes: 2/3" in line for line in lines), lines
+
+
+def test_a_later_round_asks_a_silent_node_once_and_goes_on_without_it(tmp_path):
+    """A node that stops answering fails its round's training; the next round asks it once and, past the
+    rejoin timeout, goes on without it, not asking it again when the round is planned (that waits twice)."""
+    fed, grid, lines = federation(tmp_path, max_blocks=0, rounds=3, join_timeout=600.0, rejoin_timeout=0.0)
+    fed.run_round(1, first=True)
+    grid.mute[102] = 10**6  # listed, never answers again
+    assert fed.run_round(2)["failed"] == [102]
+    asked = grid.asked[102]
+    record = fed.run_round(3)
+    assert grid.asked[102] - asked == 1, grid.asked
+    assert sorted(record["trained_by"]) == [100, 101] and 102 not in record["node_names"], record
+    assert any("only 2 of 3 nodes online; going on with them" in line for line in lines), lines

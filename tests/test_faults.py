@@ -550,7 +550,8 @@ def test_restarted_client_joins_again_and_gets_blocks(faulty_run):
     assert re.search(r"SuperNode ID: (\d+)", text).group(1) not in {str(n) for n in node_ids(r1)}, text[:3000]
     # ... and after the server restart it was one of the three nodes the resumed round 3 waited for: it trained it
     restarted = int(re.search(r"SuperNode ID: (\d+)", text).group(1))
-    assert owners_of(r3) - node_ids(r1) == {restarted} and restarted in r3["trained_by"], (restarted, r3)
+    assert owners_of(r3) - node_ids(r1) == {restarted} and restarted in r3["trained_by"], \
+        (restarted, {k: r3.get(k) for k in ("nodes", "plan", "trained_by", "failed", "server_timing")}, run.report())
 
 
 @pytest.mark.e2e
