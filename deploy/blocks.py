@@ -5,6 +5,8 @@ Block t's graph takes `image` (raw pixels, normalised inside as in the one-graph
 [N, d] and returns `block_probabilities` p_t = softmax(block t's logits) [N, classes] and `z_next` = z_t of the
 deterministic step z_t = a_t p_t W + b_t z_{t-1}. The last block also returns the head's `probabilities` and
 `label`, so running every block gives exactly the chain of the one-graph export. z_0 = 0 (deterministic mode).
+A checkpoint that reads out the ensemble (a federated one) exports the same graphs, and the manifest's `readout`
+tells the runtime to give every block z = 0 and to answer by the mean of the blocks' log p_t so far.
 
 Why one graph per block driven by the runtime, and not ONNX control flow (If / Loop) in one graph:
   - the exit is per example: the runtime runs block t only on the rows still undecided, so a batch shrinks as
@@ -89,9 +91,6 @@ def check_bundle_checkpoint(ckpt: Checkpoint, mode: str = "deterministic") -> No
                           "export is all it has)")
     if mode != "deterministic":
         raise ExportError("--blocks exports deterministic chains only (z_0 = 0, no noise): leave --mode out")
-    if getattr(ckpt.config, "readout", "chain") != "chain":
-        raise ExportError("--blocks bundles the chain, and this checkpoint reads out the ensemble of its blocks: "
-                          "add --readout chain (the same weights read out by the chain), or leave --blocks out")
 
 
 def export_block_graphs(ckpt: Checkpoint, folder: Path, opset: int = DEFAULT_OPSET) -> list[Path]:
@@ -125,14 +124,19 @@ def export_block_graphs(ckpt: Checkpoint, folder: Path, opset: int = DEFAULT_OPS
     return paths
 
 
+def bundle_readout(ckpt: Checkpoint) -> str:
+    """chain or ensemble: how the bundle's runtime answers, the checkpoint's own readout (the graphs are the same)."""
+    return getattr(ckpt.config, "readout", "chain")
+
+
 def write_bundle(out: str | os.PathLike, metadata: dict[str, str], block_paths: list[Path],
-                 anytime: dict | None = None) -> Path:
+                 anytime: dict | None = None, readout: str = "chain") -> Path:
     """The zip of manifest.json and the block graphs, written atomically."""
     blocks = [{"t": t, "file": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size}
               for t, p in enumerate(block_paths, start=1)]
     manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "metadata": metadata,
                 "inputs": list(BLOCK_INPUTS), "outputs": list(BLOCK_OUTPUTS), "last_outputs": list(OUTPUT_NAMES),
-                "blocks": blocks, **({"anytime": anytime} if anytime else {})}
+                "blocks": blocks, "readout": readout, **({"anytime": anytime} if anytime else {})}
 
     def write(f) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -190,7 +194,7 @@ def calibrate_bundle(bundle: str | os.PathLike, images: np.ndarray, labels: np.n
     anytime.update(calibration=source)
     with tempfile.TemporaryDirectory(prefix="noprop-bundle-") as tmp:
         manifest, paths = read_bundle_members(bundle, Path(tmp))
-        write_bundle(bundle, manifest["metadata"], paths, anytime)
+        write_bundle(bundle, manifest["metadata"], paths, anytime, manifest.get("readout", "chain"))
     return anytime
 
 

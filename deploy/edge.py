@@ -56,6 +56,8 @@ BUNDLE_FORMAT_VERSION = 1
 BUNDLE_MANIFEST = "manifest.json"
 BLOCK_INPUTS = ("image", "z")  # of each block graph: raw image, z_{t-1}
 BLOCK_OUTPUTS = ("block_probabilities", "z_next")  # p_t and z_t; the last block adds OUTPUT_NAMES
+BUNDLE_READOUTS = ("chain", "ensemble")  # what a bundle's rows are answered by (the manifest's "readout")
+TINY = float(np.finfo(np.float32).tiny)  # log p_t's floor for the ensemble: a float32 softmax can underflow to 0
 DEFAULT_MAX_LOSS_POINTS = 0.5  # the anytime calibration's accuracy loss against the full chain, in points
 INPUT_NAME, NOISE_NAME = "image", "noise"
 OUTPUT_NAMES = ("probabilities", "label")
@@ -483,6 +485,11 @@ class BlockBundle:
 
     preload=True (anytime) keeps every block's session; preload=False (streamed) loads block t from the zip,
     runs it over all the rows, and drops it before block t + 1, so one block is in memory at a time.
+
+    The manifest's readout says how rows are answered. chain: block t takes z_{t-1} from block t - 1, an exit
+    answers with p_t, and the last block's head gives the full answer. ensemble (a federated checkpoint's): every
+    block sees z = 0, so blocks need nothing from each other, and the answer after t blocks is the posterior
+    softmax(mean over s <= t of log p_s); after all T it is the one-graph ensemble's.
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, arena: bool = True, preload: bool = True):
@@ -507,6 +514,10 @@ class BlockBundle:
         if len(self.blocks) != self.info.T or self.info.mode != "deterministic":
             raise EdgeError(f"{self.path}: {len(self.blocks)} block graphs for T={self.info.T} "
                             f"({self.info.mode}): export it again")
+        self.readout = self.manifest.get("readout", "chain")
+        if self.readout not in BUNDLE_READOUTS:
+            raise EdgeError(f"{self.path}: readout {self.readout!r} is none of {', '.join(BUNDLE_READOUTS)}: export "
+                            "it again with this version's noprop-export --blocks")
         self.calibration: dict = self.manifest.get("anytime", {})
         self.size = self.path.stat().st_size
         self._sessions = [self._load(t) for t in range(1, self.info.T + 1)] if preload else None
@@ -569,11 +580,18 @@ class BlockBundle:
         z = np.zeros((n, self.info.embedding_dim), dtype=np.float32)
         open_rows = np.arange(n)
         xa = x
+        ensemble = self.readout == "ensemble"
+        log_sum = np.zeros((n, self.info.num_classes), dtype=np.float64) if ensemble else None
         try:
             for t in range(1, T + 1):
                 sess = self.session(t)
-                out = self._step(sess, xa, z, t == T, batch_size)
+                out = self._step(sess, xa, np.zeros_like(z) if ensemble else z, t == T, batch_size)
                 del sess  # streamed: the only reference; the block's memory goes here
+                if ensemble:  # the answer so far: the first t blocks' ensemble, in p_t's place
+                    log_sum += np.log(np.maximum(out[0], TINY))
+                    out[0] = ensemble_posterior(log_sum, t)
+                    if t == T:
+                        out[2], out[3] = out[0], out[0].argmax(axis=1)
                 if t == T:
                     probs[open_rows], labels[open_rows] = out[2], out[3]
                     break
@@ -586,6 +604,8 @@ class BlockBundle:
                     probs[rows], labels[rows], used[rows] = out[0][leave], out[0][leave].argmax(axis=1), t
                     stay = ~leave
                     open_rows, xa, z = open_rows[stay], xa[stay], z[stay]
+                    if ensemble:
+                        log_sum = log_sum[stay]
                     if not len(open_rows):
                         break
         except EdgeError:
@@ -599,17 +619,28 @@ class BlockBundle:
         input."""
         x = check_array(images, self.info)
         z = np.zeros((len(x), self.info.embedding_dim), dtype=np.float32)
-        per_block = []
+        per_block, log_sum = [], np.zeros((len(x), self.info.num_classes), dtype=np.float64)
         for t in range(1, self.T + 1):
             out = self._step(self.session(t), x, z, t == self.T, batch_size)
-            per_block.append(out[0])
-            z = out[1]
-        return np.stack(per_block), out[2]
+            if self.readout == "ensemble":  # z stays 0; each block's answer is the ensemble so far
+                log_sum += np.log(np.maximum(out[0], TINY))
+                per_block.append(ensemble_posterior(log_sum, t))
+            else:
+                per_block.append(out[0])
+                z = out[1]
+        return np.stack(per_block), (per_block[-1] if self.readout == "ensemble" else out[2])
 
     def run_batches(self, images: np.ndarray, batch_size: int = 256, rule: ExitRule | None = None):
         """run() batch by batch (what a device answering requests of batch_size does)."""
         parts = [self.run(images[i:i + batch_size], rule, batch_size) for i in range(0, len(images), batch_size)]
         return tuple(np.concatenate(col) for col in zip(*parts))
+
+
+def ensemble_posterior(log_sum: np.ndarray, t: int) -> np.ndarray:
+    """softmax(log_sum / t) in float32: the geometric mean of t blocks' posteriors, normalised."""
+    mean = log_sum / t
+    e = np.exp(mean - mean.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def check_array(images: np.ndarray, info: ModelInfo, what: str = "input") -> np.ndarray:
@@ -1008,9 +1039,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def mode_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--mode", choices=RUN_MODES, default="full",
-                        help="full (the one-graph chain), anytime (the block bundle beside the model, leaving the "
-                             "chain once a block is sure enough: its calibrated rule unless --threshold or "
-                             "--exit-after) or streamed (one block in memory at a time; the full chain's answers) "
+                        help="full (the one-graph model), anytime (the block bundle beside the model, leaving the "
+                             "chain once the blocks so far are sure enough: its calibrated rule unless --threshold or "
+                             "--exit-after) or streamed (one block in memory at a time; the full model's answers) "
                              "(default: full)")
         sp.add_argument("--bundle", metavar="FILE",
                         help="the block bundle (default: model.blocks.zip beside model.onnx)")
@@ -1090,7 +1121,8 @@ def _run(args: argparse.Namespace) -> int:
         if Path(args.model).suffix == ".zip":
             bundle = BlockBundle(args.model, preload=False)
             print(json.dumps({k: v for k, v in bundle.manifest.items() if k != "metadata"}, indent=2) if args.json
-                  else f"{bundle.path}  ({bundle.size / 1e6:.2f} MB block bundle of {bundle.T} blocks)\n  "
+                  else f"{bundle.path}  ({bundle.size / 1e6:.2f} MB block bundle of {bundle.T} blocks, "
+                       f"read out by the {bundle.readout})\n  "
                        f"{bundle.info.summary()}\n  anytime       "
                        + (json.dumps({k: v for k, v in bundle.calibration.items() if k != "rules"})
                           if bundle.calibration else "not calibrated"))

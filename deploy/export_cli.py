@@ -126,7 +126,7 @@ def export_bundle(ckpt, model_path: Path, int8: bool, holdout: int, anytime_loss
         paths = blocks.export_block_graphs(ckpt, Path(tmp), opset)
         if int8:
             paths = blocks.quantize_block_graphs(paths, Path(tmp) / "int8")
-        blocks.write_bundle(bundle, metadata, paths)
+        blocks.write_bundle(bundle, metadata, paths, readout=blocks.bundle_readout(ckpt))
     if not holdout:
         return bundle, None
     dataset = data or (ckpt.data or {}).get("name")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readout", choices=READOUTS,
                    help="dt: what the exported model computes from the checkpoint's weights: chain (Eq. 3, the head "
                         "on z_T) or ensemble (the blocks' geometric mean) (default: the checkpoint's own; federated "
-                        "runs read out the ensemble); --blocks and --mode stochastic need chain")
+                        "runs read out the ensemble); --mode stochastic needs chain")
     p.add_argument("--blocks", action="store_true",
                    help="dt: also write <name>.blocks.zip, one graph per block, for noprop-edge --mode anytime and "
                         "streamed, with the exit threshold calibrated on held-out images")

@@ -5,6 +5,7 @@ No timing asserts: bench/inference.py measures speed and memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from test_edge import import_blocker
 from test_export import TINY, task_images, write_task
 
-from noprop.checkpoint import Checkpoint, save_checkpoint
+from noprop.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from noprop.data import load_train_test
 from noprop.deploy import edge
 from noprop.deploy.edge import BlockBundle, EdgeModel, ExitRule, calibrate_exit, exit_simulation
@@ -261,3 +262,62 @@ def test_lone_edge_py_runs_anytime_and_streamed_without_torch_or_noprop(exported
     blocked = subprocess.run([sys.executable, "-c", "import torch"], cwd=lone, env=env, capture_output=True,
                              text=True, timeout=HANG_S)
     assert blocked.returncode != 0  # the blocker works
+
+
+@pytest.fixture(scope="module")
+def ensemble_exported(folder, ckpt_path):
+    """The same weights read out as the ensemble of their blocks (a federated checkpoint's readout), exported
+    with a calibrated bundle."""
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, readout="ensemble"))
+    path = save_checkpoint(folder / "dt-ensemble.pt", ckpt)
+    return export_checkpoint(path, folder / "ensemble" / "model.onnx", blocks=True), ckpt
+
+
+def first_blocks_ensemble(ckpt: Checkpoint, images: np.ndarray, k: int) -> np.ndarray:
+    """softmax of the mean of log softmax(block t's logits at z = 0) over t <= k, in PyTorch (the model's rule)."""
+    model = build_model("dt", ckpt.config)
+    model.load_state_dict(ckpt.state_dict)
+    model.eval()
+    mean = torch.tensor(ckpt.data["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(ckpt.data["std"]).view(1, -1, 1, 1)
+    x = (torch.from_numpy(images) - mean) / std
+    with torch.no_grad():
+        z = torch.zeros(len(x), model.embedding.weight.shape[1])
+        total = sum(torch.log_softmax(model.block(t)(x, z), dim=1) for t in range(1, k + 1))
+        return torch.softmax(total / k, dim=1).numpy()
+
+
+def test_an_ensemble_bundle_streams_the_one_graph_ensemble_and_exits_on_the_blocks_so_far(ensemble_exported,
+                                                                                          exported, folder):
+    """A federated checkpoint's bundle: every block sees z = 0 and the answer is the ensemble so far. Streamed,
+    it gives the one-graph ensemble's answers; after k blocks, PyTorch's ensemble of blocks 1..k; the calibrated
+    exit keeps its stated loss."""
+    result, ckpt = ensemble_exported
+    with zipfile.ZipFile(result.bundle) as zf:
+        assert json.loads(zf.read("manifest.json"))["readout"] == "ensemble"
+    images, _ = task_images(folder)
+    full_probs, full_labels = EdgeModel(result.path, threads=1).run(images)
+    chain_probs = EdgeModel(exported["fp32"].path, threads=1).run(images)[0]
+    assert not np.allclose(full_probs, chain_probs, atol=1e-3)  # the two readouts differ: the test tells them apart
+    streamed = BlockBundle(result.bundle, threads=1, preload=False)
+    assert streamed.readout == "ensemble"
+    for batch in (len(images), 7):
+        probs, labels, used = streamed.run(images, batch_size=batch)
+        np.testing.assert_array_equal(labels, full_labels)
+        assert float(np.abs(probs - full_probs).max()) <= 1e-5 and (used == T).all()
+    bundle = BlockBundle(result.bundle, threads=1)
+    for k in range(1, T):
+        probs, labels, used = bundle.run(images, ExitRule("blocks", blocks=k))
+        assert (used == k).all()
+        np.testing.assert_allclose(probs, first_blocks_ensemble(ckpt, images, k), atol=1e-5)
+    x, y = holdout(folder)
+    a, rule = result.anytime, bundle.default_rule()
+    assert rule is not None and rule.threshold == a["threshold"]
+    probs, labels, used = bundle.run(x, rule)
+    full_x = EdgeModel(result.path, threads=1).run(x)[1]
+    assert 100 * ((full_x == y).sum() - (labels == y).sum()) / len(y) <= 0.5 + 1e-9
+    assert float(used.mean()) == pytest.approx(a["mean_blocks"])
+    sim_labels, sim_used = exit_simulation(*bundle.all_block_probabilities(x), rule)
+    np.testing.assert_array_equal(sim_labels, labels)
+    np.testing.assert_array_equal(sim_used, used)
