@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from noprop.baseline import BackpropChain
-from noprop.client.handlers import NodeSettings, check_compatible
+from noprop.client.handlers import NodeSettings
 from noprop.data import load_dataset
 from noprop.federation import FederationConfig
 from noprop.io import append_jsonl, atomic_write_text
@@ -175,7 +175,7 @@ def make_fedavg_client_app(overrides: dict | None = None) -> ClientApp:
         config = msg.content["config"]
         model_cfg = NoPropConfig.from_dict(json.loads(str(config["model-config"])))
         data = node.data_split("train")
-        check_compatible(data, model_cfg)
+        data.check_fits(model_cfg)
         torch.manual_seed(int(config["seed"]) * 100_003 + int(config["server-round"]))
         model = BackpropChain(model_cfg)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)

@@ -336,7 +336,7 @@ def part_memory(args: argparse.Namespace, data: dict, variant: str, mode: str) -
     if variant == "noprop":
         config.update({"round": 1, "blocks": [1]})
     else:
-        config.update({"server-round": 1, "max-batches": args.mem_fedavg_batches if mode == "rss" else 0})
+        config.update({"round": 1, "max-batches": args.mem_fedavg_batches if mode == "rss" else 0})
     msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=5,
                   message_type=MessageType.TRAIN)
     msg.metadata.__dict__["_message_id"] = msg.object_id  # the SuperLink sets this on delivery

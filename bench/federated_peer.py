@@ -218,7 +218,7 @@ def part_memory(args: argparse.Namespace, variant: str) -> dict:
         keys = list(state)
         config = {"method": method, "model-config": json.dumps(model_cfg.to_dict()), "local-epochs": 1,
                   "lr": cfg.lr, "weight-decay": cfg.weight_decay, "batch-size": cfg.batch_size, "seed": 1,
-                  "server-round": 1, "min-local-steps": cfg.min_local_steps}
+                  "round": 1, "min-local-steps": cfg.min_local_steps}
     arrays = arrays_to_record(state, keys)
     del state
     msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=5,

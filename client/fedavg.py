@@ -22,11 +22,8 @@ def train_whole_network(content: RecordDict, identity: str | int, data: Labelled
     config = content["config"]
     method = str(config["method"])
     model_cfg = config_from_dict(method, json.loads(str(config["model-config"])))
-    if tuple(data.input_shape) != tuple(model_cfg.input_shape) or data.num_classes != model_cfg.num_classes:
-        raise ValueError(f"this node's data {data.name} has input {tuple(data.input_shape)} and {data.num_classes} "
-                         f"classes, the run's model expects {tuple(model_cfg.input_shape)} and "
-                         f"{model_cfg.num_classes}: point --data at the same kind of data as the server's")
-    rnd = int(config["server-round"])  # the run's own round number, after a resume too
+    data.check_fits(model_cfg)
+    rnd = int(config["round"])  # the run's own round number, after a resume too (the key DT's messages use)
     torch.manual_seed(node_seed(int(config["seed"]), rnd, identity))  # the node's name, stable across runs
     received = record_to_arrays(content["arrays"])
     model = build_model(method, model_cfg)

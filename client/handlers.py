@@ -109,7 +109,7 @@ def query(content: RecordDict, run_config: Mapping, node_config: Mapping, state:
     model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
     batch_size = int(cfg_record["batch-size"])
     data = node.data_split("train")
-    check_compatible(data, model_cfg)
+    data.check_fits(model_cfg)
     cached = state.get("capacity")
     if isinstance(cached, ConfigRecord) and cached.get("model-config") == cfg_record["model-config"]:
         throughput = float(cached["throughput"])
@@ -147,7 +147,7 @@ def train(content: RecordDict, run_config: Mapping, node_config: Mapping, node_i
         return reply
     model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
     blocks = [int(b) for b in cfg_record["blocks"]]
-    check_compatible(data, model_cfg)
+    data.check_fits(model_cfg)
     t0 = time.perf_counter()
     torch.manual_seed(int(cfg_record["seed"]))
     received = record_to_arrays(content["arrays"])
@@ -191,7 +191,7 @@ def evaluate(content: RecordDict, run_config: Mapping, node_config: Mapping) -> 
     cfg_record = content["config"]
     model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
     data = node.data_split("test")
-    check_compatible(data, model_cfg)
+    data.check_fits(model_cfg)
     model = NoPropDT(model_cfg)
     model.load_state_dict(to_torch_state(record_to_arrays(content["arrays"])), strict=True)
     model.to(node.device)
@@ -203,9 +203,3 @@ def preload(run_config: Mapping, node_config: Mapping) -> LabelledData:
     """Load and partition the node's training data once (the warm worker does this before its first message)."""
     return settings(run_config, node_config)[1].data_split("train")
 
-
-def check_compatible(data: LabelledData, cfg: NoPropConfig) -> None:
-    if tuple(data.input_shape) != tuple(cfg.input_shape) or data.num_classes != cfg.num_classes:
-        raise ValueError(f"this node's data {data.name} has input {tuple(data.input_shape)} and "
-                         f"{data.num_classes} classes, the run's model expects {tuple(cfg.input_shape)} and "
-                         f"{cfg.num_classes}: point --data at the same kind of data as the server's")

@@ -6,16 +6,22 @@ or trimmed mean. A reply counts only if it answers this round, holds exactly the
 (its own blocks and the shared tensors), claims no more examples than the node holds, and has the right
 shapes and dtypes and finite values within a bound of the global model's: anything else is rejected whole,
 so a bad node can never half-update the model.
+
+check_replies is the one reply check of every strategy (block ownership and the FedAvg family): it reads each
+reply against what its node was sent, validates it, and says which nodes answered, failed or were rejected.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
 from noprop.federation import AGGREGATIONS
+from noprop.records import record_to_arrays
 from noprop.server.planner import OwnershipPlan
 
 
@@ -80,6 +86,86 @@ def validate_reply(reply: Reply, sent_keys: list[str], reference: dict[str, np.n
                 return (f"{key}: values up to {biggest:.3g}, beyond the bound {bound:.3g} ({max_value_ratio:g} x the "
                         "global tensor's largest magnitude, at least 1)")
     return None
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What one node was sent this round, so what its reply must be: exactly these keys, these metrics as numbers,
+    at most max_examples examples (what it reported at discovery; None: unknown)."""
+
+    node: int
+    keys: tuple[str, ...]
+    metrics: tuple[str, ...] = ()
+    max_examples: int | None = None
+
+
+@dataclass
+class CheckedRound:
+    """The replies of one round after check_replies: those that may count (with the message each came in, in
+    arrival order), and by node those rejected (with the reason) and those that failed or never answered."""
+
+    accepted: list[tuple[Message, Reply]] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    failed: list[int] = field(default_factory=list)
+    bytes_from: dict[int, int] = field(default_factory=dict)
+
+
+def read_reply(msg: Message, expected: Expected, arrays_key: str = "arrays") -> tuple[Reply | None, str | None]:
+    """A train reply's parts, or the reason it is malformed (a reply is the sender's word: never trust its layout).
+    The round stamp counts only as an int (a float 3.0 is no round); validate_reply judges the rest."""
+    try:
+        record, metrics = msg.content[arrays_key], msg.content["metrics"]
+        if not isinstance(record, ArrayRecord) or not isinstance(metrics, MetricRecord):
+            raise TypeError(f"{arrays_key!r} and 'metrics' must be an ArrayRecord and a MetricRecord")
+        arrays = record_to_arrays(record)
+    except Exception as exc:  # noqa: BLE001 - missing or wrong records arrive in several exception types
+        return None, f"malformed reply ({type(exc).__name__}: {exc})"
+    metrics = dict(metrics)
+    missing = [k for k in expected.metrics if not isinstance(metrics.get(k), int | float)]
+    if missing:
+        return None, f"malformed reply: metrics {', '.join(missing)} missing"
+    stamp = metrics.get("round")
+    reply = Reply(node_id=expected.node, arrays=arrays, num_examples=metrics.get("num-examples"),  # type: ignore[arg-type]
+                  metrics=metrics, round=stamp if isinstance(stamp, int) else None)
+    return reply, None
+
+
+def check_replies(replies: Iterable[Message], sent: dict[str, Expected], reference: dict[str, np.ndarray],
+                  expected_round: int, max_value_ratio: float | None = None, log: Callable[[str], None] = print,
+                  arrays_key: str = "arrays", silence: str = "no reply within the round timeout") -> CheckedRound:
+    """Check every reply against what its node was sent (`sent`: message id -> Expected). A reply is matched to its
+    node by its sender, or, for an error the SuperLink made for an unreachable node, by the message it answers; a
+    node with no reply at all has failed, and `silence` says so in the log."""
+    by_node = {e.node: e for e in sent.values()}
+    out = CheckedRound()
+    answered: set[int] = set()
+    for msg in replies:
+        # a node's own reply comes from it; an error the SuperLink made for it, by the message it answers
+        expected = by_node.get(msg.metadata.src_node_id) or sent.get(msg.metadata.reply_to_message_id)
+        node = expected.node if expected else msg.metadata.src_node_id
+        if expected is None or node in answered:
+            log(f"node {node}: reply ignored: it answers no message of round {expected_round} (or a second time)")
+            continue
+        answered.add(node)
+        if msg.has_error():
+            out.failed.append(node)
+            log(f"node {node}: training failed: {msg.error.reason}")
+            continue
+        reply, problem = read_reply(msg, expected, arrays_key)
+        if reply is not None:
+            problem = validate_reply(reply, list(expected.keys), reference, max_examples=expected.max_examples,
+                                     expected_round=expected_round, max_value_ratio=max_value_ratio)
+        if problem:
+            out.rejected[node] = problem
+            log(f"node {node}: reply rejected: {problem}")
+            continue
+        out.bytes_from[node] = msg.content[arrays_key].count_bytes()
+        out.accepted.append((msg, reply))
+    for node in sorted(by_node):
+        if node not in answered:
+            out.failed.append(node)
+            log(f"node {node}: {silence}")
+    return out
 
 
 def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:

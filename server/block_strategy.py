@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -21,21 +21,22 @@ from noprop.federation import FederationConfig, FederationError
 from noprop.model import NoPropDT
 from noprop.model_configs import NoPropConfig
 from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state, to_torch_state
-from noprop.server.aggregate import Reply, aggregate, keys_for_blocks, validate_reply
-from noprop.server.grid import PromptGrid
+from noprop.server.aggregate import Expected, Reply, aggregate, check_replies, keys_for_blocks
 from noprop.server.planner import NodeCapacity, OwnershipPlan, PlanError, plan_ownership
-from noprop.server.timing import PhaseClock, client_timing, reply_timeline
+from noprop.server.timing import client_timing
 from noprop.trainer import fit_head, node_seed
 
 
 class BlockOwnershipStrategy(Strategy):
     """Block ownership over Flower's Grid. `model` is the run's NoPropDT: the head is fitted on it after each
-    aggregation. After aggregate_train, `round_record` holds the round's metrics.jsonl fields but evaluation.
+    aggregation. After aggregate_train, `round_record` holds the round's metrics.jsonl fields but evaluation and
+    timing.
     history: the metrics lines of the rounds done before (a resumed run)."""
 
     def __init__(self, cfg: FederationConfig, model_cfg: NoPropConfig, model: NoPropDT, log=print,
-                 history: list[dict] | None = None):
+                 history: list[dict] | None = None, on_phase: Callable[[str], None] = lambda phase: None):
         self.cfg, self.model_cfg, self.model, self.log = cfg, model_cfg, model, log
+        self.on_phase = on_phase  # told as each of the round's phases ends (the run's PhaseClock.lap)
         # block t -> the classes its owners have held so far (the coverage step); a resumed run reads its last round
         last = (history or [{}])[-1]
         self.block_classes: dict[int, set[int]] = {int(t): set(c) for t, c in last.get("block_classes", {}).items()}
@@ -47,7 +48,6 @@ class BlockOwnershipStrategy(Strategy):
         self.pending: list[tuple[Message, int, list[str]]] = []  # this round's messages, their nodes and keys
         self.grid: Grid | None = None
         self.round_record: dict = {}
-        self.clock = PhaseClock()  # the run gives each round its own
 
     def summary(self) -> None:
         self.log(f"block ownership: T={self.cfg.T}, policy {self.cfg.policy}"
@@ -63,7 +63,7 @@ class BlockOwnershipStrategy(Strategy):
         self.global_state = record_to_arrays(arrays)
         nodes = sorted(grid.get_node_ids())
         self.discover(nodes, rnd)
-        self.clock.lap("discovery")
+        self.on_phase("discovery")
         live = [self.capacities[n] for n in nodes if n in self.capacities]
         if not cfg.label_aware:
             live = [replace(c, classes=frozenset()) for c in live]
@@ -102,56 +102,32 @@ class BlockOwnershipStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check the replies, combine each block from its owners and the shared tensors from all, fit the head."""
         cfg, plan, rnd = self.cfg, self.plan, server_round
-        # message id -> (node, the keys it was sent): ids exist once the grid has pushed the messages
-        sent = {m.metadata.message_id: (node, keys) for m, node, keys in self.pending}
-        accepted, rejected, bytes_from, failed = [], {}, {}, []
-        losses: dict[int, list[float]] = {}
-        answered = set()
-        for msg in replies:
-            node, keys = sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
-            answered.add(node)
-            if msg.has_error():
-                failed.append(node)
-                self.log(f"node {node}: training failed: {msg.error.reason}")
-                continue
-            reply, problem = parse_train_reply(msg, node, plan.blocks_of(node))
-            if reply is not None:
-                bytes_from[str(node)] = msg.content["arrays"].count_bytes()
-                cap = self.capacities.get(node)
-                problem = validate_reply(reply, keys or [], self.global_state,
-                                         max_examples=cap.num_examples if cap else None, expected_round=rnd,
-                                         max_value_ratio=cfg.max_value_ratio)
-            if problem:
-                rejected[node] = problem
-                self.log(f"node {node}: reply rejected: {problem}")
-                continue
-            accepted.append(reply)
-            for t in plan.blocks_of(node):
-                losses.setdefault(t, []).append(float(reply.metrics[f"l2-block-{t}"]))
-        for _, node, _ in self.pending:
-            if node not in answered:
-                failed.append(node)
-                self.log(f"node {node}: no reply within {cfg.round_timeout:.0f}s; its blocks go to others next round")
-        for node in failed:  # re-discover next round if it is still there
+        # message id -> what its node must send back: ids exist once the grid has pushed the messages
+        sent = {m.metadata.message_id: Expected(node, tuple(keys), tuple(f"l2-block-{t}" for t in plan.blocks_of(node)),
+                                                self.capacities[node].num_examples if node in self.capacities else None)
+                for m, node, keys in self.pending}
+        checked = check_replies(replies, sent, self.global_state, rnd, cfg.max_value_ratio, self.log,
+                                silence=f"no reply within {cfg.round_timeout:.0f}s; its blocks go to others next round")
+        accepted = [reply for _, reply in checked.accepted]
+        for node in checked.failed:  # re-discover next round if it is still there
             self.capacities.pop(node, None)
+        losses: dict[int, list[float]] = {}
+        for reply in accepted:
+            for t in plan.blocks_of(reply.node_id):
+                losses.setdefault(t, []).append(float(reply.metrics[f"l2-block-{t}"]))
         block_l2 = {str(t): sum(v) / len(v) for t, v in sorted(losses.items())}
         record = self.round_record
         record.update({
             "trained_by": sorted(r.node_id for r in accepted),
-            "rejected": {str(k): v for k, v in rejected.items()}, "failed": sorted(failed),
+            "rejected": {str(k): v for k, v in checked.rejected.items()}, "failed": sorted(checked.failed),
             "block_l2": block_l2, "mean_l2": sum(block_l2.values()) / max(len(block_l2), 1),
-            "bytes_from": bytes_from,
+            "bytes_from": {str(k): v for k, v in checked.bytes_from.items()},
             "num_examples": {str(r.node_id): r.num_examples for r in accepted},
             "client_train_time_s": {str(r.node_id): round(float(r.metrics.get("train-time-s", 0.0)), 2)
                                     for r in accepted},
             "client_timing": {str(r.node_id): client_timing(r.metrics) for r in accepted},
         })
-        if isinstance(self.grid, PromptGrid):  # where each reply's time went, from the push to its arrival
-            by_node = {node: mid for mid, (node, _) in sent.items()}
-            record["timeline"] = {str(r.node_id): reply_timeline(r.metrics, self.grid.pushed_at,
-                                                                 self.grid.arrived_at.get(by_node[r.node_id]))
-                                  for r in accepted if r.node_id in by_node}
-        self.clock.lap("validate")
+        self.on_phase("validate")
         # float sums depend on their order: combine in the nodes' stable names, not in the order replies came
         accepted.sort(key=lambda r: self.capacities[r.node_id].identity)  # accepted: planned, so discovered
         steps = self.coverage_steps(accepted) if cfg.coverage_step else {}
@@ -161,10 +137,10 @@ class BlockOwnershipStrategy(Strategy):
             record["block_classes"] = {str(t): sorted(c) for t, c in sorted(self.block_classes.items())}
         self.global_state = aggregate(self.global_state, plan, accepted, cfg.aggregation, cfg.trim_fraction,
                                       block_step=steps)
-        self.clock.lap("aggregate")
+        self.on_phase("aggregate")
         if cfg.head_steps and accepted:
             record["head_fit"] = self.fit_head(rnd)  # before the next round: the head goes out with the blocks
-            self.clock.lap("head_fit")
+            self.on_phase("head_fit")
         return arrays_to_record(self.global_state), MetricRecord({"mean-l2": record["mean_l2"]})
 
     def coverage_steps(self, accepted: list[Reply]) -> dict[int, float]:
@@ -198,9 +174,12 @@ class BlockOwnershipStrategy(Strategy):
                 self.global_state[key] = state[key]
         return {k: round(v, 4) for k, v in parts.items()}
 
-    def discovered(self, grid: Grid, nodes: list[int], rnd: int) -> list[int]:
+    READY = "connected and answered discovery"  # what ready_nodes means, for the run's messages
+
+    def ready_nodes(self, grid: Grid, nodes: list[int], rnd: int) -> list[int]:
         """The nodes among `nodes` that have answered discovery (querying those not yet known, again if they were
-        silent before): the run waits on this for enough nodes before a round."""
+        silent before): the run waits on this for enough nodes before a round. A restarted server's file database
+        lists its clients as online before they have reconnected, and a round planned then would leave them out."""
         self.grid = grid
         self.discover(nodes, rnd, again=True)
         return [n for n in nodes if n in self.capacities]
@@ -275,20 +254,3 @@ class BlockOwnershipStrategy(Strategy):
             correct += float(m["accuracy"]) * int(m["num-examples"])
         return MetricRecord({"accuracy": correct / total}) if total else None
 
-
-def parse_train_reply(msg: Message, node: int, blocks: tuple[int, ...]) -> tuple[Reply | None, str | None]:
-    """A train reply's parts, or the reason it is malformed (a reply is the sender's word: never trust its layout)."""
-    try:
-        record = msg.content["arrays"]
-        metrics = dict(msg.content["metrics"])
-        arrays = record_to_arrays(record)
-    except Exception as exc:  # noqa: BLE001 - missing or wrong records arrive in several exception types
-        return None, f"malformed reply ({type(exc).__name__}: {exc})"
-    num_examples = metrics.get("num-examples")
-    stamp = metrics.get("round")
-    missing = [f"l2-block-{t}" for t in blocks if not isinstance(metrics.get(f"l2-block-{t}"), int | float)]
-    if missing:
-        return None, f"malformed reply: metrics {', '.join(missing)} missing"
-    reply = Reply(node_id=node, arrays=arrays, num_examples=num_examples,  # type: ignore[arg-type] - validated next
-                  metrics=metrics, round=stamp if isinstance(stamp, int) else None)
-    return reply, None

@@ -3,8 +3,8 @@ FedAvg, FedMedian or FedTrimmedAvg, with every reply checked first.
 
 These methods have one network shared across time (or one chain trained end to end), so there are no blocks to
 own: every node trains the whole network on its local data for the round and the strategy combines the replies
-by its own rule. Replies pass the same checks as NoProp-DT's (noprop.server.aggregate) before the strategy sees
-them. The run around the rounds (server/run.py) is the same as a block-ownership run's.
+by its own rule. Replies pass the same check as NoProp-DT's (noprop.server.aggregate.check_replies) before the
+strategy sees them. The run around the rounds (server/run.py) is the same as a block-ownership run's.
 """
 
 from __future__ import annotations
@@ -12,35 +12,40 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from noprop.federation import FederationConfig
 from noprop.records import arrays_to_record, record_to_arrays, state_digest
-from noprop.server.aggregate import Reply, validate_reply
-from noprop.server.timing import PhaseClock
+from noprop.server.aggregate import Expected, check_replies
 
 
 class CheckedReplies:
-    """A mixin for Flower's FedAvg family: every reply is checked like a block owner's and each node's traffic
-    is recorded.
-
-    A reply that fails the checks (round stamp, keys, shapes, dtypes, finite values, values within
-    max_value_ratio of the global model's) is dropped whole and logged by node id before the strategy combines
-    the rest. After aggregate_train, `round_record` holds the round's metrics.jsonl fields but evaluation.
+    """A mixin for Flower's FedAvg family: every reply passes the one reply check (noprop.server.aggregate.
+    check_replies: round stamp, keys, shapes, dtypes, finite values, values within max_value_ratio of the global
+    model's) before the strategy combines the rest; a reply that fails it is dropped whole and logged by node id.
+    After aggregate_train, `round_record` holds the round's metrics.jsonl fields but evaluation and timing.
     """
+
+    READY = "connected"  # what ready_nodes means, for the run's messages
 
     def __init__(self, log=print, max_value_ratio: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.log = log
         self.max_value_ratio = max_value_ratio
         self.reference: dict = {}
+        self.sent: list[Message] = []
         self.round_record: dict = {}
-        self.clock = PhaseClock()  # the run gives each round its own; the strategy has no phases of its own
+
+    def ready_nodes(self, grid: Grid, nodes: list[int], rnd: int) -> list[int]:
+        """Every connected node is ready: a FedAvg round sends the whole model to whoever is there."""
+        return nodes
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        # "round", as in NoProp-DT's messages: the run's own round number, which a resumed run goes on from
+        config = ConfigRecord({**dict(config), "round": server_round})
         msgs = list(super().configure_train(server_round, arrays, config, grid))
         self.begin_round(server_round, arrays, msgs)
         return msgs
@@ -48,64 +53,42 @@ class CheckedReplies:
     def begin_round(self, server_round: int, arrays: ArrayRecord, msgs: list[Message]) -> None:
         """Remember what was sent this round: the reference the replies are checked against, and the traffic."""
         self.reference = record_to_arrays(arrays)
+        self.sent = msgs
         self.round_record = {"round": server_round,
                              "model_in": state_digest(self.reference),  # the model this round trains from
                              "nodes": sorted(m.metadata.dst_node_id for m in msgs),
                              "bytes_to": {str(m.metadata.dst_node_id): m.content[self.arrayrecord_key].count_bytes()
-                                          for m in msgs},
-                             "bytes_from": {}, "num_examples": {}, "client_train_time_s": {},
-                             "client_train_loss": {}, "rejected": {}, "failed": []}
+                                          for m in msgs}}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        rec = self.round_record
-        keys = list(self.reference)
+        keys = tuple(self.reference)
+        # message id -> what its node must send back: ids exist once the grid has pushed the messages
+        sent = {m.metadata.message_id: Expected(m.metadata.dst_node_id, keys) for m in self.sent}
+        checked = check_replies(replies, sent, self.reference, server_round, self.max_value_ratio, self.log,
+                                arrays_key=self.arrayrecord_key)
         accepted = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                rec["failed"].append(node)
-                self.log(f"node {node}: training failed: {msg.error.reason}")
-                continue
-            arrays = msg.content.get(self.arrayrecord_key)
-            metrics = msg.content.get("metrics")
-            if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord) \
-                    or "num-examples" not in metrics:
-                problem = "reply lacks its arrays or its num-examples"
-            else:
-                try:  # a packed record is the sender's word: a malformed one is a reason, not a crash
-                    received = record_to_arrays(arrays)
-                except Exception as exc:
-                    received, problem = None, f"malformed reply ({type(exc).__name__}: {exc})"
-                if received is not None:
-                    reply = Reply(node_id=node, arrays=received, num_examples=metrics["num-examples"],
-                                  round=int(metrics["round"]) if "round" in metrics else None)
-                    problem = validate_reply(reply, keys, self.reference, expected_round=server_round,
-                                             max_value_ratio=self.max_value_ratio)
-            if problem:
-                rec["rejected"][str(node)] = problem
-                self.log(f"node {node}: reply rejected: {problem}")
-                continue
-            rec["bytes_from"][str(node)] = arrays.count_bytes()
-            rec["num_examples"][str(node)] = int(metrics["num-examples"])
-            rec["client_train_time_s"][str(node)] = round(float(metrics.get("train-time-s", 0.0)), 2)
-            rec["client_train_loss"][str(node)] = round(float(metrics.get("train-loss", float("nan"))), 4)
+        for msg, reply in checked.accepted:
             # Flower's strategies combine Arrays key by key: they get one Array per tensor, never the packed bytes
             msg.content[self.arrayrecord_key] = arrays_to_record(reply.arrays, packed=False)
-            accepted.append(msg)
-        answered = {m.metadata.src_node_id for m in accepted} | set(rec["failed"]) | {int(n) for n in rec["rejected"]}
-        for node in rec["nodes"]:
-            if node not in answered:
-                rec["failed"].append(node)
-                self.log(f"node {node}: no reply within the round timeout")
-        rec["trained_by"] = sorted(m.metadata.src_node_id for m in accepted)
-        losses = [v for v in rec["client_train_loss"].values() if v == v]
-        rec["train_loss"] = sum(losses) / len(losses) if losses else None
+            accepted.append((msg, reply))
+        rec = self.round_record
+        losses = {str(r.node_id): round(float(r.metrics.get("train-loss", float("nan"))), 4) for _, r in accepted}
+        rec.update({
+            "bytes_from": {str(k): v for k, v in checked.bytes_from.items()},
+            "num_examples": {str(r.node_id): r.num_examples for _, r in accepted},
+            "client_train_time_s": {str(r.node_id): round(float(r.metrics.get("train-time-s", 0.0)), 2)
+                                    for _, r in accepted},
+            "client_train_loss": losses,
+            "rejected": {str(k): v for k, v in checked.rejected.items()}, "failed": checked.failed,
+            "trained_by": sorted(r.node_id for _, r in accepted)})
+        finite = [v for v in losses.values() if v == v]
+        rec["train_loss"] = sum(finite) / len(finite) if finite else None
         if not accepted:
             return None, None  # FedAvg keeps the previous global arrays
         # float sums depend on their order: sum in the nodes' stable names, not in the order the replies came
-        accepted.sort(key=reply_identity)
-        rec["node_names"] = {str(m.metadata.src_node_id): reply_identity(m) for m in accepted}
-        arrays, metrics = super().aggregate_train(server_round, accepted)
+        accepted.sort(key=lambda pair: reply_identity(pair[0]))
+        rec["node_names"] = {str(r.node_id): reply_identity(m) for m, r in accepted}
+        arrays, metrics = super().aggregate_train(server_round, [m for m, _ in accepted])
         return (None if arrays is None else self.in_sent_dtypes(arrays)), metrics
 
     def in_sent_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:

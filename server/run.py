@@ -40,8 +40,9 @@ from noprop.plots import plot_chain_diagnostics, plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
 from noprop.server.block_strategy import BlockOwnershipStrategy
 from noprop.server.fedavg import checked_strategy
+from noprop.server.grid import PromptGrid
 from noprop.server.report import round_line
-from noprop.server.timing import PhaseClock
+from noprop.server.timing import PhaseClock, reply_timeline
 from noprop.trainer import evaluate_accuracy
 
 # NoProp-DT's readouts beside accuracy (which is the run's --readout)
@@ -71,7 +72,9 @@ class FederatedRun:
                 self.log(f"no checkpoint in {self.out} to resume from: starting at round 1")
             self.metrics_path.unlink(missing_ok=True)
         self.arrays = arrays_to_record(to_numpy_state(self.model.state_dict()))
-        self.strategy: Strategy = (BlockOwnershipStrategy(cfg, self.model_cfg, self.model, log, self.records)
+        self.clock = PhaseClock()  # the current round's; the strategy tells it where its phases end
+        self.strategy: Strategy = (BlockOwnershipStrategy(cfg, self.model_cfg, self.model, log, self.records,
+                                                          on_phase=self.lap)
                                    if cfg.owns_blocks else checked_strategy(cfg, log))
         # what every node is told each round; the block strategy adds each node's blocks, round and seed
         self.train_config = ConfigRecord({
@@ -121,12 +124,11 @@ class FederatedRun:
     def run_round(self, rnd: int, first: bool = False) -> dict:
         """Round rnd: the strategy's messages out, its aggregate of the replies in; then evaluation, checkpoint and
         the metrics line, of a copy of the round's model, in the background while the next round trains (or now)."""
-        clock = PhaseClock()
-        self.strategy.clock = clock
+        self.clock = clock = PhaseClock()
         self.wait_for_nodes(first, clock, rnd)
         msgs = list(self.strategy.configure_train(rnd, self.arrays, self.train_config, self.grid))
         clock.lap("build_messages")
-        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout)
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
         clock.lap("wait_for_replies")
         arrays, _ = self.strategy.aggregate_train(rnd, replies)
         if arrays is not None:  # None: no reply passed its checks, the model stays as it was
@@ -134,6 +136,8 @@ class FederatedRun:
             self.model.load_state_dict(to_torch_state(record_to_arrays(arrays)))
         clock.lap("aggregate")
         record = self.strategy.round_record
+        if isinstance(self.grid, PromptGrid):  # where each counted reply's time went, from the push to its arrival
+            record["timeline"] = reply_timelines(replies, record["trained_by"], self.grid)
         if self.cfg.client_eval:
             record["client_accuracy"] = self.client_evaluate(rnd)
             clock.lap("client_evaluate")
@@ -178,18 +182,17 @@ class FederatedRun:
         self.log(round_line(record, self.cfg.num_rounds))
 
     def wait_for_nodes(self, first: bool, clock: PhaseClock, rnd: int) -> None:
-        """Wait for min_nodes ready nodes: the join timeout before this process's first round, the rejoin timeout
-        (never longer) before later ones, then go on with the nodes there are. For NoProp-DT a node is ready once
-        it answered discovery: a restarted server's file database lists its clients as online before they have
-        reconnected, and a round planned then would leave them out."""
+        """Wait for min_nodes nodes the strategy calls ready (ready_nodes: NoProp-DT's have answered discovery):
+        the join timeout before this process's first round, the rejoin timeout (never longer) before later ones,
+        then go on with the nodes there are."""
         later = min(self.cfg.rejoin_timeout, self.cfg.join_timeout)
         deadline = time.monotonic() + (self.cfg.join_timeout if first else later)
         announced = False
         while True:
             nodes = sorted(self.grid.get_node_ids())
             clock.lap("wait_for_nodes")
-            if self.cfg.owns_blocks and nodes:
-                nodes = self.strategy.discovered(self.grid, nodes, rnd)
+            if nodes:
+                nodes = self.strategy.ready_nodes(self.grid, nodes, rnd)
                 clock.lap("discovery")
             if len(nodes) >= self.cfg.min_nodes:
                 return
@@ -197,15 +200,18 @@ class FederatedRun:
                 if nodes and not first:
                     self.log(f"only {len(nodes)} of {self.cfg.min_nodes} nodes online; going on with them")
                     return
-                ready = "connected and answered discovery" if self.cfg.owns_blocks else "connected"
-                raise FederationError(f"{len(nodes)} of the {self.cfg.min_nodes} required nodes {ready} within "
-                                      f"{self.cfg.join_timeout:.0f}s: start more noprop-client processes or lower "
-                                      "min-nodes")
+                raise FederationError(f"{len(nodes)} of the {self.cfg.min_nodes} required nodes "
+                                      f"{self.strategy.READY} within {self.cfg.join_timeout:.0f}s: start more "
+                                      "noprop-client processes or lower min-nodes")
             if not announced:
                 self.log(f"waiting for nodes: {len(nodes)}/{self.cfg.min_nodes} connected")
                 announced = True
             time.sleep(1.0)
             clock.lap("wait_for_nodes")
+
+    def lap(self, phase: str) -> None:
+        """A strategy's phase ended (its on_phase): on the current round's clock."""
+        self.clock.lap(phase)
 
     # -- evaluation, checkpoint, the end -----------------------------------------------------------------------
     def evaluate(self, limit: int, model: torch.nn.Module | None = None) -> dict:
@@ -240,6 +246,18 @@ class FederatedRun:
         self.log(f"done: final accuracy {100 * final['accuracy']:.2f}% on {n} test examples ({self.cfg.eval_mode}); "
                  f"checkpoint {self.ckpt_path}, plots {', '.join(map(str, plots))}")
         return done
+
+
+def reply_timelines(replies: list, nodes: list[int], grid: PromptGrid) -> dict[str, dict[str, float]]:
+    """Each of `nodes`' reply's round trip in parts (server.timing.reply_timeline), from the grid's push and arrival
+    clocks and the clocks the reply's metrics carry."""
+    out = {}
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if node in nodes and not msg.has_error() and "metrics" in msg.content:
+            out[str(node)] = reply_timeline(dict(msg.content["metrics"]), grid.pushed_at,
+                                            grid.arrived_at.get(msg.metadata.reply_to_message_id))
+    return out
 
 
 def run_federation(grid: Grid, cfg: FederationConfig, log=print) -> dict:

@@ -64,6 +64,14 @@ class LabelledData:
         """Number of classes of the source, including any absent from this split or subset."""
         return len(self.classes)
 
+    def check_fits(self, model_cfg) -> None:
+        """Raise ValueError unless a model of `model_cfg` (any method's config: input_shape, num_classes) reads this
+        data: a node started on other data than the run's must say so, not train on it."""
+        if tuple(self.input_shape) != tuple(model_cfg.input_shape) or self.num_classes != model_cfg.num_classes:
+            raise ValueError(f"this node's data {self.name} has input {tuple(self.input_shape)} and {self.num_classes}"
+                             f" classes, the run's model expects {tuple(model_cfg.input_shape)} and "
+                             f"{model_cfg.num_classes}: point --data at the same kind of data as the server's")
+
     def describe(self) -> dict:
         """What a checkpoint records of its data: name, class names, normalisation, input shape."""
         return {"name": self.name, "classes": list(self.classes), "mean": list(self.mean), "std": list(self.std),

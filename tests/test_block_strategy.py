@@ -1,5 +1,5 @@
 """BlockOwnershipStrategy's own checks, driven with constructed Flower messages (no processes): discovery
-answers (accepted and stored, or rejected and skipped) and train replies (parse_train_reply, then
+answers (accepted and stored, or rejected and skipped) and train replies (read_reply, then
 aggregate_train: a bad reply is rejected by node id and counts for nothing, the good one counts)."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from noprop.federation import FederationConfig
 from noprop.model import NoPropDT
 from noprop.model_configs import NoPropConfig
 from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state
-from noprop.server.block_strategy import BlockOwnershipStrategy, parse_train_reply
+from noprop.server.aggregate import Expected, read_reply
+from noprop.server.block_strategy import BlockOwnershipStrategy
 
 MODEL = NoPropConfig(input_shape=(1, 12, 12), num_classes=4, T=2, channels=(4, 8, 8), hidden=16, dropout=0.0)
 GOOD = {"max-blocks": 2, "throughput": 500.0, "num-examples": 100, "device": "cpu", "memory-mb": 1000.0,
@@ -200,17 +201,17 @@ def test_a_bad_train_reply_is_rejected_by_node_id_and_counts_for_nothing(case):
     assert good != bad and state_digest(after) != state_digest(start)
 
 
-def test_parse_train_reply_reads_the_round_stamp_and_the_parts():
+def test_read_reply_reads_the_round_stamp_and_the_parts():
     state = to_numpy_state(NoPropDT(MODEL).state_dict())
     msg = delivered(Message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"round": 3, "blocks": [2]})}),
                             dst_node_id=7, message_type=MessageType.TRAIN))
     content = RecordDict({"arrays": arrays_to_record(state),
                           "metrics": MetricRecord({"num-examples": 42, "round": 3, "l2-block-2": 0.25})})
-    reply, problem = parse_train_reply(Message(content, reply_to=msg), 7, (2,))
+    reply, problem = read_reply(Message(content, reply_to=msg), Expected(7, tuple(state), ("l2-block-2",)))
     assert problem is None and reply.node_id == 7 and reply.num_examples == 42 and reply.round == 3
     assert set(reply.arrays) == set(state) and reply.metrics["l2-block-2"] == 0.25
     content["metrics"] = MetricRecord({"num-examples": 42, "round": 3.0, "l2-block-2": 0.25})
-    reply, problem = parse_train_reply(Message(content, reply_to=msg), 7, (2,))
+    reply, problem = read_reply(Message(content, reply_to=msg), Expected(7, tuple(state), ("l2-block-2",)))
     assert problem is None and reply.round is None  # a float stamp is no round: validate_reply then rejects it
-    reply, problem = parse_train_reply(Message(content, reply_to=msg), 7, (1, 2))
+    reply, problem = read_reply(Message(content, reply_to=msg), Expected(7, tuple(state), ("l2-block-1", "l2-block-2")))
     assert reply is None and problem == "malformed reply: metrics l2-block-1 missing"

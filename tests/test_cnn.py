@@ -127,7 +127,7 @@ def test_fedavg_client_trains_the_whole_network_and_returns_exactly_its_keys():
     model_cfg = FederationConfig(method="cnn", channels="8,16,16", hidden=32, dropout=0.0).model_config((1, 12, 12), 4)
     state = to_numpy_state(build_model("cnn", model_cfg).state_dict())
     config = ConfigRecord({"method": "cnn", "model-config": json.dumps(model_cfg.to_dict()), "local-epochs": 1,
-                           "lr": 3e-3, "weight-decay": 0.0, "batch-size": 32, "seed": 0, "server-round": 1})
+                           "lr": 3e-3, "weight-decay": 0.0, "batch-size": 32, "seed": 0, "round": 1})
     content = RecordDict({"arrays": arrays_to_record(state), "config": config})
     reply = train_whole_network(content, 5, data, torch.device("cpu"))
     got = record_to_arrays(reply["arrays"])

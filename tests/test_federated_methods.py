@@ -21,7 +21,7 @@ from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state
 
 def fedavg_message(method: str, model_cfg, state: dict, epochs: int = 1):
     config = ConfigRecord({"method": method, "model-config": json.dumps(model_cfg.to_dict()), "local-epochs": epochs,
-                           "lr": 3e-3, "weight-decay": 0.0, "batch-size": 32, "seed": 0, "server-round": 1})
+                           "lr": 3e-3, "weight-decay": 0.0, "batch-size": 32, "seed": 0, "round": 1})
     return instruction(RecordDict({"arrays": arrays_to_record(state), "config": config}), MessageType.TRAIN)
 
 

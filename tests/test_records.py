@@ -235,11 +235,38 @@ def test_fedavg_rejects_a_malformed_pack_and_averages_the_rest():
 
 
 def test_block_strategy_rejects_a_malformed_pack():
-    from noprop.server.block_strategy import parse_train_reply
+    from noprop.server.aggregate import Expected, read_reply
 
     state = {"head.weight": np.ones((2, 2), np.float32)}
-    to = _sent(state, 7)
-    reply, problem = parse_train_reply(_reply(to, 7, record_of(b"NPK1\xff\xff\xff\xff"), {"round": 1}), 7, ())
+    to, expected = _sent(state, 7), Expected(7, ("head.weight",))
+    reply, problem = read_reply(_reply(to, 7, record_of(b"NPK1\xff\xff\xff\xff"), {"round": 1}), expected)
     assert reply is None and "PackError" in problem and "manifest length" in problem
-    reply, problem = parse_train_reply(_reply(to, 7, arrays_to_record(state), {"round": 1, "num-examples": 5}), 7, ())
+    reply, problem = read_reply(_reply(to, 7, arrays_to_record(state), {"round": 1, "num-examples": 5}), expected)
     assert problem is None and list(reply.arrays) == ["head.weight"]
+
+
+def test_the_one_reply_check_counts_a_node_once_and_names_the_silent_and_the_unreachable():
+    """check_replies, which every strategy calls: a second reply from a node does not count again (the first is the
+    one kept), an error the SuperLink makes for an unreachable node (sent from the SuperLink, not the node) is that
+    node's failure, a node with no reply has failed too, and a stale round stamp is rejected by node."""
+    from flwr.app import Error
+
+    from noprop.server.aggregate import Expected, check_replies
+
+    state = {"head.weight": np.ones((2, 2), np.float32)}
+    sent = {node: _sent(state, node) for node in (1, 2, 3, 4)}
+    expected = {m.metadata.message_id: Expected(node, ("head.weight",)) for node, m in sent.items()}
+    first, second = ({"head.weight": np.full((2, 2), v, np.float32)} for v in (2.0, 9.0))
+    unreachable = Message(Error(code=0, reason="node unavailable"), reply_to=sent[3])
+    unreachable.metadata.__dict__["_src_node_id"] = 0  # the SuperLink's own node id
+    log: list[str] = []
+    checked = check_replies([_reply(sent[1], 1, arrays_to_record(first), {"round": 5, "num-examples": 10}),
+                             _reply(sent[1], 1, arrays_to_record(second), {"round": 5, "num-examples": 10}),
+                             _reply(sent[2], 2, arrays_to_record(first), {"round": 4, "num-examples": 10}),
+                             unreachable], expected, state, expected_round=5, log=log.append)
+    assert [reply.node_id for _, reply in checked.accepted] == [1]
+    np.testing.assert_array_equal(checked.accepted[0][1].arrays["head.weight"], first["head.weight"])
+    assert set(checked.rejected) == {2} and "round 4" in checked.rejected[2]
+    assert sorted(checked.failed) == [3, 4] and set(checked.bytes_from) == {1}
+    assert any(line.startswith("node 3: training failed: node unavailable") for line in log), log
+    assert any(line.startswith("node 1: reply ignored") for line in log), log
