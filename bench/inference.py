@@ -230,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("--data-root", default=None, help="datasets folder (default: $NOPROP_DATA or ./data)")
-    p.add_argument("--out-dir", default="runs/bench-inference", help="where the .onnx files go")
-    p.add_argument("--json", default="bench/results/inference.json", help="results file")
+    p.add_argument("--out-dir", default=None, help="where the .onnx files go (default: runs/bench-inference, with "
+                   "--peer runs/bench-edge-modes)")
+    p.add_argument("--json", default=None, help="results file (default: bench/results/inference.json, with --peer "
+                   "bench/results/edge_modes.json)")
+    p.add_argument("--plot", default=None, help="with --peer: the accuracy/latency plot (default: "
+                   "bench/results/edge_modes.png)")
     p.add_argument("--threads", type=int, default=1, help="threads for torch and onnxruntime alike")
     p.add_argument("--runs", type=int, default=200, help="timed batch-1 calls per engine")
     p.add_argument("--calibration", type=int, default=512, help="int8 calibration images")
@@ -242,8 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer:
         import edge_modes
 
-        return edge_modes.main([args.checkpoint, args.peer, *(["--data-root", args.data_root] if args.data_root
-                                                              else []), "--threads", str(args.threads)])
+        passed = {"--data-root": args.data_root, "--out-dir": args.out_dir, "--json": args.json, "--plot": args.plot,
+                  "--rss-images": args.rss_images}
+        return edge_modes.main([args.checkpoint, args.peer, "--threads", str(args.threads),
+                                *(x for flag, value in passed.items() if value is not None
+                                  for x in (flag, str(value)))])
+    if args.plot:
+        p.error("--plot needs --peer (the single-model benchmark draws no plot)")
+    args.out_dir = args.out_dir or "runs/bench-inference"
+    args.json = args.json or "bench/results/inference.json"
     result = run(args)
     table = markdown(result)
     print(table)

@@ -445,13 +445,24 @@ def exit_simulation(per_block: np.ndarray, final: np.ndarray, rule: ExitRule) ->
     return labels, used
 
 
+def in_gaps(scores: np.ndarray, candidates: int) -> np.ndarray:
+    """Thresholds at `candidates` quantiles of `scores`, each halfway (in float32) between its score and the next
+    lower one: the same rows pass as at the score itself, with room for a float's wobble either way. The lowest
+    score's threshold sits halfway to 0."""
+    values = np.unique(scores.astype(np.float32))
+    picked = np.unique(np.quantile(scores.astype(np.float32), np.linspace(0, 1, candidates), method="nearest"))
+    below = np.concatenate([[0.0], values])[np.searchsorted(values, picked)]
+    return ((picked.astype(np.float64) + below) / 2).astype(np.float32)
+
+
 def calibrate_exit(per_block: np.ndarray, final: np.ndarray, labels: np.ndarray,
                    max_loss_points: float = DEFAULT_MAX_LOSS_POINTS, candidates: int = 400) -> dict:
     """The exit threshold with the fewest blocks per example whose accuracy on (per_block, final, labels) is at
     most max_loss_points below the full chain's, for each rule in EXIT_RULES; the cheaper rule is the default.
 
-    Candidates are quantiles of the scores of blocks 1..T-1 (values the graphs produce, so float32-exact) and
-    "never" (2.0: the full chain). Ties go to the higher threshold."""
+    Candidates are quantiles of the scores of blocks 1..T-1, each moved down to halfway to the next lower score
+    (so a row whose score is the candidate still leaves when another batch size or CPU computes it an ulp lower),
+    and "never" (2.0: the full chain). Ties go to the higher threshold."""
     labels = np.asarray(labels)
     n, T = len(labels), per_block.shape[0]
     full_correct = int((final.argmax(axis=1) == labels).sum())
@@ -462,7 +473,7 @@ def calibrate_exit(per_block: np.ndarray, final: np.ndarray, labels: np.ndarray,
     best = {}
     for rule in EXIT_RULES:
         scores = np.stack([exit_scores(p, rule) for p in per_block[:-1]]) if T > 1 else np.ones((0, n), np.float32)
-        grid = np.unique(np.quantile(scores, np.linspace(0, 1, candidates), method="nearest")) if T > 1 else []
+        grid = in_gaps(scores, candidates) if T > 1 else []
         chosen = (2.0, float(T), full_correct)
         for tau in (float(v) for v in grid):
             pred, used = exit_simulation(per_block, final, ExitRule(rule, tau))

@@ -3,6 +3,7 @@
     noprop-data fetch fashion-mnist [--root DIR]     system copy, Debian package, then torchvision
     noprop-data fetch mnist|cifar10|cifar100 [--root DIR]   torchvision's downloader (needs internet)
     noprop-data info NAME [--root DIR] [--download]  sizes, input shape, classes, per-class counts
+    noprop-data samples NAME --out DIR [--count N]   test images as PNG files, to try noprop-edge predict on
 
 Errors are one line on stderr (``error: ...``) and exit status 2, never a traceback.
 """
@@ -14,6 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from noprop.data import LabelledData, load_train_test
 from noprop.fetch import fetch_dataset
@@ -34,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("name", help=f"one of {', '.join(DATASETS)}, imagefolder:PATH, npz:PATH")
     i.add_argument("--root", type=Path, default=None, help=root_help)
     i.add_argument("--download", action="store_true", help="download a missing built-in dataset first")
+
+    s = sub.add_parser("samples", help="write test images as PNG files named by their class (for noprop-edge predict)")
+    s.add_argument("name", help=f"one of {', '.join(DATASETS)}, imagefolder:PATH, npz:PATH")
+    s.add_argument("--root", type=Path, default=None, help=root_help)
+    s.add_argument("--out", type=Path, required=True, help="folder for the PNG files (made if missing)")
+    s.add_argument("--count", type=int, default=10, help="how many images, one class after another (default: 10)")
     return p
 
 
@@ -62,12 +72,40 @@ def _fetch(args: argparse.Namespace) -> None:
     print(f"{args.name} ready in {folder} ({time.perf_counter() - start:.1f} s); use --root {root}")
 
 
+def _samples(args: argparse.Namespace) -> None:
+    """The first test image of each class in turn, in raw pixels (what a camera gives the device), as
+    OUT/INDEX-CLASS.png: INDEX is the image's place in the test split, CLASS its label's name."""
+    from PIL import Image  # torchvision's dependency: there wherever this command is
+
+    if args.count < 1:
+        raise DatasetError(f"--count must be at least 1, got {args.count}")
+    test = load_train_test(args.name, root=args.root)[1]
+    if test.x.ndim != 4 or test.x.shape[1] not in (1, 3):
+        raise DatasetError(f"{test.name} holds no images (examples of shape {list(test.input_shape)}): samples "
+                           "writes image datasets only")
+    labels = test.y.numpy()
+    order = [np.flatnonzero(labels == k) for k in range(test.num_classes)]
+    picked = [int(idx[i]) for i in range(max(map(len, order))) for idx in order if i < len(idx)][:args.count]
+    view = (1, -1, 1, 1)
+    raw = test.x[picked] * torch.tensor(test.std).view(view) + torch.tensor(test.mean).view(view)
+    pixels = (raw.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for index, image in zip(picked, pixels, strict=True):
+        name = "".join(c if c.isalnum() else "-" for c in test.classes[labels[index]].lower()).strip("-")
+        path = args.out / f"{index:05d}-{name}.png"
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+        print(path)
+    print(f"{len(picked)} {test.name} test images in {args.out}: noprop-edge predict MODEL.onnx {args.out}/*.png")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "fetch":
             _fetch(args)
+        elif args.command == "samples":
+            _samples(args)
         else:
             _info(args)
     except DatasetError as exc:

@@ -680,3 +680,27 @@ def test_cli_fetch_mnist_without_network(monkeypatch, tmp_path: Path, capsys) ->
     err = capsys.readouterr().err
     assert err.startswith(f"error: could not download MNIST into {tmp_path / 'MNIST' / 'raw'}")
     assert "check the network" in err and err.count("\n") == 1
+
+
+def test_samples_writes_each_class_in_turn_as_the_raw_test_pixels(tmp_path: Path, capsys) -> None:
+    """noprop-data samples: PNG files that noprop-edge predict reads, holding the test split's own pixels (not the
+    normalised tensors), named by index and class, the classes taken in turn."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    arrays = write_mnist_tree(raw, n_test=12)
+    labels = np.array([5, 5, 5, 2, 2, 7, 7, 7, 7, 2, 5, 1], np.uint8)
+    write_idx(raw / "t10k-labels-idx1-ubyte", labels)
+    assert cli_main(["samples", "fashion-mnist", "--root", str(tmp_path), "--out", str(tmp_path / "s"),
+                     "--count", "6"]) == 0
+    printed = capsys.readouterr().out
+    files = [Path(line) for line in printed.splitlines() if line.endswith(".png") and " " not in line]
+    # classes 1, 2, 5, 7 in turn: the first image of each, then the second of those that have one
+    assert [int(f.name.split("-")[0]) for f in files] == [11, 3, 0, 5, 4, 1], printed
+    assert sorted(files) == sorted((tmp_path / "s").glob("*.png"))
+    for f in files:
+        index = int(f.name.split("-")[0])
+        assert f.name.removesuffix(".png").split("-", 1)[1] == re.sub(
+            r"[^a-z0-9]", "-", FASHION_CLASSES[labels[index]].lower()).strip("-")
+        np.testing.assert_array_equal(np.asarray(Image.open(f)), arrays["t10k-images-idx3-ubyte"][index])
+    assert "noprop-edge predict" in printed
+    assert cli_main(["samples", "fashion-mnist", "--root", str(tmp_path), "--out", str(tmp_path / "t"),
+                     "--count", "0"]) == 2 and not (tmp_path / "t").exists()

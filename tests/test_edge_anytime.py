@@ -164,6 +164,26 @@ def test_calibrate_exit_takes_the_cheapest_rule_within_the_loss():
     assert loose["mean_blocks"] == 1.0  # anything goes: every row leaves at block 1
 
 
+def test_a_calibrated_exit_keeps_its_rows_when_the_scores_wobble_by_an_ulp():
+    """The device's runtime computes a block's posterior in other batch sizes than the calibration did, and another
+    CPU's kernels round differently: a threshold placed on a row's own score would drop that row at one ulp less.
+    Thresholds sit in the gaps between scores, so the same rows exit from scores an ulp lower or higher."""
+    rng = np.random.default_rng(0)
+    n, k, T = 400, 5, 3
+    logits = rng.normal(size=(T, n, k)).astype(np.float32) * np.float32(3)
+    per_block = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
+    y = per_block[-1].argmax(axis=1)
+    y[:40] = (y[:40] + 1) % k  # some rows the last block gets wrong too
+    for budget in (0.0, 2.0, 100.0):
+        c = calibrate_exit(per_block, per_block[-1], y, budget)
+        rule = ExitRule(c["rule"], c["threshold"])
+        used = exit_simulation(per_block, per_block[-1], rule)[1]
+        assert float(used.mean()) == pytest.approx(c["mean_blocks"])
+        for direction in (-np.inf, np.inf):
+            wobbled = np.nextafter(per_block, np.float32(direction)).astype(np.float32)
+            np.testing.assert_array_equal(exit_simulation(wobbled, wobbled[-1], rule)[1], used)
+
+
 def test_int8_bundle_is_dynamic_and_keeps_accuracy(exported, folder):
     result = exported["int8"]
     with zipfile.ZipFile(result.bundle) as zf:
