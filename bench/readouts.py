@@ -1,8 +1,10 @@
 """Every readout of one checkpoint's NoProp-DT weights on a test set, side by side (issue 21's "ensemble readout").
 
 No training: the same weights read by the chain (the head on z_T), by the ensemble at z = 0 (`--readout
-ensemble`), by the ensemble of the blocks' logits along the chain's z, by the first k blocks' ensemble, and by an
-ensemble weighted by 1 - alpha_bar_{t-1}. Run it on the checkpoints bench/label_skew.py leaves:
+ensemble`), by the ensemble of the blocks' logits along the chain's z, by the first k blocks' ensemble, by an
+ensemble weighted by 1 - alpha_bar_{t-1} and by the mixture (the mean of the blocks' p_t rather than of their
+log p_t, which one block's near-zero p_t cannot veto), with the worst class of the two ensembles. Run it on the
+checkpoints bench/label_skew.py leaves:
 
     .venv/bin/python bench/readouts.py bench/results/label_skew/runs/10c-6r-*-dt-chain-s0/checkpoint.pt
 """
@@ -19,6 +21,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def worst_class(scores: torch.Tensor, y: torch.Tensor) -> float:
+    """The lowest per-class accuracy, in percent: where a readout drops whole classes."""
+    hit = scores.argmax(1) == y
+    return round(min(100 * hit[y == k].float().mean().item() for k in y.unique()), 1)
+
+
 def readouts(model, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     acc = lambda logits: round(100 * (logits.argmax(1) == y).float().mean().item(), 1)  # noqa: E731
     W = model.embedding.weight
@@ -32,7 +40,10 @@ def readouts(model, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     noise = torch.tensor([1 - model.schedule.alpha_bar_at(t - 1) for t in range(1, model.T + 1)]).float()
     out = {"chain": acc(model.head(z, W)), "ensemble": acc(at_zero.mean(0)),
            "ensemble along the chain": acc(torch.stack(along_chain).sum(0)),
-           "weighted by 1 - alpha_bar": acc((noise[:, None, None] * at_zero).sum(0))}
+           "weighted by 1 - alpha_bar": acc((noise[:, None, None] * at_zero).sum(0)),
+           "mixture (mean of p_t)": acc(at_zero.exp().mean(0)),
+           "worst class, ensemble": worst_class(at_zero.mean(0), y),
+           "worst class, mixture": worst_class(at_zero.exp().mean(0), y)}
     out |= {f"first {k} blocks": acc(at_zero[:k].mean(0)) for k in range(1, model.T)}
     return out
 

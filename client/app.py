@@ -42,14 +42,10 @@ def handle_here(kind: str, content: RecordDict, context: Context, run_config: di
     from noprop.client import handlers  # torch and the method: what a cold start pays for, once per process
 
     imports_s = time.perf_counter() - start
-    node_config = dict(context.node_config)
-    if kind == "query":
-        return handlers.query(content, run_config, node_config, context.state)
+    reply = handlers.handle(kind, content, run_config, dict(context.node_config), context.state, context.node_id)
     if kind == "train":
-        reply = handlers.train(content, run_config, node_config, context.node_id)
         reply["metrics"]["time-imports-s"] = imports_s
-        return reply
-    return handlers.evaluate(content, run_config, node_config)
+    return reply
 
 
 def handle_in_worker(kind: str, content: RecordDict, context: Context, run_config: dict) -> RecordDict:

@@ -199,6 +199,19 @@ def evaluate(content: RecordDict, run_config: Mapping, node_config: Mapping) -> 
     return RecordDict({"metrics": MetricRecord({"accuracy": acc, "num-examples": len(data)})})
 
 
+def handle(kind: str, content: RecordDict, run_config: Mapping, node_config: Mapping, state: MutableMapping,
+           node_id: int) -> RecordDict:
+    """The reply to one message by its kind (query, train or evaluate): the one dispatch of the ClientApp's own
+    process and of the warm worker alike."""
+    if kind == "query":
+        return query(content, run_config, node_config, state)
+    if kind == "train":
+        return train(content, run_config, node_config, node_id)
+    if kind == "evaluate":
+        return evaluate(content, run_config, node_config)
+    raise ValueError(f"unknown message kind {kind!r} (expected query, train or evaluate)")
+
+
 def preload(run_config: Mapping, node_config: Mapping) -> LabelledData:
     """Load and partition the node's training data once (the warm worker does this before its first message)."""
     return settings(run_config, node_config)[1].data_split("train")

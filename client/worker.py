@@ -243,12 +243,7 @@ class Worker:
             return {"ok": False, "error": "frame header lacks run_config or node_config"}, b""
         content = recorddict_from_proto(ProtoRecordDict.FromString(body))
         start = time.perf_counter()
-        if kind == "query":
-            reply = self.handlers.query(content, run_config, node_config, self.state)
-        elif kind == "train":
-            reply = self.handlers.train(content, run_config, node_config, int(header.get("node_id", 0)))
-        else:
-            reply = self.handlers.evaluate(content, run_config, node_config)
+        reply = self.handlers.handle(kind, content, run_config, node_config, self.state, int(header.get("node_id", 0)))
         handler_s = time.perf_counter() - start
         data = recorddict_to_proto(reply).SerializeToString()
         return {"ok": True, "handler_s": handler_s}, data

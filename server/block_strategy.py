@@ -12,14 +12,18 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from noprop.data import LabelledData
+from noprop.diagnostics import chain_diagnostics
 from noprop.federation import FederationConfig, FederationError
 from noprop.model import NoPropDT
 from noprop.model_configs import NoPropConfig
+from noprop.plots import plot_chain_diagnostics, plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state, to_torch_state
 from noprop.server.aggregate import Expected, Reply, aggregate, check_replies, keys_for_blocks
 from noprop.server.planner import NodeCapacity, OwnershipPlan, PlanError, plan_ownership
@@ -48,6 +52,21 @@ class BlockOwnershipStrategy(Strategy):
         self.pending: list[tuple[Message, int, list[str]]] = []  # this round's messages, their nodes and keys
         self.grid: Grid | None = None
         self.round_record: dict = {}
+
+    def describe(self) -> str:
+        """The round's shape, for the run's first line."""
+        return f"block ownership, T={self.cfg.T}, policy {self.cfg.policy}"
+
+    def evaluate_model(self, model: NoPropDT, data: LabelledData) -> dict:
+        """Accuracy by the run's readout, and every other readout beside it (chain, ensemble, each block)."""
+        return chain_diagnostics(model, data, self.cfg.eval_mode, seed=self.cfg.seed)
+
+    def plot_run(self, records: list[dict], out: Path) -> list[Path]:
+        """Accuracy per round, who owned which block, and the readouts per round."""
+        plots = [out / "accuracy.png", out / "ownership.png", out / "diagnostics.png"]
+        plot_chain_diagnostics(records, plots[2])
+        plot_federated_run(records, plots[0], plots[1])
+        return plots
 
     def summary(self) -> None:
         self.log(f"block ownership: T={self.cfg.T}, policy {self.cfg.policy}"

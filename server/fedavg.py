@@ -10,15 +10,20 @@ strategy sees them. The run around the rounds (server/run.py) is the same as a b
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
+from noprop.data import LabelledData
 from noprop.federation import FederationConfig
+from noprop.plots import plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, state_digest
 from noprop.server.aggregate import Expected, check_replies
+from noprop.trainer import evaluate_accuracy
 
 
 class CheckedReplies:
@@ -30,13 +35,26 @@ class CheckedReplies:
 
     READY = "connected"  # what ready_nodes means, for the run's messages
 
-    def __init__(self, log=print, max_value_ratio: float | None = None, **kwargs):
+    def __init__(self, cfg: FederationConfig, log=print, **kwargs):
         super().__init__(**kwargs)
-        self.log = log
-        self.max_value_ratio = max_value_ratio
+        self.cfg, self.log = cfg, log
+        self.max_value_ratio = cfg.max_value_ratio
         self.reference: dict = {}
         self.sent: list[Message] = []
         self.round_record: dict = {}
+
+    def describe(self) -> str:
+        """The round's shape, for the run's first line."""
+        return f"FedAvg of one {self.cfg.method} network (every node trains all of it; no blocks to own)"
+
+    def evaluate_model(self, model: torch.nn.Module, data: LabelledData) -> dict:
+        """Accuracy of the network's prediction (the method's own inference, cfg.eval_mode)."""
+        return {"accuracy": evaluate_accuracy(model, data, self.cfg.eval_mode, seed=self.cfg.seed)}
+
+    def plot_run(self, records: list[dict], out: Path) -> list[Path]:
+        """Accuracy per round."""
+        plot_federated_run(records, out / "accuracy.png", None)
+        return [out / "accuracy.png"]
 
     def ready_nodes(self, grid: Grid, nodes: list[int], rnd: int) -> list[int]:
         """Every connected node is ready: a FedAvg round sends the whole model to whoever is there."""
@@ -116,6 +134,6 @@ def checked_strategy(cfg: FederationConfig, log=print) -> FedAvg:
     base = STRATEGIES[cfg.aggregation]
     kwargs = {"beta": cfg.trim_fraction} if base is FedTrimmedAvg else {}
     strategy_class = type(f"Checked{base.__name__}", (CheckedReplies, base), {})
-    return strategy_class(log=log, max_value_ratio=cfg.max_value_ratio,
+    return strategy_class(cfg, log=log,
                           fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
                           **kwargs)

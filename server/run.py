@@ -32,18 +32,15 @@ from noprop.checkpoint import (
     save_checkpoint,
 )
 from noprop.data import load_dataset
-from noprop.diagnostics import chain_diagnostics
 from noprop.federation import FederationConfig, FederationError
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from noprop.methods import build_model
-from noprop.plots import plot_chain_diagnostics, plot_federated_run
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
 from noprop.server.block_strategy import BlockOwnershipStrategy
 from noprop.server.fedavg import checked_strategy
 from noprop.server.grid import PromptGrid
 from noprop.server.report import round_line
 from noprop.server.timing import PhaseClock, reply_timeline
-from noprop.trainer import evaluate_accuracy
 
 # NoProp-DT's readouts beside accuracy (which is the run's --readout)
 DIAGNOSTICS = ("chain_accuracy", "ensemble_accuracy", "nearest_accuracy", "block_accuracy", "class_accuracy")
@@ -110,11 +107,9 @@ class FederatedRun:
     # -- the run -------------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        kind = (f"block ownership, T={cfg.T}, policy {cfg.policy}" if cfg.owns_blocks else
-                f"FedAvg of one {cfg.method} network (every node trains all of it; no blocks to own)")
-        self.log(f"noprop federation: {cfg.num_rounds} rounds of {kind}, embedding {cfg.embedding}, evaluating on "
-                 f"{self.eval_data.name} test ({cfg.eval_limit or len(self.eval_data)} examples per round); "
-                 f"output in {self.out}")
+        self.log(f"noprop federation: {cfg.num_rounds} rounds of {self.strategy.describe()}, embedding "
+                 f"{cfg.embedding}, evaluating on {self.eval_data.name} test "
+                 f"({cfg.eval_limit or len(self.eval_data)} examples per round); output in {self.out}")
         self.strategy.summary()
         first_round = self.round + 1
         for rnd in range(first_round, cfg.num_rounds + 1):
@@ -218,9 +213,7 @@ class FederatedRun:
         """The accuracy of what predict gives; for NoProp-DT also every other readout (chain, ensemble, blocks)."""
         model = model or self.model
         data = self.eval_data if not limit else self.eval_data.subset(range(min(limit, len(self.eval_data))))
-        if self.cfg.owns_blocks:
-            return chain_diagnostics(model, data, self.cfg.eval_mode, seed=self.cfg.seed)
-        return {"accuracy": evaluate_accuracy(model, data, self.cfg.eval_mode, seed=self.cfg.seed)}
+        return self.strategy.evaluate_model(model, data)
 
     def save(self, record: dict, model: torch.nn.Module) -> None:
         save_checkpoint(self.ckpt_path, Checkpoint(
@@ -234,11 +227,7 @@ class FederatedRun:
         self.executor.shutdown()
         final = self.evaluate(self.cfg.final_eval_limit)
         n = self.cfg.final_eval_limit or len(self.eval_data)
-        plots = [self.out / "accuracy.png"]
-        if self.cfg.owns_blocks:
-            plots += [self.out / "ownership.png", self.out / "diagnostics.png"]
-            plot_chain_diagnostics(self.records, plots[2])
-        plot_federated_run(self.records, plots[0], plots[1] if self.cfg.owns_blocks else None)
+        plots = self.strategy.plot_run(self.records, self.out)
         done = {"rounds": self.round, "accuracy": final["accuracy"], "eval_examples": n,
                 "eval_mode": self.cfg.eval_mode, "checkpoint": str(self.ckpt_path), "method": self.cfg.method,
                 **{k: final[k] for k in DIAGNOSTICS if k in final}}
