@@ -28,8 +28,8 @@ def run_one(variant: str, args: argparse.Namespace) -> dict:
     """Runs inside the child process: train one variant, measure, return a record."""
     import torch
 
-    from noprop import train_cli
     from noprop.config import TrainConfig
+    from noprop.ops import train_cli
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, epochs=args.epochs, subset=args.subset,

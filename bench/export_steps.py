@@ -43,7 +43,7 @@ def train(variant: str, args: argparse.Namespace, out: Path) -> Path:
     if args.reuse and ckpt.is_file():
         print(f"== {variant}: reusing {ckpt}", flush=True)
         return ckpt
-    cmd = [sys.executable, "-m", "noprop.train_cli", "--method", method, "--dataset", args.dataset,
+    cmd = [sys.executable, "-m", "noprop.ops.train_cli", "--method", method, "--dataset", args.dataset,
            "--data-root", args.data_root, "--subset", str(args.subset), "--epochs", "1",
            "--channels", args.channels, "--eval-limit", str(args.eval_limit), "--threads", str(args.threads),
            "--seed", str(args.seed), "--out", str(run), "--embedding", embedding or "one-hot"]
@@ -68,7 +68,8 @@ def measure(variant: str, ckpt_path: Path, args: argparse.Namespace) -> dict:
     import torch
 
     from noprop.checkpoint import load_checkpoint
-    from noprop.deploy.edge import EdgeModel, load_eval_data
+    from noprop.deploy.edge import EdgeModel
+    from noprop.deploy.edge_data import load_eval_data
     from noprop.deploy.export_cli import export_checkpoint
 
     torch.set_num_threads(args.threads)

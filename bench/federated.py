@@ -8,8 +8,8 @@ One run, four measurements (issue 3, "Benchmark"):
    E times: centralized E epochs; rotate (one owner per block per round, one local epoch on a 1/C shard):
    C*E rounds; replicate (R owners per block): C*E/R rounds.
 2. Bytes per client per round (ArrayRecord.count_bytes() of the real messages, from the runs' metrics.jsonl)
-   against Flower's FedAvg of the same network trained end to end (bench/fedavg_app.py, the same message
-   path). Goal: a client owning k of T blocks moves at most k/T of FedAvg's bytes + 2%.
+   against Flower's FedAvg of the same network trained end to end (the product's `--method backprop`: the same
+   ServerApp, ClientApp and message path). Goal: a client owning k of T blocks moves at most k/T of FedAvg's bytes + 2%.
 3. Peak memory of a client process owning 1 block against a FedAvg backprop client (full-width network), each
    in a fresh process through the real ClientApp train handler: VmHWM, growth over the RSS before training,
    and torch's own CPU allocation peak (torch.profiler memory timeline over a few steps). Goal: at most half.
@@ -71,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-channels", default="32,64,128", help="conv widths in the memory measurement")
     p.add_argument("--mem-shard", type=int, default=4000, help="examples of the memory test's client shard")
     p.add_argument("--mem-profile-steps", type=int, default=3, help="minibatches under torch.profiler")
-    p.add_argument("--mem-fedavg-batches", type=int, default=10,
-                   help="the FedAvg client's RSS run stops after this many minibatches (0 = the whole epoch)")
     p.add_argument("--central-threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1, help="seed of the subset, partitions, models (default 1: see "
                    "BENCHMARKS.md, seed 0 gives a Dirichlet shard that trips the batch-of-one BatchNorm bug)")
@@ -241,17 +239,17 @@ def part_fed(args: argparse.Namespace, data: dict, partition: str, policy: str) 
 
 
 def part_fedavg(args: argparse.Namespace, data: dict) -> dict:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from fedavg_app import make_fedavg_client_app, make_fedavg_server_app
-
+    from noprop.client.app import make_client_app
     from noprop.io import read_jsonl
+    from noprop.server.app import make_server_app
 
     run_dir = Path(args.out) / "runs" / "fedavg-iid"
-    cfg = fed_config(args, data, num_rounds=args.fedavg_rounds, partition_type="iid", out=str(run_dir))
+    cfg = fed_config(args, data, method="backprop", num_rounds=args.fedavg_rounds, partition_type="iid",
+                     out=str(run_dir))
     overrides = cfg.to_run_config()
     (run_dir / "DONE.json").unlink(missing_ok=True)
     start = time.perf_counter()
-    simulate(make_fedavg_server_app(overrides), make_fedavg_client_app(overrides), args.clients)
+    simulate(make_server_app(overrides), make_client_app(overrides), args.clients)
     wall = time.perf_counter() - start
     done = json.loads((run_dir / "DONE.json").read_text())
     return {"partition": "iid", "rounds": args.fedavg_rounds, "records": read_jsonl(run_dir / "metrics.jsonl"),
@@ -299,22 +297,19 @@ def part_memory(args: argparse.Namespace, data: dict, variant: str, mode: str) -
 
     import numpy as np
     import torch
-    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.app import Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from noprop.client.app import make_client_app
     from noprop.client.handlers import local_data
+    from noprop.protocol import TrainInstructions
     from noprop.records import arrays_to_record
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from fedavg_app import make_fedavg_client_app
 
     torch.set_num_threads(1)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as Flower's runtime does
     shard = data["shard"] if mode == "rss" else data["profile_shard"]
-    cfg = fed_config(args, data, channels=args.mem_channels)
-    overrides = cfg.to_run_config()
-    app = make_client_app(overrides) if variant == "noprop" else make_fedavg_client_app(overrides)
+    cfg = fed_config(args, data, channels=args.mem_channels, method="dt" if variant == "noprop" else "backprop")
+    app = make_client_app(cfg.to_run_config())
     ctx = Context(run_id=1, node_id=5, node_config={"data": f"npz:{shard}", "threads": 1}, state=RecordDict(),
                   run_config={})
     local = local_data(f"npz:{shard}", "", "train", 0, 1, cfg.partition_type, cfg.seed)  # warm the handler's cache
@@ -331,13 +326,10 @@ def part_memory(args: argparse.Namespace, data: dict, variant: str, mode: str) -
     reset = reset_peak_memory()
     with np.load(path) as z:
         arrays = arrays_to_record({k: z[k] for k in z.files})
-    config = {"local-epochs": 1, "lr": cfg.lr, "weight-decay": cfg.weight_decay, "batch-size": cfg.batch_size,
-              "seed": cfg.seed, "model-config": json.dumps(model_cfg.to_dict())}
-    if variant == "noprop":
-        config.update({"round": 1, "blocks": [1]})
-    else:
-        config.update({"round": 1, "max-batches": args.mem_fedavg_batches if mode == "rss" else 0})
-    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=5,
+    # the product's TRAIN message (noprop.protocol): block 1 (noprop), or the whole network (FedAvg)
+    blocks = (1,) if variant == "noprop" else ()
+    config = TrainInstructions.for_run(cfg, model_cfg).for_node(1, blocks).to_record()
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=5,
                   message_type=MessageType.TRAIN)
     msg.metadata.__dict__["_message_id"] = msg.object_id  # the SuperLink sets this on delivery
     del arrays
@@ -553,7 +545,7 @@ def build_report(args, data, central, fed, fedavg, memory, total_wall) -> tuple[
         lines.append(f"\n### Client memory: 1 NoProp block vs a FedAvg backprop client (channels "
                      f"{args.mem_channels}, T={T}, batch {args.batch_size}, 1 torch thread)\n")
         lines.append("Each client in a fresh process, through the real ClientApp train handler (noprop.client.app; "
-                     "bench/fedavg_app.py) called with a constructed Message, on a "
+                     "--method backprop) called with a constructed Message, on a "
                      f"{args.mem_shard}-example local shard. Cold RSS = after imports and loading the local data; "
                      "RSS before = after one warm-up training step of a tiny NoProp block and a tiny backprop "
                      "chain (torch's one-time lazy set-up, the same in both processes), before the weights "
@@ -573,11 +565,6 @@ def build_report(args, data, central, fed, fedavg, memory, total_wall) -> tuple[
             lines.append(f"| {name} | {r['blocks_held']} | {mb(r['message_bytes'])} | {r['steps']} | "
                          f"{r['rss_cold_mb']:.0f} MB | {r['rss_before_mb']:.0f} MB | {r['peak_rss_mb']:.0f} MB | "
                          f"{r['growth_mb']:.1f} MB | {torch_peak} | {r['handler_s']:.0f} s |")
-        if args.mem_fedavg_batches:
-            lines.append(f"\nThe FedAvg client's RSS run stops after {args.mem_fedavg_batches} minibatches (its AdamW "
-                         "state and the largest activations exist from the first step on, so its peak is reached "
-                         "by then; a shorter run can only make FedAvg's figure smaller, i.e. the comparison "
-                         "harder for NoProp); the NoProp client runs its whole local epoch.")
         n, f = memory.get("mem-noprop-rss"), memory.get("mem-fedavg-rss")
         if n and f:
             ratios = {"peak_rss": n["peak_rss_mb"] / f["peak_rss_mb"], "growth": n["growth_mb"] / f["growth_mb"]}

@@ -189,13 +189,14 @@ def part_memory(args: argparse.Namespace, variant: str) -> dict:
     """RSS before and peak RSS of a process that is one client: the real ClientApp train handler on one message
     (NoProp-DT: one block plus the shared tensors; CNN: the whole network) over a 6000-image shard."""
     import torch
-    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.app import Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from noprop.client.app import make_client_app
     from noprop.client.handlers import local_data
     from noprop.federation import FederationConfig
     from noprop.methods import build_model
+    from noprop.protocol import TrainInstructions
     from noprop.records import arrays_to_record, to_numpy_state
     from noprop.server.aggregate import keys_for_blocks
 
@@ -209,20 +210,12 @@ def part_memory(args: argparse.Namespace, variant: str) -> dict:
     model_cfg = cfg.model_config(data.input_shape, data.num_classes)
     torch.manual_seed(0)
     state = to_numpy_state(build_model(method, model_cfg).state_dict())
-    if method == "dt":
-        keys = keys_for_blocks(state, [1])
-        config = {"round": 1, "blocks": [1], "local-epochs": 1, "lr": cfg.lr, "weight-decay": cfg.weight_decay,
-                  "batch-size": cfg.batch_size, "seed": 1, "model-config": json.dumps(model_cfg.to_dict()),
-                  "logit-adjust": cfg.logit_adjust, "min-local-steps": cfg.min_local_steps}
-    else:
-        keys = list(state)
-        config = {"method": method, "model-config": json.dumps(model_cfg.to_dict()), "local-epochs": 1,
-                  "lr": cfg.lr, "weight-decay": cfg.weight_decay, "batch-size": cfg.batch_size, "seed": 1,
-                  "round": 1, "min-local-steps": cfg.min_local_steps}
+    keys = keys_for_blocks(state, [1]) if method == "dt" else list(state)  # dt: one block (and the shared parts)
+    ins = TrainInstructions.for_run(cfg, model_cfg).for_node(1, (1,) if method == "dt" else (), "memory-probe")
+    config = ins.to_record()
     arrays = arrays_to_record(state, keys)
     del state
-    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=5,
-                  message_type=MessageType.TRAIN)
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=5, message_type=MessageType.TRAIN)
     msg.metadata.__dict__["_message_id"] = msg.object_id  # the SuperLink sets this on delivery
     ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
     app = make_client_app(cfg.to_run_config())

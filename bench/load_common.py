@@ -40,7 +40,7 @@ def pss_kb(pid: int) -> int | None:
 
 
 def process_name(pid: int) -> str:
-    """The command line, shortened: `python -m noprop.server.sim ...`, `ray::ClientAppActor`, `raylet`."""
+    """The command line, shortened: `python -m noprop.ops.sim ...`, `ray::ClientAppActor`, `raylet`."""
     try:
         text = " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:

@@ -84,7 +84,8 @@ def prepare_model(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def test_images(args: argparse.Namespace, onnx_path: Path) -> tuple[Path, Path]:
     """Fashion-MNIST's 10 000 test images in raw scale [N, 1, 28, 28] and their labels, as .npy files."""
-    from noprop.deploy.edge import EdgeModel, load_eval_data
+    from noprop.deploy.edge import EdgeModel
+    from noprop.deploy.edge_data import load_eval_data
 
     work = Path(args.work)
     images, labels = work / "test-images.npy", work / "test-labels.npy"

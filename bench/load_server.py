@@ -78,9 +78,9 @@ def prepare_data(args: argparse.Namespace) -> Path:
 
 
 def find_driver(launcher: int) -> int | None:
-    """The process that runs the simulation (and in it the ServerApp): the launcher's `-m noprop.server.sim`."""
+    """The process that runs the simulation (and in it the ServerApp): the launcher's `-m noprop.ops.sim`."""
     for pid in sorted(descendants(launcher)):
-        if "noprop.server.sim" in process_name(pid):
+        if "noprop.ops.sim" in process_name(pid):
             return pid
     return None
 
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def label(cmdline: str) -> str:
     """A process of the tree by its role."""
-    if "-m noprop.server.sim" in cmdline:
+    if "-m noprop.ops.sim" in cmdline:
         return "simulation driver (ServerApp)"
     if "bin/noprop-sim" in cmdline:
         return "noprop-sim launcher"

@@ -47,11 +47,11 @@ def run_cell(args: argparse.Namespace) -> dict:
     """Inside the child: train one cell, then measure train accuracy and (continuous methods) accuracy per steps."""
     import torch
 
-    from noprop import train_cli
     from noprop.checkpoint import load_checkpoint
     from noprop.config import TrainConfig
     from noprop.data import load_train_test
     from noprop.io import read_jsonl
+    from noprop.ops import train_cli
     from noprop.trainer import evaluate_accuracy
 
     torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
-"""What a node does with each message: answer discovery, train the blocks it is given, evaluate the assembled
-chain. For the one-network methods (ct, fm, adjoint, backprop, cnn) a train message carries the whole network
-(FedAvg).
+"""What a node does with each message: answer discovery, train what it is given, evaluate the round's model. The
+messages' instructions are noprop.protocol's; a TRAIN message goes to its method's trainer (METHODS): NoProp-DT's
+blocks here (train_blocks), a one-network method's whole network in client/fedavg.py (FedAvg).
 
 The handlers take a message's content and the node's settings and return the reply's content, so that the same
 code runs inside Flower's per-message ClientApp process (client/app.py, a cold start) and in the node's warm
@@ -12,7 +12,6 @@ not own while training, and it replies with exactly the keys it received.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, MutableMapping
 from functools import lru_cache
@@ -21,13 +20,13 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from noprop.client.capacity import available_memory_mb, max_blocks_for_memory, measure_throughput
-from noprop.client.fedavg import train_whole_network
 from noprop.data import LabelledData, load_dataset
 from noprop.device import resolve_device
 from noprop.federation import FederationConfig
+from noprop.methods import build_model, load, method_named
 from noprop.model import NoPropDT
-from noprop.model_configs import NoPropConfig
 from noprop.partition import partition
+from noprop.protocol import EvaluateInstructions, QueryInstructions, TrainInstructions
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
 from noprop.trainer import (
     BlockTrainer,
@@ -106,8 +105,8 @@ def query(content: RecordDict, run_config: Mapping, node_config: Mapping, state:
     """Discovery: this node's device, memory, how many blocks it can hold and how fast it trains one."""
     _, node = settings(run_config, node_config)
     cfg_record = content["config"]
-    model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
-    batch_size = int(cfg_record["batch-size"])
+    asked = QueryInstructions.from_record(cfg_record)
+    model_cfg, batch_size = asked.model_config, asked.batch_size
     data = node.data_split("train")
     data.check_fits(model_cfg)
     cached = state.get("capacity")
@@ -132,40 +131,41 @@ def query(content: RecordDict, run_config: Mapping, node_config: Mapping, state:
 
 
 def train(content: RecordDict, run_config: Mapping, node_config: Mapping, node_id: int) -> RecordDict:
-    """Train the blocks in the message (or, for a one-network method, the whole network) and send them back.
-
-    The reply's metrics carry the handler's parts in seconds (time-data-s, time-model-s, train-time-s,
-    time-reply-s), which the server records per round beside its own."""
+    """Train what the message asks, with its method's trainer (METHODS: NoProp-DT's blocks, or a whole network),
+    and send it back. The reply's metrics carry the handler's parts in seconds (time-data-s, and the trainer's),
+    which the server records per round beside its own."""
     _, node = settings(run_config, node_config)
-    cfg_record = content["config"]
+    instructions = TrainInstructions.from_record(content["config"])
     t0 = time.perf_counter()
     data = node.data_split("train")
+    data.check_fits(instructions.model_config)
     t_data = time.perf_counter() - t0
-    if str(cfg_record.get("method", "dt")) != "dt":  # a one-network method: FedAvg of the whole network
-        reply = train_whole_network(content, node.name, data, node.device)
-        reply["metrics"]["time-data-s"] = t_data
-        return reply
-    model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
-    blocks = [int(b) for b in cfg_record["blocks"]]
-    data.check_fits(model_cfg)
+    reply = load(method_named(instructions.method).trainer)(instructions, content, node, data)
+    reply["metrics"]["time-data-s"] = t_data
+    return reply
+
+
+def train_blocks(ins: TrainInstructions, content: RecordDict, node: NodeSettings, data: LabelledData) -> RecordDict:
+    """NoProp-DT's trainer: train the blocks in the message (each alone, on its own noised targets) and send back
+    exactly the keys received."""
+    model_cfg, blocks, rnd, seed = ins.model_config, list(ins.blocks), ins.round, ins.seed_for(node.name)
+    if not blocks:
+        raise ValueError("a NoProp-DT train message names no blocks")
     t0 = time.perf_counter()
-    torch.manual_seed(int(cfg_record["seed"]))
+    torch.manual_seed(seed)
     received = record_to_arrays(content["arrays"])
     model = NoPropDT(model_cfg, owned_blocks=blocks)
     model.load_state_dict(to_torch_state(received), strict=True)
     model.to(node.device)
-    optim = OptimConfig(lr=float(cfg_record["lr"]), weight_decay=float(cfg_record["weight-decay"]),
-                        batch_size=int(cfg_record["batch-size"]))
+    optim = OptimConfig(lr=ins.lr, weight_decay=ins.weight_decay, batch_size=ins.batch_size)
     trainer = BlockTrainer(model, optim)
     t_model = time.perf_counter() - t0
-    rnd = int(cfg_record["round"])
     # split-local-data: each of the k blocks trains on its own 1/k of the data (a round = one block-epoch)
-    split = bool(cfg_record.get("split-local-data")) and len(blocks) > 1
-    shares = split_among_blocks(data, blocks, int(cfg_record["seed"])) if split else {t: data for t in blocks}
+    split = ins.split_local_data and len(blocks) > 1
+    shares = split_among_blocks(data, blocks, seed) if split else {t: data for t in blocks}
     # the step floor counts the node's whole data: split among k blocks, it buys no k times the compute
-    epochs = epochs_for_min_steps(len(data), optim.batch_size, int(cfg_record["local-epochs"]),
-                                  int(cfg_record.get("min-local-steps", 0)))
-    log_prior = label_log_prior(data.y, model_cfg.num_classes) if bool(cfg_record.get("logit-adjust")) else None
+    epochs = epochs_for_min_steps(len(data), optim.batch_size, ins.local_epochs, ins.min_local_steps)
+    log_prior = label_log_prior(data.y, model_cfg.num_classes) if ins.logit_adjust else None
     print(f"round {rnd}: training block(s) {', '.join(map(str, blocks))} on {len(data)} examples"
           f"{f' split {len(blocks)} ways' if split else ''}, {epochs} epoch(s)", flush=True)
     start = time.perf_counter()
@@ -178,7 +178,7 @@ def train(content: RecordDict, run_config: Mapping, node_config: Mapping, node_i
     # the round stamp lets the server refuse a reply that answers another round (late or replayed)
     metrics = {"round": rnd, "num-examples": len(data), "train-time-s": elapsed, "local-epochs": epochs,
                "samples-per-s-per-block": sum(len(d) for d in shares.values()) * epochs / elapsed,
-               "time-data-s": t_data, "time-model-s": t_model, "time-reply-s": time.perf_counter() - t0}
+               "time-model-s": t_model, "time-reply-s": time.perf_counter() - t0}
     for t, parts in losses.items():
         metrics[f"loss-block-{t}"] = float(parts["loss"])
         metrics[f"l2-block-{t}"] = float(parts["l2"])
@@ -186,16 +186,16 @@ def train(content: RecordDict, run_config: Mapping, node_config: Mapping, node_i
 
 
 def evaluate(content: RecordDict, run_config: Mapping, node_config: Mapping) -> RecordDict:
-    """Accuracy of the whole chain in the message on this node's test split."""
-    run, node = settings(run_config, node_config)
-    cfg_record = content["config"]
-    model_cfg = NoPropConfig.from_dict(json.loads(str(cfg_record["model-config"])))
+    """Accuracy of the network in the message (any method: NoProp-DT's assembled chain, or the one network) on this
+    node's test split, read out as the server's evaluation reads it."""
+    _, node = settings(run_config, node_config)
+    asked = EvaluateInstructions.from_record(content["config"])
     data = node.data_split("test")
-    data.check_fits(model_cfg)
-    model = NoPropDT(model_cfg)
+    data.check_fits(asked.model_config)
+    model = build_model(asked.method, asked.model_config)
     model.load_state_dict(to_torch_state(record_to_arrays(content["arrays"])), strict=True)
     model.to(node.device)
-    acc = evaluate_accuracy(model, data, str(cfg_record["eval-mode"]), seed=run.seed)
+    acc = evaluate_accuracy(model, data, asked.eval_mode, seed=asked.seed)
     return RecordDict({"metrics": MetricRecord({"accuracy": acc, "num-examples": len(data)})})
 
 

@@ -42,25 +42,28 @@ from torch import nn
 
 import noprop
 from noprop.checkpoint import Checkpoint
+from noprop.deploy.calibration import DEFAULT_MAX_LOSS_POINTS, calibrate_exit
 from noprop.deploy.edge import (
     BLOCK_INPUTS,
     BLOCK_OUTPUTS,
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     BUNDLE_MANIFEST,
-    DEFAULT_MAX_LOSS_POINTS,
     EXIT_RULES,
     INPUT_NAME,
     OUTPUT_NAMES,
     BlockBundle,
-    block_file_name,
-    calibrate_exit,
     file_sha256,
 )
 from noprop.deploy.export import DEFAULT_OPSET, ExportError, _build, fold_batchnorm, model_info, set_metadata
 from noprop.io import atomic_write
 
 DEFAULT_HOLDOUT = 5000
+
+
+def block_file_name(t: int, T: int) -> str:
+    """block-01.onnx .. block-TT.onnx: the bundle's member of block t (the manifest names each)."""
+    return f"block-{t:0{max(2, len(str(T)))}d}.onnx"
 
 
 class BlockStep(nn.Module):

@@ -1,7 +1,7 @@
 """The client of `noprop-edge query`: call a running `noprop-edge serve` and print its answers.
 
-Apart from deploy/edge.py because it needs noprop.proto (the generated gRPC modules) and grpcio, which the lone
-edge.py of a device does not have; edge.py imports this module only when `query` runs.
+Apart from deploy/edge.py and deploy/edge_cli.py because it needs noprop.proto (the generated gRPC modules) and
+grpcio, which the loose copies of a device do not have; edge_cli.py imports this module only when `query` runs.
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from noprop.deploy.edge import SERVICE_NAME, EdgeError, _one_line, _print_predictions, _proto_modules, load_images
+from noprop.deploy.edge import SERVICE_NAME, EdgeError, one_line, proto_modules
+from noprop.deploy.edge_data import load_images, print_predictions
 
 
 class RemoteError(EdgeError):
-    """A failed RPC: exit 1, not 2 (the input was fine, the call was not). An EdgeError, so that edge.py's main
+    """A failed RPC: exit 1, not 2 (the input was fine, the call was not). An EdgeError, so that edge_cli.py's main
     reports it in one line without naming this module."""
 
     exit_code = 1
@@ -28,7 +29,7 @@ def query(target: str, paths: list[str], show_info: bool = False, health_check: 
         import grpc
     except ImportError:
         raise EdgeError("query needs grpcio: pip install grpcio") from None
-    pb, pb_grpc = _proto_modules()
+    pb, pb_grpc = proto_modules()
     options = [("grpc.max_receive_message_length", -1)]
     if tls_ca is not None:
         channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca), options)
@@ -57,12 +58,12 @@ def query(target: str, paths: list[str], show_info: bool = False, health_check: 
         reply = stub.Predict(request, timeout=timeout)
         used = reply.seed if reply.HasField("seed") else None
     except grpc.RpcError as exc:
-        raise RemoteError(f"{target}: {exc.code().name}: {_one_line(exc.details())}") from None
+        raise RemoteError(f"{target}: {exc.code().name}: {one_line(exc.details())}") from None
     finally:
         channel.close()
     results = [{"file": str(p), "label": r.label, "class": r.class_name,
                 "probability": float(r.probabilities[r.label])} for p, r in zip(paths, reply.predictions, strict=True)]
-    _print_predictions(results, as_json, used, drawn=seed is None)
+    print_predictions(results, as_json, used, drawn=seed is None)
     return 0
 
 
@@ -71,6 +72,6 @@ def query_command(args: argparse.Namespace) -> int:
     try:
         ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
     except OSError as exc:
-        raise EdgeError(f"cannot read --tls-ca ({_one_line(exc, 100)})") from None
+        raise EdgeError(f"cannot read --tls-ca ({one_line(exc, 100)})") from None
     return query(args.target, args.images, args.info, args.health, args.timeout, args.resize, args.convert,
                  args.seed, args.json, ca)

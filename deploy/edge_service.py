@@ -1,8 +1,8 @@
 """The gRPC inference service of `noprop-edge serve`: noprop.v1.Inference and grpc.health.v1 over an EdgeModel.
 
-Apart from deploy/edge.py because it needs noprop.proto (the generated gRPC modules) and grpcio, which the lone
-edge.py of a device does not have; edge.py imports this module only when `serve` runs. grpcio and
-grpcio-health-checking are imported when a server is built, so that a missing one is a one-line error.
+Apart from deploy/edge.py and deploy/edge_cli.py because it needs noprop.proto (the generated gRPC modules) and
+grpcio, which the loose copies of a device do not have; edge_cli.py imports this module only when `serve` runs.
+grpcio and grpcio-health-checking are imported when a server is built, so that a missing one is a one-line error.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from noprop.deploy.edge import (
     SERVICE_NAME,
     EdgeError,
     EdgeModel,
-    _one_line,
-    _proto_modules,
     fresh_seed,
+    one_line,
+    proto_modules,
 )
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def _lenient(message_cls):
         try:
             return message_cls.FromString(data)
         except Exception as exc:  # google.protobuf.message.DecodeError
-            return _Malformed(_one_line(exc, 100))
+            return _Malformed(one_line(exc, 100))
     return parse
 
 
@@ -57,7 +57,7 @@ class InferenceService:
         import grpc
 
         self.grpc = grpc
-        self.pb = _proto_modules()[0]
+        self.pb = proto_modules()[0]
         self.model = model
         self.manifest = model.info.to_manifest(model.path.name, model.sha256, model.size)
         self.requests = 0
@@ -121,9 +121,9 @@ def build_server(model: EdgeModel, host: str = "127.0.0.1", port: int = DEFAULT_
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     except ImportError as exc:
-        raise EdgeError(f"serve needs grpcio and grpcio-health-checking ({_one_line(exc)}): "
+        raise EdgeError(f"serve needs grpcio and grpcio-health-checking ({one_line(exc)}): "
                         "pip install grpcio grpcio-health-checking") from None
-    pb = _proto_modules()[0]
+    pb = proto_modules()[0]
     service = InferenceService(model)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="noprop-edge"),
@@ -152,7 +152,7 @@ def build_server(model: EdgeModel, host: str = "127.0.0.1", port: int = DEFAULT_
         else:
             bound = server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise EdgeError(f"cannot listen on {address} ({_one_line(exc, 100)}): is the port in use?") from None
+        raise EdgeError(f"cannot listen on {address} ({one_line(exc, 100)}): is the port in use?") from None
     if not bound:
         raise EdgeError(f"cannot listen on {address}: is the port in use?")
     return server, health_servicer, bound
@@ -195,7 +195,7 @@ def serve_command(args: argparse.Namespace) -> int:
         try:
             tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
         except OSError as exc:
-            raise EdgeError(f"cannot read the TLS files ({_one_line(exc, 100)})") from None
+            raise EdgeError(f"cannot read the TLS files ({one_line(exc, 100)})") from None
     elif not is_loopback(args.host) and not args.insecure:
         raise EdgeError(f"--host {args.host} opens the service to the network: give --tls-cert/--tls-key, "
                         "or --insecure to serve without TLS")

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from noprop.checkpoint import CheckpointError
 from noprop.deploy.blocks import DEFAULT_HOLDOUT, check_bundle_checkpoint
-from noprop.deploy.edge import DEFAULT_MAX_LOSS_POINTS, EdgeError, bundle_path_for, manifest_path_for
+from noprop.deploy.calibration import DEFAULT_MAX_LOSS_POINTS
+from noprop.deploy.edge import EdgeError, bundle_path_for, manifest_path_for
 from noprop.deploy.export import (
     DEFAULT_OPSET,
     EXPORTERS,

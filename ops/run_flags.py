@@ -6,12 +6,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from noprop.federation import (  # torch-free: its method checks build config dataclasses only
-    AGGREGATIONS,
-    FEDERATED_METHODS,
-    POLICIES,
-    FederationConfig,
-)
+from noprop.federation import AGGREGATIONS, POLICIES, FederationConfig  # torch-free: config dataclasses only
+from noprop.methods import METHODS
 from noprop.model_configs import ADJOINT_SOLVERS, FM_SOLVERS, HEAD_KINDS, NORM_KINDS, READOUTS
 from noprop.ops.cli import LaunchError
 from noprop.settings import Flag, SettingsError, add_flags, flag_name, given_flags, layered
@@ -30,7 +26,7 @@ SOLVERS = tuple(dict.fromkeys((*FM_SOLVERS, *ADJOINT_SOLVERS)))
 FEDERATION_FLAGS: dict[str, Flag] = {
     "method": Flag("dt: each client trains the NoProp blocks it owns; the others are one network every client "
                    "trains whole and the server averages (FedAvg); cnn is the plain CNN peer",
-                   listed=FEDERATED_METHODS),
+                   listed=tuple(METHODS)),
     "num_rounds": Flag("federated rounds", aliases=("--rounds", "--num-server-rounds")),
     "T": Flag("dt, backprop: number of NoProp blocks (diffusion steps)"),
     "policy": Flag("dt: block ownership policy: rotate (a block moves to another owner each round), replicate "
@@ -91,7 +87,8 @@ FEDERATION_FLAGS: dict[str, Flag] = {
     "eval_in_background": Flag("evaluate and checkpoint round r while round r+1 trains, off the rounds' critical "
                                "path (a crash then can lose round r too: --resume continues from the checkpoint "
                                "before it)"),
-    "client_eval": Flag("dt: also ask clients that can hold the chain to evaluate it on their data"),
+    "client_eval": Flag("also ask the clients to evaluate each round's model on their own test data (dt: the clients "
+                        "that can hold every block); metrics.jsonl's client_accuracy, weighted by their examples"),
     "out": Flag("output folder: metrics.jsonl, checkpoint.pt, accuracy.png, ownership.png, DONE.json",
                 metavar="DIR"),
     "resume": Flag("continue from OUT/checkpoint.pt"),
@@ -116,7 +113,7 @@ APPLIES_TO = {"T": ("dt", "backprop"), "clip": ("dt",), "eta": ("dt", "ct"), "no
               "policy": ("dt",), "replicas": ("dt",), "steps": ("ct", "fm", "adjoint"), "solver": ("fm", "adjoint"),
               "fm_sigma": ("fm",), "z_skip": ("dt",), "readout": ("dt",), "z_dropout": ("dt",),
               "head_steps": ("dt",), "logit_adjust": ("dt",), "coverage_step": ("dt",), "label_aware": ("dt",),
-              "plan_by_speed": ("dt",), "split_local_data": ("dt",), "client_eval": ("dt",)}
+              "plan_by_speed": ("dt",), "split_local_data": ("dt",)}
 PATH_FIELDS = ("out", "data_root")  # resolved to absolute paths: Flower's processes run elsewhere
 DATASET_FIELDS = ("dataset", "client_data")  # npz:FILE / imagefolder:DIR specs get an absolute path
 

@@ -8,7 +8,6 @@ sends the assembled chain to the nodes that can hold it all, if the run asks for
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -18,12 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from noprop.data import LabelledData
-from noprop.diagnostics import chain_diagnostics
 from noprop.federation import FederationConfig, FederationError
 from noprop.model import NoPropDT
 from noprop.model_configs import NoPropConfig
 from noprop.plots import plot_chain_diagnostics, plot_federated_run
+from noprop.protocol import QueryInstructions, TrainInstructions
 from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state, to_torch_state
 from noprop.server.aggregate import Expected, Reply, aggregate, check_replies, keys_for_blocks
 from noprop.server.planner import NodeCapacity, OwnershipPlan, PlanError, plan_ownership
@@ -44,7 +42,6 @@ class BlockOwnershipStrategy(Strategy):
         # block t -> the classes its owners have held so far (the coverage step); a resumed run reads its last round
         last = (history or [{}])[-1]
         self.block_classes: dict[int, set[int]] = {int(t): set(c) for t, c in last.get("block_classes", {}).items()}
-        self.model_cfg_json = json.dumps(model_cfg.to_dict())
         self.capacities: dict[int, NodeCapacity] = {}  # nodes that answered discovery and have not failed since
         self.silent_in: dict[int, int] = {}  # node -> the round whose discovery it did not answer
         self.global_state: dict = {}
@@ -56,10 +53,6 @@ class BlockOwnershipStrategy(Strategy):
     def describe(self) -> str:
         """The round's shape, for the run's first line."""
         return f"block ownership, T={self.cfg.T}, policy {self.cfg.policy}"
-
-    def evaluate_model(self, model: NoPropDT, data: LabelledData) -> dict:
-        """Accuracy by the run's readout, and every other readout beside it (chain, ensemble, each block)."""
-        return chain_diagnostics(model, data, self.cfg.eval_mode, seed=self.cfg.seed)
 
     def plot_run(self, records: list[dict], out: Path) -> list[Path]:
         """Accuracy per round, who owned which block, and the readouts per round."""
@@ -98,14 +91,13 @@ class BlockOwnershipStrategy(Strategy):
                      f"block(s) {', '.join(map(str, plan.uncovered))} keep their weights this round (start more "
                      "noprop-client processes or raise --max-blocks)")
         self.plan = plan
+        instructions = TrainInstructions.from_record(config)
         msgs, bytes_to = [], {}
         for node, blocks in sorted(plan.assignments.items()):
             keys = keys_for_blocks(self.global_state, blocks)
             record = arrays_to_record(self.global_state, keys)
-            seed = node_seed(cfg.seed, rnd, self.capacities[node].identity)
-            node_config = ConfigRecord({**dict(config), "round": rnd, "blocks": list(blocks),
-                                        "seed": seed, "logit-adjust": cfg.logit_adjust,
-                                        "split-local-data": cfg.split_local_data})
+            # the name it is planned under: the node seeds its round by it (unique here, when two nodes clash)
+            node_config = instructions.for_node(rnd, blocks, self.capacities[node].identity).to_record()
             msg = Message(RecordDict({"arrays": record, "config": node_config}), node, MessageType.TRAIN,
                           group_id=f"train-{rnd}")
             msgs.append((msg, node, keys))
@@ -213,7 +205,7 @@ class BlockOwnershipStrategy(Strategy):
         new = [n for n in nodes if n not in known and (again or self.silent_in.get(n) != rnd)]
         if not new:
             return
-        content = ConfigRecord({"model-config": self.model_cfg_json, "batch-size": self.cfg.batch_size})
+        content = QueryInstructions(self.model_cfg, self.cfg.batch_size).to_record()
         msgs = [Message(RecordDict({"config": content}), n, MessageType.QUERY, group_id=f"query-{rnd}")
                 for n in new]
         replies = self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout)
@@ -254,10 +246,10 @@ class BlockOwnershipStrategy(Strategy):
     # -- client evaluation (--client-eval) ---------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """The assembled chain, to every node that can hold all T blocks (none unless the run asks for it)."""
+        """The assembled chain, to every node that can hold all T blocks (none unless the run asks for it); config
+        holds the run's EvaluateInstructions."""
         if not self.cfg.client_eval:
             return []
-        config = ConfigRecord({**dict(config), "model-config": self.model_cfg_json, "eval-mode": self.cfg.eval_mode})
         return [Message(RecordDict({"arrays": arrays, "config": config}), n, MessageType.EVALUATE,
                         group_id=f"evaluate-{server_round}")
                 for n, c in self.capacities.items() if c.max_blocks >= self.cfg.T]

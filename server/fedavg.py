@@ -13,17 +13,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
-from noprop.data import LabelledData
 from noprop.federation import FederationConfig
 from noprop.plots import plot_federated_run
+from noprop.protocol import TrainInstructions
 from noprop.records import arrays_to_record, record_to_arrays, state_digest
 from noprop.server.aggregate import Expected, check_replies
-from noprop.trainer import evaluate_accuracy
 
 
 class CheckedReplies:
@@ -47,10 +45,6 @@ class CheckedReplies:
         """The round's shape, for the run's first line."""
         return f"FedAvg of one {self.cfg.method} network (every node trains all of it; no blocks to own)"
 
-    def evaluate_model(self, model: torch.nn.Module, data: LabelledData) -> dict:
-        """Accuracy of the network's prediction (the method's own inference, cfg.eval_mode)."""
-        return {"accuracy": evaluate_accuracy(model, data, self.cfg.eval_mode, seed=self.cfg.seed)}
-
     def plot_run(self, records: list[dict], out: Path) -> list[Path]:
         """Accuracy per round."""
         plot_federated_run(records, out / "accuracy.png", None)
@@ -62,8 +56,8 @@ class CheckedReplies:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        # "round", as in NoProp-DT's messages: the run's own round number, which a resumed run goes on from
-        config = ConfigRecord({**dict(config), "round": server_round})
+        # the run's own round number, which a resumed run goes on from; each node seeds by it and its own name
+        config = TrainInstructions.from_record(config).for_node(server_round).to_record()
         msgs = list(super().configure_train(server_round, arrays, config, grid))
         self.begin_round(server_round, arrays, msgs)
         return msgs
@@ -126,14 +120,27 @@ def reply_identity(msg: Message) -> str:
     return str(name) if name else f"node-{msg.metadata.src_node_id}"
 
 
-STRATEGIES = {"mean": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg}  # by --aggregation
+class CheckedFedAvg(CheckedReplies, FedAvg):
+    """Flower's FedAvg (the replies' weighted mean), every reply checked first."""
 
 
-def checked_strategy(cfg: FederationConfig, log=print) -> FedAvg:
-    """Flower's FedAvg (or FedMedian / FedTrimmedAvg, per --aggregation) with CheckedReplies, on every node."""
-    base = STRATEGIES[cfg.aggregation]
-    kwargs = {"beta": cfg.trim_fraction} if base is FedTrimmedAvg else {}
-    strategy_class = type(f"Checked{base.__name__}", (CheckedReplies, base), {})
-    return strategy_class(cfg, log=log,
-                          fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
-                          **kwargs)
+class CheckedFedMedian(CheckedReplies, FedMedian):
+    """Flower's FedMedian (the coordinate-wise median), every reply checked first."""
+
+
+class CheckedFedTrimmedAvg(CheckedReplies, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg (the mean after cutting --trim-fraction at each end), every reply checked first."""
+
+
+STRATEGIES = {"mean": CheckedFedAvg, "median": CheckedFedMedian, "trimmed-mean": CheckedFedTrimmedAvg}
+
+
+def checked_strategy(cfg: FederationConfig, model_cfg=None, model=None, log=print, history=None,
+                     on_phase=None) -> CheckedReplies:
+    """The one-network methods' Strategy (METHODS' factory signature; the model and history are not needed):
+    Flower's FedAvg, FedMedian or FedTrimmedAvg per --aggregation, on every node; with --client-eval every node
+    also evaluates the round's model on its own test data (Flower's aggregate_evaluate weights by num-examples)."""
+    strategy_class = STRATEGIES[cfg.aggregation]
+    kwargs = {"beta": cfg.trim_fraction} if strategy_class is CheckedFedTrimmedAvg else {}
+    return strategy_class(cfg, log=log, fraction_train=1.0, fraction_evaluate=1.0 if cfg.client_eval else 0.0,
+                          min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1, **kwargs)

@@ -1,8 +1,9 @@
 """The federated run, for every method: wait for nodes, a strategy's round, evaluate, checkpoint, finish.
 
-NoProp-DT's round is BlockOwnershipStrategy (server/block_strategy.py): each node trains the blocks it owns. The
-one-network methods' round is Flower's FedAvg family with checked replies (server/fedavg.py). Both are Flower
-Strategies and both go through this one loop, so both resume from the latest sound checkpoint (the previous one
+Each method names its round's Strategy in noprop.methods.METHODS: NoProp-DT's is BlockOwnershipStrategy
+(server/block_strategy.py), where each node trains the blocks it owns; the one-network methods' is Flower's FedAvg
+family with checked replies (server/fedavg.py). Every TRAIN message carries noprop.protocol.TrainInstructions.
+Both go through this one loop, so both resume from the latest sound checkpoint (the previous one
 if the latest is torn or corrupt), write the same metrics.jsonl lines, checkpoints and DONE.json, and evaluate
 round r in the background while round r+1 trains (--eval-in-background).
 
@@ -34,12 +35,11 @@ from noprop.checkpoint import (
 from noprop.data import load_dataset
 from noprop.federation import FederationConfig, FederationError
 from noprop.io import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
-from noprop.methods import build_model
+from noprop.methods import build_model, load, method_named
+from noprop.ops.report import round_line
+from noprop.protocol import EvaluateInstructions, TrainInstructions
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state, to_torch_state
-from noprop.server.block_strategy import BlockOwnershipStrategy
-from noprop.server.fedavg import checked_strategy
 from noprop.server.grid import PromptGrid
-from noprop.server.report import round_line
 from noprop.server.timing import PhaseClock, reply_timeline
 
 # NoProp-DT's readouts beside accuracy (which is the run's --readout)
@@ -70,14 +70,12 @@ class FederatedRun:
             self.metrics_path.unlink(missing_ok=True)
         self.arrays = arrays_to_record(to_numpy_state(self.model.state_dict()))
         self.clock = PhaseClock()  # the current round's; the strategy tells it where its phases end
-        self.strategy: Strategy = (BlockOwnershipStrategy(cfg, self.model_cfg, self.model, log, self.records,
-                                                          on_phase=self.lap)
-                                   if cfg.owns_blocks else checked_strategy(cfg, log))
-        # what every node is told each round; the block strategy adds each node's blocks, round and seed
-        self.train_config = ConfigRecord({
-            "method": cfg.method, "model-config": json.dumps(self.model_cfg.to_dict()),
-            "local-epochs": cfg.local_epochs, "lr": cfg.lr, "weight-decay": cfg.weight_decay,
-            "batch-size": cfg.batch_size, "seed": cfg.seed, "min-local-steps": cfg.min_local_steps})
+        self.method = method_named(cfg.method)
+        self.strategy: Strategy = load(self.method.strategy)(cfg, self.model_cfg, self.model, log, self.records,
+                                                             on_phase=self.lap)
+        # what every node is told each round (the strategy adds the round, and NoProp-DT each node's blocks)
+        self.train_config = TrainInstructions.for_run(cfg, self.model_cfg).to_record()
+        self.evaluate_config = EvaluateInstructions(cfg.method, self.model_cfg, cfg.eval_mode, cfg.seed).to_record()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noprop-eval")  # rounds in order
         self.background: Future | None = None
 
@@ -145,7 +143,8 @@ class FederatedRun:
         return record
 
     def client_evaluate(self, rnd: int) -> float | None:
-        msgs = list(self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(), self.grid))
+        msgs = list(self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(dict(self.evaluate_config)),
+                                                     self.grid))
         if not msgs:
             return None
         replies = self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout)
@@ -213,7 +212,7 @@ class FederatedRun:
         """The accuracy of what predict gives; for NoProp-DT also every other readout (chain, ensemble, blocks)."""
         model = model or self.model
         data = self.eval_data if not limit else self.eval_data.subset(range(min(limit, len(self.eval_data))))
-        return self.strategy.evaluate_model(model, data)
+        return load(self.method.evaluator)(model, data, self.cfg.eval_mode, seed=self.cfg.seed)
 
     def save(self, record: dict, model: torch.nn.Module) -> None:
         save_checkpoint(self.ckpt_path, Checkpoint(

@@ -18,8 +18,6 @@ from noprop.sources import DatasetError
 # rotate: a block moves to other owners each round; replicate: --replicas owners a block; stay: a block keeps its
 # owners while the nodes are the same (under the ensemble readout each block becomes its owners' expert)
 POLICIES = ("rotate", "replicate", "stay")
-# dt: each node trains the blocks it owns; the others are one network that every node trains whole (FedAvg)
-FEDERATED_METHODS = tuple(METHODS)
 AGGREGATIONS = ("mean", "median", "trimmed-mean")  # of the shared embedding and head
 
 
@@ -81,7 +79,7 @@ class FederationConfig:
     eval_mode: str = "deterministic"
     # dt: evaluate and checkpoint round r while round r+1 trains (the last round: before the end, as ever)
     eval_in_background: bool = True
-    client_eval: bool = False  # also ask clients to evaluate the assembled chain on their data
+    client_eval: bool = False  # also ask the nodes to evaluate the round's model on their test data
     out: str = "runs/federated"
     resume: bool = False
     seed: int = 0
@@ -103,8 +101,8 @@ class FederationConfig:
         for name in ("num_rounds", "T", "min_nodes", "local_epochs", "batch_size", "hidden", "replicas"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
-        if self.method not in FEDERATED_METHODS:
-            raise bad("method", f"use one of {', '.join(FEDERATED_METHODS)}")
+        if self.method not in METHODS:  # dt: block ownership; the others: FedAvg of the one network
+            raise bad("method", f"use one of {', '.join(METHODS)}")
         if self.policy not in POLICIES:
             raise bad("policy", f"use one of {', '.join(POLICIES)}")
         for name in ("lr", "round_timeout", "join_timeout", "reply_poll_s"):
@@ -139,10 +137,9 @@ class FederationConfig:
                                    "support one-hot and learned:D")
         return self
 
-    @property
-    def owns_blocks(self) -> bool:
-        """True for NoProp-DT (nodes own blocks); False for methods with one network, trained whole (FedAvg)."""
-        return self.method == "dt"
+    def round_shape(self) -> str:
+        """The round in a few words ("T=10, policy rotate"; "FedAvg of one cnn network"), from METHODS."""
+        return METHODS[self.method].round_shape.format(**asdict(self))
 
     def channel_tuple(self) -> tuple[int, int, int]:
         parts = tuple(int(p) for p in str(self.channels).split(","))
@@ -166,23 +163,3 @@ class FederationConfig:
         """Keys this class does not know are ignored (Flower adds none, but apps may carry extras); values are
         coerced by declared type (Flower may hand back ints for float fields and vice versa)."""
         return cls(**from_mapping(cls, run_config)).validate()
-
-
-# Keys a client reads from its Flower node config (noprop-client sets them; simulation sets the partition).
-NODE_CONFIG_KEYS = {
-    "data": "dataset spec of this node's data (default: the run's client-data or dataset)",
-    "data-root": "folder holding the datasets",
-    "partition-id": "which partition of the data this node holds (0-based)",
-    "num-partitions": "how many partitions the data is split into",
-    "partition-type": "iid | dirichlet:ALPHA | classes:K (default: the run's partition-type)",
-    "device": "auto | cpu | cuda | cuda:N | mps",
-    "max-blocks": "most blocks this node will hold at once (0 = as many as memory allows)",
-    "memory-mb": "memory budget in MB for training (0 = measured)",
-    "threads": "torch threads (0 = the run's client-threads)",
-    "node-name": "this node's stable identity for the plan and its seeds (default: its node key's name, else "
-                 "partition-I-of-N); never used to address or authenticate it",
-    "share-labels": "1 (default): tell the server in discovery which classes this node holds (no counts), for "
-                    "label-aware ownership; 0: keep them to itself",
-    "worker-dir": "folder of the node's warm worker (noprop-client sets it; absent: every message runs in-process)",
-    "worker-owner": "pid of the process whose end stops the warm worker (the noprop-client launcher)",
-}

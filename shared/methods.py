@@ -1,8 +1,10 @@
-"""The training methods by name: which config rebuilds a model, which class it is, which optimizer trains it.
+"""The training methods by name: which config rebuilds a model, which class it is, which optimizer trains it, and
+how it federates (the server's strategy, the node's trainer, the evaluation of a round's model).
 
-`noprop-train --method`, checkpoints and the benchmarks all look methods up here, so a method is added in
-one place. A model class is named here and imported when a model is built: importing this module, and checking a
-method's settings with model_config, needs no torch (the launchers do it).
+`noprop-train --method`, the federation, checkpoints and the benchmarks all look methods up here, so a method is
+added in one place and no `if method == "dt"` branch runs through the round. Parts are named by "module:name" and
+imported when used: importing this module, and checking a method's settings with model_config, needs no torch (the
+launchers do it), and the core imports nothing from the server or the client.
 """
 
 from __future__ import annotations
@@ -19,12 +21,29 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+def load(ref: str):
+    """The object a "module:name" reference names, imported now."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+FEDAVG_STRATEGY = "noprop.server.fedavg:checked_strategy"  # Flower's FedAvg family, replies checked first
+FEDAVG_TRAINER = "noprop.client.fedavg:train_whole_network"  # a node trains the whole network it was sent
+ACCURACY = "noprop.trainer:accuracy_report"  # {"accuracy": ...} of the method's own predict
+
+
 @dataclass(frozen=True)
 class Method:
     config_class: type
     model_path: str  # "module:Class" of the model (torch), imported by model_class
     optimizer: str  # per-block (NoProp-DT's BlockTrainer), adam or adamw (paper's Table 3)
     description: str
+    # federated: the server's Strategy factory (cfg, model_cfg, model, log, history, on_phase), the node's trainer
+    # (instructions, content, node, data) -> reply content, and the evaluator (model, data, mode, seed) -> metrics
+    strategy: str = FEDAVG_STRATEGY
+    trainer: str = FEDAVG_TRAINER
+    evaluator: str = ACCURACY
+    round_shape: str = "FedAvg of one {method} network"  # the round, for the launchers' first line (cfg's fields)
     # prototype embeddings, by measurement (BENCHMARKS.md "Prototype embeddings and NoProp-CT's stability"): rows
     # scaled to unit mean norm or the raw normalised images; z read by the FC path or the paper's conv path
     prototype_scale: str = "unit"
@@ -37,13 +56,16 @@ class Method:
     @property
     def model_class(self) -> type:
         """The model's class, imported now (with torch)."""
-        module, _, name = self.model_path.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return load(self.model_path)
 
 
 METHODS: dict[str, Method] = {
     "dt": Method(NoPropConfig, "noprop.model:NoPropDT", "per-block",
-                 "NoProp-DT: T blocks, each trained on its own", prototype_z_path="linear"),
+                 "NoProp-DT: T blocks, each trained on its own", prototype_z_path="linear",
+                 # block ownership: each node trains the blocks it is given; every readout is evaluated
+                 strategy="noprop.server.block_strategy:BlockOwnershipStrategy",
+                 trainer="noprop.client.handlers:train_blocks", evaluator="noprop.diagnostics:chain_diagnostics",
+                 round_shape="T={T}, policy {policy}"),
     "ct": Method(CTConfig, "noprop.ct:NoPropCT", "adam",
                  "NoProp-CT: one time-conditioned denoiser, learned noise schedule", prototype_z_path="linear"),
     "fm": Method(FMConfig, "noprop.fm:NoPropFM", "adam", "NoProp-FM: flow matching to the label embedding",

@@ -200,13 +200,6 @@ def train_end_to_end_epoch(model, optimizer: torch.optim.Optimizer, data: Labell
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
-def train_backprop_epoch(model, optimizer: torch.optim.Optimizer, data: LabelledData, batch_size: int,
-                         generator: torch.Generator | None = None,
-                         on_batch: Callable[[dict[str, float]], None] | None = None) -> float:
-    """One end-to-end epoch of the backprop baseline; returns the mean loss."""
-    return train_end_to_end_epoch(model, optimizer, data, batch_size, generator, on_batch).get("loss", 0.0)
-
-
 @torch.no_grad()
 def evaluate_accuracy(model, data: LabelledData, mode: str = "deterministic", batch_size: int = 500,
                       seed: int = 0) -> float:
@@ -218,3 +211,8 @@ def evaluate_accuracy(model, data: LabelledData, mode: str = "deterministic", ba
         pred = model.predict(x.to(device), mode=mode, generator=generator).cpu()
         correct += int((pred == y).sum())
     return correct / max(len(data), 1)
+
+
+def accuracy_report(model, data: LabelledData, mode: str = "deterministic", seed: int = 0) -> dict:
+    """A one-network method's evaluation in a federation: the accuracy of its own predict."""
+    return {"accuracy": evaluate_accuracy(model, data, mode, seed=seed)}

@@ -105,8 +105,8 @@ def main(out: str, npz: str, variant: str) -> int:
     apply_flower_env(out_dir / ".flower" / "flwr-home")  # before flwr and Ray are imported
     from flwr.simulation import run_simulation
 
+    from noprop.ops.sim import _shutdown_ray, backend_config
     from noprop.server.app import make_server_app
-    from noprop.server.sim import _shutdown_ray, backend_config
 
     overrides = {**SETTINGS, **VARIANTS[variant], "out": str(out_dir), "dataset": f"npz:{npz}"}
     try:

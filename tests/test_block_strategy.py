@@ -16,6 +16,7 @@ from test_client_app import task_identity  # noqa: F401 - fixture
 from noprop.federation import FederationConfig
 from noprop.model import NoPropDT
 from noprop.model_configs import NoPropConfig
+from noprop.protocol import TrainInstructions
 from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state
 from noprop.server.aggregate import Expected, read_reply
 from noprop.server.block_strategy import BlockOwnershipStrategy
@@ -181,7 +182,8 @@ def test_a_bad_train_reply_is_rejected_by_node_id_and_counts_for_nothing(case):
 
     grid = ScriptedGrid([7, 8], answer)
     start = to_numpy_state(s.model.state_dict())
-    msgs = list(s.configure_train(1, arrays_to_record(start), ConfigRecord({}), grid))
+    config = TrainInstructions.for_run(s.cfg, MODEL).to_record()
+    msgs = list(s.configure_train(1, arrays_to_record(start), config, grid))
     blocks = {m.metadata.dst_node_id: int(m.content["config"]["blocks"][0]) for m in msgs}
     assert sorted(blocks) == [7, 8] and sorted(blocks.values()) == [1, 2], blocks
     replies = grid.send_and_receive(msgs)

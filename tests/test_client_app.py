@@ -54,7 +54,7 @@ def instruction(content, message_type):
 
 def train_message(state, blocks, epochs=1, model_cfg: NoPropConfig = MODEL):
     keys = keys_for_blocks(state, blocks)
-    config = ConfigRecord({"round": 1, "blocks": list(blocks), "local-epochs": epochs, "lr": 3e-3,
+    config = ConfigRecord({"method": "dt", "round": 1, "blocks": list(blocks), "local-epochs": epochs, "lr": 3e-3,
                            "weight-decay": 1e-3, "batch-size": 32, "seed": 0,
                            "model-config": json.dumps(model_cfg.to_dict())})
     return instruction(RecordDict({"arrays": arrays_to_record(state, keys), "config": config}), MessageType.TRAIN)

@@ -5,6 +5,7 @@ and (tests/test_sim.py) runs in a real noprop-sim federation through Flower's Fe
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,9 +26,10 @@ from noprop.federation import FederationConfig
 from noprop.io import read_jsonl
 from noprop.methods import METHODS, build_model, make_optimizer, model_config
 from noprop.model_configs import CNNConfig
+from noprop.ops.train_cli import main as train_main
+from noprop.protocol import TrainInstructions
 from noprop.records import arrays_to_record, record_to_arrays, to_numpy_state
 from noprop.settings import SettingsError
-from noprop.train_cli import main as train_main
 from noprop.trainer import evaluate_accuracy, train_end_to_end_epoch
 
 SMALL = {"channels": (8, 16, 16), "hidden": 32, "dropout": 0.0}
@@ -129,7 +131,8 @@ def test_fedavg_client_trains_the_whole_network_and_returns_exactly_its_keys():
     config = ConfigRecord({"method": "cnn", "model-config": json.dumps(model_cfg.to_dict()), "local-epochs": 1,
                            "lr": 3e-3, "weight-decay": 0.0, "batch-size": 32, "seed": 0, "round": 1})
     content = RecordDict({"arrays": arrays_to_record(state), "config": config})
-    reply = train_whole_network(content, 5, data, torch.device("cpu"))
+    node = SimpleNamespace(name="node-5", device=torch.device("cpu"))  # the NodeSettings parts a trainer reads
+    reply = train_whole_network(TrainInstructions.from_record(config), content, node, data)
     got = record_to_arrays(reply["arrays"])
     assert list(got) == list(state)  # exactly the keys it got, in their order
     assert all(got[k].shape == state[k].shape and got[k].dtype == state[k].dtype for k in state)

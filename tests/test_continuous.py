@@ -13,8 +13,8 @@ from noprop.io import read_jsonl
 from noprop.methods import build_model, make_optimizer
 from noprop.model import prototype_rows, scale_prototypes
 from noprop.model_configs import AdjointConfig, CTConfig, FMConfig
+from noprop.ops.train_cli import main
 from noprop.schedule import LearnedNoiseSchedule
-from noprop.train_cli import main
 from noprop.trainer import evaluate_accuracy, train_end_to_end_epoch
 
 SMALL = {"input_shape": (1, 12, 12), "num_classes": 4, "channels": (8, 16, 16), "hidden": 64, "dropout": 0.0}

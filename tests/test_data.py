@@ -21,7 +21,7 @@ from noprop import data as D
 from noprop import fetch as F
 from noprop import partition as P
 from noprop import sources as S
-from noprop.data_cli import main as cli_main
+from noprop.ops.data_cli import main as cli_main
 from noprop.sources import DatasetError
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -22,7 +22,7 @@ from PIL import Image
 from procs import wait_for
 from test_export import task_images, tiny_checkpoint
 
-from noprop.deploy import edge
+from noprop.deploy import edge, edge_cli, edge_data
 from noprop.deploy.export import export_onnx
 from noprop.proto import inference_pb2, inference_pb2_grpc
 
@@ -93,13 +93,14 @@ def test_predict_and_eval_in_a_process_where_torch_cannot_be_imported(models, pn
     blocked = run(["-c", "import torch"], no_torch_env)
     assert blocked.returncode != 0 and "blocked" in blocked.stderr  # the blocker works
     paths, labels = pngs
+    # -m noprop.deploy.edge hands over to its command line, noprop.deploy.edge_cli
     r = run(["-m", "noprop.deploy.edge", "predict", str(models["deterministic"]), *map(str, paths), "--json",
              "--threads", "1"], no_torch_env)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert [g["label"] for g in got] == labels.tolist()
     assert got[0]["class"] == ["top", "mid", "low", "base"][labels[0]]
-    r = run(["-m", "noprop.deploy.edge", "eval", str(models["stochastic"]), "--data", str(folder / "task.npz"),
+    r = run(["-m", "noprop.deploy.edge_cli", "eval", str(models["stochastic"]), "--data", str(folder / "task.npz"),
              "--json", "--threads", "1"], no_torch_env)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
@@ -111,39 +112,41 @@ def test_predict_and_eval_in_a_process_where_torch_cannot_be_imported(models, pn
     # the speed is the bench's business (bench/inference.py): here only what the number means
     assert math.isfinite(result["seconds"]) and result["seconds"] > 0
     assert result["images_per_s"] == pytest.approx(result["examples"] / result["seconds"], rel=1e-9)
-    # the generated protocol modules and the edge module import without torch too
-    r = run(["-c", "import sys, noprop.deploy.edge, noprop.proto.inference_pb2, noprop.proto.inference_pb2_grpc; "
+    # the generated protocol modules and the edge modules import without torch too
+    r = run(["-c", "import sys, noprop.deploy.edge, noprop.deploy.edge_cli, noprop.deploy.edge_data, "
+                   "noprop.proto.inference_pb2, noprop.proto.inference_pb2_grpc; "
                    "assert not any(m.split('.')[0] == 'torch' for m in sys.modules)"], no_torch_env)
     assert r.returncode == 0, r.stderr
-    # the module copied alone (the "single file" deployment) predicts as well
+    # the modules copied onto a device (edge.py, the runtime, with its command line) predict as well
     alone = folder / "device"
     alone.mkdir(exist_ok=True)
-    shutil.copy(edge.__file__, alone / "edge.py")
-    r = run([str(alone / "edge.py"), "predict", str(models["deterministic"]), str(paths[0])], no_torch_env, cwd=alone)
+    script = copy_device_files(alone)
+    r = run([script, "predict", str(models["deterministic"]), str(paths[0])], no_torch_env, cwd=alone)
     assert r.returncode == 0 and r.stdout.split("\t")[1] == str(labels[0]), r.stderr
-    # serve run as a script or with -m hands over to the package's module (noprop.deploy.edge_service raises its
-    # errors): still one line, exit 2, not a traceback from an error class the script's main does not know
-    for how in ([str(alone / "edge.py")], ["-m", "noprop.deploy.edge"]):
+    # serve run as a script or with -m uses the package's modules (noprop.deploy.edge_service raises its errors):
+    # still one line, exit 2, not a traceback from an error class main does not know; `-m noprop.deploy.edge` and
+    # edge.py run as a script hand over to the command line
+    for how in ([script], [str(alone / "edge.py")], ["-m", "noprop.deploy.edge_cli"], ["-m", "noprop.deploy.edge"]):
         r = run([*how, "serve", str(models["deterministic"]), "--host", "0.0.0.0"], no_torch_env, cwd=alone)
         err = r.stderr.strip()
         assert r.returncode == 2 and len(err.splitlines()) == 1 and "--insecure" in err, (how, err)
     # and a broken model is one line on stderr, exit 2, no traceback
     truncated = folder / "truncated.onnx"
     truncated.write_bytes(models["deterministic"].read_bytes()[:5000])
-    r = run(["-m", "noprop.deploy.edge", "predict", str(truncated), str(paths[0])], no_torch_env)
+    r = run(["-m", "noprop.deploy.edge_cli", "predict", str(truncated), str(paths[0])], no_torch_env)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_predict_matches_the_model_and_info_describes_it(models, pngs, capsys):
     paths, labels = pngs
-    assert edge.main(["predict", str(models["deterministic"]), *map(str, paths[:2])]) == 0
+    assert edge_cli.main(["predict", str(models["deterministic"]), *map(str, paths[:2])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [int(line.split("\t")[1]) for line in lines] == labels[:2].tolist()
-    assert edge.main(["info", str(models["stochastic"])]) == 0
+    assert edge_cli.main(["info", str(models["stochastic"])]) == 0
     out = capsys.readouterr().out
     assert "top, 1 mid, 2 low, 3 base" in out and "stochastic" in out and "matches" in out
     assert "inside the graph" in out and "[4, N, 4]" in out
-    assert edge.main(["info", str(models["deterministic"]), "--json"]) == 0
+    assert edge_cli.main(["info", str(models["deterministic"]), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["T"] == 3 and manifest["method"] == "dt" and manifest["input_shape"] == [1, 12, 12]
 
@@ -164,7 +167,7 @@ def test_cli_seed_repeats_a_stochastic_run_and_no_seed_draws_a_reported_one(mode
     paths = [str(p) for p in pngs[0][:3]]
 
     def predict(*flags: str) -> tuple[list[dict], str]:
-        assert edge.main(["predict", str(models["stochastic"]), *paths, "--json", *flags]) == 0
+        assert edge_cli.main(["predict", str(models["stochastic"]), *paths, "--json", *flags]) == 0
         out = capsys.readouterr()
         return json.loads(out.out), out.err
 
@@ -178,11 +181,11 @@ def test_cli_seed_repeats_a_stochastic_run_and_no_seed_draws_a_reported_one(mode
     for (rows, err), seed in zip(drawn, seeds):
         assert f"noise seed {seed} (pass --seed {seed}" in err
         assert predict("--seed", str(seed))[0] == rows  # the reported seed reproduces the run
-    assert edge.main(["predict", str(models["deterministic"]), paths[0], "--json"]) == 0
+    assert edge_cli.main(["predict", str(models["deterministic"]), paths[0], "--json"]) == 0
     out = capsys.readouterr()
     assert "seed" not in json.loads(out.out)[0] and out.err == ""  # nothing random, nothing to report
     with pytest.raises(SystemExit) as usage:  # a usage error: argparse's one line, exit 2
-        edge.main(["predict", str(models["stochastic"]), paths[0], "--seed", "-1"])
+        edge_cli.main(["predict", str(models["stochastic"]), paths[0], "--seed", "-1"])
     err = capsys.readouterr().err.strip()
     assert usage.value.code == 2 and len(err.splitlines()) == 1 and "outside 0 .. 2**64 - 1" in err, err
 
@@ -194,11 +197,11 @@ def test_images_of_other_size_or_channels_need_flags(models, folder, capsys):
     Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(big)
     Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(rgb)
     Image.fromarray(np.repeat(rng.integers(0, 255, (12, 12, 1), dtype=np.uint8), 3, axis=2)).save(gray_rgb)
-    assert edge.main(["predict", model, str(big), "--resize"]) == 0
-    assert edge.main(["predict", model, str(rgb), "--convert"]) == 0
-    assert edge.main(["predict", model, str(gray_rgb)]) == 0  # RGB file with equal channels is grayscale
+    assert edge_cli.main(["predict", model, str(big), "--resize"]) == 0
+    assert edge_cli.main(["predict", model, str(rgb), "--convert"]) == 0
+    assert edge_cli.main(["predict", model, str(gray_rgb)]) == 0  # RGB file with equal channels is grayscale
     capsys.readouterr()
-    x = edge.load_image(gray_rgb, (1, 12, 12))
+    x = edge_data.load_image(gray_rgb, (1, 12, 12))
     assert x.shape == (1, 12, 12) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
 
 
@@ -243,7 +246,7 @@ def bad_cases(folder: Path, models: dict, pngs) -> list[tuple[list[str], str]]:
 
 def test_bad_inputs_are_one_line_errors_with_exit_2(models, pngs, folder, capsys):
     for argv, message in bad_cases(folder, models, pngs):
-        assert edge.main(argv) == 2, argv
+        assert edge_cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, (argv, err)
 
@@ -256,7 +259,7 @@ def test_eval_reads_a_folder_of_class_folders(models, folder, capsys):
     for i in range(12):
         (root / names[labels[i]]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.round(images[i, 0] * 255).astype(np.uint8)).save(root / names[labels[i]] / f"{i}.png")
-    assert edge.main(["eval", str(models["deterministic"]), "--data", str(folder / "tree"), "--json"]) == 0
+    assert edge_cli.main(["eval", str(models["deterministic"]), "--data", str(folder / "tree"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     _, expected = edge.EdgeModel(models["deterministic"], threads=1).run(images[:12])  # uint8 / 255: PNG-exact
     assert result["examples"] == 12 and result["correct"] == int((expected == labels[:12]).sum())
@@ -281,30 +284,67 @@ def write_idx(raw: Path, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def test_eval_reads_mnist_style_idx_files(models, folder, capsys):
     images, labels = task_images(folder)
     pixels = write_idx(folder / "idx" / "raw", images, labels)
-    assert edge.main(["eval", str(models["deterministic"]), "--data", str(folder / "idx"), "--json"]) == 0
+    assert edge_cli.main(["eval", str(models["deterministic"]), "--data", str(folder / "idx"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     _, expected = edge.EdgeModel(models["deterministic"], threads=1).run(pixels[:, None] / np.float32(255))
     assert result["examples"] == 200 and result["correct"] == int((expected == labels).sum())
     assert result["accuracy"] >= 0.97  # measured 1.0 (seeds 0-3)
 
 
-@pytest.mark.e2e
-def test_edge_py_copied_alone_runs_info_predict_and_eval_without_noprop_or_torch(models, pngs, folder):
-    """The single-file deployment: edge.py alone in a folder, in a process where neither noprop nor torch can be
-    imported. info, predict and eval (.npz and raw IDX files) work; serve and query say in one line that they need
-    the package."""
+def copy_device_files(device: Path) -> str:
+    """edge.py (the runtime), edge_data.py and edge_cli.py (the command line) copied into `device`; the path of the
+    copy of edge_cli.py, to run as a script."""
+    for module in (edge, edge_data):
+        shutil.copy(module.__file__, device / Path(module.__file__).name)
+    return str(shutil.copy(edge_cli.__file__, device / "edge_cli.py"))
+
+
+@pytest.fixture(scope="module")
+def no_noprop_env(folder):
     blocker = folder / "no_noprop"
-    blocker.mkdir()
+    blocker.mkdir(exist_ok=True)
     (blocker / "sitecustomize.py").write_text(import_blocker("torch", "noprop"))
     env = {**os.environ, "PYTHONPATH": str(blocker), "OMP_NUM_THREADS": "1"}
     blocked = run(["-c", "import noprop.deploy.edge"], env)
     assert blocked.returncode != 0 and "blocked" in blocked.stderr  # the blocker works
+    return env
+
+
+@pytest.mark.e2e
+def test_edge_py_alone_is_the_runtime_without_noprop_or_torch(models, folder, no_noprop_env):
+    """The single-file runtime: edge.py alone in a folder, imported in a process where neither noprop nor torch can
+    be imported, runs the model; run as a script without edge_cli.py beside it, it says so in one line."""
+    alone = folder / "runtime-only"
+    alone.mkdir()
+    shutil.copy(edge.__file__, alone / "edge.py")
+    images, _ = task_images(folder)
+    np.save(alone / "x.npy", images[:20])
+    code = ("import sys, numpy as np, edge; m = edge.EdgeModel(sys.argv[1], threads=1); "
+            "print(m.predict(np.load('x.npy')).tolist()); "
+            "assert not any(n.split('.')[0] in ('noprop', 'torch') for n in sys.modules), sorted(sys.modules)")
+    r = run(["-c", code, str(models["deterministic"])], no_noprop_env, cwd=alone)
+    assert r.returncode == 0, r.stderr
+    expected = edge.EdgeModel(models["deterministic"], threads=1).run(images[:20])[1]
+    assert json.loads(r.stdout) == expected.tolist()
+    r = run([str(alone / "edge.py"), "info", str(models["deterministic"])], no_noprop_env, cwd=alone)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "edge_cli.py" in err and "Traceback" not in err, err
+
+
+@pytest.mark.e2e
+def test_edge_cli_copied_alone_runs_info_predict_and_eval_without_noprop_or_torch(models, pngs, folder,
+                                                                                  no_noprop_env):
+    """The loose-file deployment: edge.py, edge_data.py and edge_cli.py alone in a folder, in a process where
+    neither noprop nor torch can be imported. info, predict and eval (.npz and raw IDX files) work; serve and query
+    say in one line that they need the package."""
+    env = no_noprop_env
     alone = folder / "lone"
     alone.mkdir()
-    script = str(shutil.copy(edge.__file__, alone / "edge.py"))
+    script = copy_device_files(alone)
     model = str(models["deterministic"])
-    r = run([script, "info", str(models["stochastic"])], env, cwd=alone)
-    assert r.returncode == 0 and "inside the graph" in r.stdout and "[4, N, 4]" in r.stdout, r.stderr
+    for how in (script, str(alone / "edge.py")):  # edge.py run as a script hands over to edge_cli.py beside it
+        r = run([how, "info", str(models["stochastic"])], env, cwd=alone)
+        assert r.returncode == 0 and "inside the graph" in r.stdout and "[4, N, 4]" in r.stdout, r.stderr
     paths, labels = pngs
     r = run([script, "predict", model, *map(str, paths), "--json", "--threads", "1"], env, cwd=alone)
     assert r.returncode == 0, r.stderr
@@ -332,7 +372,7 @@ def test_edge_py_copied_alone_runs_info_predict_and_eval_without_noprop_or_torch
 def server(models, no_torch_env):
     """`noprop-edge serve` as a real process (without torch) on 127.0.0.1, an ephemeral port, a 64 KiB cap."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "noprop.deploy.edge", "serve", str(models["stochastic"]), "--port", "0",
+        [sys.executable, "-m", "noprop.deploy.edge_cli", "serve", str(models["stochastic"]), "--port", "0",
          "--max-request-bytes", "65536", "--threads", "1", "--workers", "2", "--grace", "2"],
         env=no_torch_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
@@ -437,19 +477,19 @@ def test_grpc_service_predicts_informs_checks_health_and_survives_bad_requests(s
     # still serving, and the CLI client agrees
     again = stub.Predict(predict_request(images[:7], noise), timeout=RPC_S)
     assert [p.label for p in again.predictions] == expected.tolist()
-    assert edge.main(["query", target, *map(str, pngs[0][:2]), "--health", "--timeout", str(RPC_S)]) == 0
+    assert edge_cli.main(["query", target, *map(str, pngs[0][:2]), "--health", "--timeout", str(RPC_S)]) == 0
     out = capsys.readouterr()
     assert "SERVING" in out.out and len(out.out.strip().splitlines()) == 3
     seed = int(re.search(r"noise seed (\d+) \(pass --seed", out.err).group(1))  # the server drew it: reported
-    assert edge.main(["query", target, *map(str, pngs[0][:2]), "--json", "--seed", str(seed),
+    assert edge_cli.main(["query", target, *map(str, pngs[0][:2]), "--json", "--seed", str(seed),
                       "--timeout", str(RPC_S)]) == 0
     repeated = json.loads(capsys.readouterr().out)
     assert [r["seed"] for r in repeated] == [seed] * 2
-    again_local = local.run(edge.load_images(pngs[0][:2], (1, 12, 12)), rng=np.random.default_rng(seed))[0]
+    again_local = local.run(edge_data.load_images(pngs[0][:2], (1, 12, 12)), rng=np.random.default_rng(seed))[0]
     assert [r["probability"] for r in repeated] == pytest.approx(again_local.max(1).tolist(), abs=1e-6)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "small.png")
     small = str(folder / "small.png")
-    assert edge.main(["query", target, small, "--timeout", str(RPC_S)]) == 2  # wrong size: refused before sending
+    assert edge_cli.main(["query", target, small, "--timeout", str(RPC_S)]) == 2  # wrong size: refused before sending
     assert "12x12" in capsys.readouterr().err
 
     # graceful shutdown on SIGTERM: exit 0, and it says so
@@ -457,7 +497,7 @@ def test_grpc_service_predicts_informs_checks_health_and_survives_bad_requests(s
     wait_for(lambda: proc.poll() is not None, STOP_S, 0.2, "noprop-edge serve exiting after SIGTERM")
     assert proc.returncode == 0
     assert "stopped" in proc.stderr.read()
-    assert edge.main(["query", target, "--health", "--timeout", str(RPC_S)]) == 1  # refused at once, not timed out
+    assert edge_cli.main(["query", target, "--health", "--timeout", str(RPC_S)]) == 1  # refused at once, not timed out
     assert "UNAVAILABLE" in capsys.readouterr().err
 
 
@@ -469,6 +509,6 @@ def test_serve_beyond_loopback_without_tls_is_refused_whatever_the_name_looks_li
     assert [is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")] == [True] * 5
     assert [is_loopback(h) for h in ("127.example.com", "10.0.0.1", "0.0.0.0", "example.org")] == [False] * 4
     for host in ("127.example.com", "0.0.0.0"):
-        assert edge.main(["serve", str(models["deterministic"]), "--host", host, "--port", "0"]) == 2
+        assert edge_cli.main(["serve", str(models["deterministic"]), "--host", host, "--port", "0"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"--host {host} opens the service to the network" in err, err

@@ -21,8 +21,9 @@ from test_export import TINY, task_images, write_task
 
 from noprop.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from noprop.data import load_train_test
-from noprop.deploy import edge
-from noprop.deploy.edge import BlockBundle, EdgeModel, ExitRule, calibrate_exit, exit_simulation
+from noprop.deploy import edge, edge_cli, edge_data
+from noprop.deploy.calibration import calibrate_exit, exit_simulation
+from noprop.deploy.edge import BlockBundle, EdgeModel, ExitRule
 from noprop.deploy.export import read_metadata
 from noprop.deploy.export_cli import export_checkpoint
 from noprop.methods import build_model
@@ -204,7 +205,7 @@ def test_int8_bundle_is_dynamic_and_keeps_accuracy(exported, folder):
 def cli(argv, capsys) -> tuple[int, str, str]:
     """noprop-edge's exit code (argparse's usage errors included), stdout and stderr."""
     try:
-        code = edge.main([str(a) for a in argv])
+        code = edge_cli.main([str(a) for a in argv])
     except SystemExit as exc:
         code = exc.code
     out, err = capsys.readouterr()
@@ -263,17 +264,18 @@ def test_bad_exit_inputs_are_one_line_errors(exported, folder, capsys):
         assert len(err.strip().splitlines()) == 1 and message in err, (argv, err)
 
 
-def test_lone_edge_py_runs_anytime_and_streamed_without_torch_or_noprop(exported, folder):
+def test_lone_edge_cli_runs_anytime_and_streamed_without_torch_or_noprop(exported, folder):
     images, labels = task_images(folder)
     data = write_npz(folder, images, labels)
     lone = folder / "device"
     lone.mkdir(exist_ok=True)
-    shutil.copy(edge.__file__, lone / "edge.py")
+    for module in (edge, edge_data, edge_cli):  # the runtime and its command line, copied onto a device
+        shutil.copy(module.__file__, lone / f"{module.__name__.rsplit('.', 1)[-1]}.py")
     (lone / "sitecustomize.py").write_text(import_blocker("torch", "noprop"))
     env = {"PYTHONPATH": str(lone), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     accuracy = {}
     for mode in ("full", "anytime", "streamed"):
-        r = subprocess.run([sys.executable, "edge.py", "eval", str(exported["fp32"].path), "--data", str(data),
+        r = subprocess.run([sys.executable, "edge_cli.py", "eval", str(exported["fp32"].path), "--data", str(data),
                             "--mode", mode, "--json"], cwd=lone, env=env, capture_output=True, text=True,
                            timeout=HANG_S)
         assert r.returncode == 0, r.stderr

@@ -28,7 +28,7 @@ from noprop.methods import build_model
 from noprop.model import prototype_rows, scale_prototypes
 from noprop.model_configs import NoPropConfig
 from noprop.proto import inference_pb2
-from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_backprop_epoch
+from noprop.trainer import BlockTrainer, OptimConfig, evaluate_accuracy, train_end_to_end_epoch
 
 TINY = {"input_shape": (1, 12, 12), "num_classes": 4, "T": 3, "channels": (8, 16, 16), "hidden": 64, "dropout": 0.0}
 
@@ -72,7 +72,7 @@ def tiny_checkpoint(folder, method: str = "dt", embedding: str = "one-hot", head
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-3)
         for _ in range(epochs):
-            train_backprop_epoch(model, opt, train, batch_size=32)
+            train_end_to_end_epoch(model, opt, train, batch_size=32)
     model.eval()
     metrics = {"epoch": epochs, "method": method, "test_acc_deterministic": evaluate_accuracy(model, test),
                "block_l2": {"1": 0.5}}

@@ -199,15 +199,15 @@ def test_noprop_edge_without_torch_gives_the_pytorch_accuracy(ct, folder):
     import os
 
     env = {**os.environ, "PYTHONPATH": str(blocker), "OMP_NUM_THREADS": "1"}
-    r = run(["-m", "noprop.deploy.edge", "eval", str(out), "--data", str(folder / "task.npz"), "--json",
+    r = run(["-m", "noprop.deploy.edge_cli", "eval", str(out), "--data", str(folder / "task.npz"), "--json",
              "--batch-size", "64", "--threads", "1"], env)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["examples"] == len(labels) and result["accuracy"] == pytest.approx(torch_acc, abs=1e-9)
-    r = run(["-m", "noprop.deploy.edge", "info", str(out)], env)
+    r = run(["-m", "noprop.deploy.edge_cli", "info", str(out)], env)
     assert r.returncode == 0 and "ct, 10 unrolled ddim steps" in r.stdout and "kind=learned" in r.stdout, r
     np.save(folder / "one.npy", images[0])
-    r = run(["-m", "noprop.deploy.edge", "predict", str(out), str(folder / "one.npy"), "--json"], env)
+    r = run(["-m", "noprop.deploy.edge_cli", "predict", str(out), str(folder / "one.npy"), "--json"], env)
     assert r.returncode == 0 and json.loads(r.stdout)[0]["label"] == int(torch_probs(ckpt, images[:1], 10).argmax())
 
 

@@ -142,7 +142,7 @@ def test_resume_with_both_checkpoints_bad_is_one_line_exit_2(tmp_path):
 # -- the new run settings are launcher flags (generated from FederationConfig) ---------------------------------
 
 
-@pytest.mark.parametrize("module", ["noprop.server.launcher", "noprop.server.sim"])
+@pytest.mark.parametrize("module", ["noprop.ops.server_cli", "noprop.ops.sim"])
 def test_robust_aggregation_settings_are_flags(module):
     import importlib
 

@@ -17,14 +17,14 @@ from procs import alive, descendants, quiet_env, script, wait_for, write_synthet
 
 from noprop.client import launcher as client_launcher
 from noprop.federation import FederationConfig
+from noprop.ops import flower_app, sim
+from noprop.ops import server_cli as server_launcher
 from noprop.ops.cli import LaunchError
 from noprop.ops.flower import config_string
 from noprop.ops.network import free_port, parse_address
 from noprop.ops.processes import ProcessGroup
+from noprop.ops.report import round_line
 from noprop.ops.run_flags import FEDERATION_FLAGS, federation_config_from_args, resolve_dataset_spec
-from noprop.server import flower_app, sim
-from noprop.server import launcher as server_launcher
-from noprop.server.report import round_line
 from noprop.settings import flag_name
 
 # a valid, non-default value for each field (fields added later fall back to a generic one per type)
@@ -93,14 +93,14 @@ def test_run_settings_are_read_and_checked_without_torch():
     a TrainConfig, and the launchers' flags to a checked config, import no torch: a launcher that lives as long
     as its Flower processes does not hold torch's ~500 MB."""
     code = ("import sys\n"
-            "from noprop.federation import FEDERATED_METHODS, FederationConfig\n"
-            "for method in FEDERATED_METHODS:\n"
+            "from noprop.federation import FederationConfig\nfrom noprop.methods import METHODS\n"
+            "for method in METHODS:\n"
             "    FederationConfig(method=method).validate()\n"
             "from noprop.config import TrainConfig\n"
             "TrainConfig(method='ct', steps=4).validate().model_config((1, 8, 8), 2)\n"
             "from noprop.client import launcher as client_launcher\n"
             "from noprop.ops.run_flags import federation_config_from_args\n"
-            "from noprop.server import launcher, sim\n"
+            "from noprop.ops import server_cli as launcher\nfrom noprop.ops import sim\n"
             "client_launcher.build_parser()\n"
             "federation_config_from_args(launcher.build_parser().parse_args(['--rounds', '2', '--method', 'fm']))\n"
             "federation_config_from_args(sim.build_parser().parse_args(['--T', '3']))\n"

@@ -13,7 +13,7 @@ from noprop.trainer import (
     BlockTrainer,
     OptimConfig,
     evaluate_accuracy,
-    train_backprop_epoch,
+    train_end_to_end_epoch,
     train_owned_blocks,
 )
 
@@ -167,7 +167,7 @@ def test_backprop_baseline_learns_the_synthetic_task():
     model = BackpropChain(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-3)
     for _ in range(3):
-        train_backprop_epoch(model, opt, train, batch_size=32)
+        train_end_to_end_epoch(model, opt, train, batch_size=32)
     assert evaluate_accuracy(model, test) > 0.9
 
 
@@ -249,4 +249,4 @@ def test_an_epoch_whose_last_batch_would_hold_one_example_trains():
     parts = BlockTrainer(model, OptimConfig(batch_size=32)).train_block_epoch(1, data)
     assert parts["loss"] > 0
     chain = BackpropChain(small_config())
-    assert train_backprop_epoch(chain, torch.optim.AdamW(chain.parameters()), data, batch_size=32) > 0
+    assert train_end_to_end_epoch(chain, torch.optim.AdamW(chain.parameters()), data, batch_size=32)["loss"] > 0

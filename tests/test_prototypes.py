@@ -12,8 +12,8 @@ from noprop.diagnostics import label_from_z_accuracy
 from noprop.methods import build_model, make_optimizer, model_config
 from noprop.model import NoPropDT, prototype_rows, scale_prototypes
 from noprop.model_configs import NoPropConfig
+from noprop.ops.train_cli import main
 from noprop.schedule import CosineSchedule
-from noprop.train_cli import main
 from noprop.trainer import BlockTrainer, OptimConfig, param_groups
 
 SMALL = {"input_shape": (1, 12, 12), "num_classes": 4, "channels": (8, 16, 16), "hidden": 64}

@@ -130,3 +130,39 @@ def test_the_server_takes_the_aggregated_shared_embedding_and_head_and_sends_the
             for g in got:
                 assert np.allclose(g, expected, rtol=1e-5, atol=1e-6), (rnd, key, float(np.abs(g - expected).max()))
     assert not np.array_equal(after["embedding.weight"], start["embedding.weight"])
+
+
+# -- client evaluation (--client-eval), for every method ------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["cnn", "dt"])
+def test_client_eval_is_each_nodes_accuracy_on_its_own_test_data_weighted_by_its_examples(tmp_path, method):
+    """--client-eval asks the nodes to evaluate the round's model on their own test split: the run records the
+    example-weighted mean of their accuracies, which equals the checkpointed model evaluated here on each node's
+    split. A one-network method evaluates too (it used to send nothing and record nothing)."""
+    import torch
+
+    from noprop.client.handlers import local_data
+    from noprop.methods import build_model
+    from noprop.trainer import evaluate_accuracy
+
+    npz = write_synthetic_npz(tmp_path / "task.npz", n_train=400, n_test=120)
+    cfg = FederationConfig(method=method, T=2, num_rounds=1, min_nodes=2, channels="4,8,8", hidden=16, dropout=0.0,
+                           batch_size=64, min_local_steps=0, eval_limit=0, join_timeout=0.01, client_eval=True,
+                           dataset=f"npz:{npz}", out=str(tmp_path / "out"))
+    grid = LocalGrid(npz, 2, cfg.to_run_config())
+    run = FederatedRun(grid, cfg, log=lambda line: None)
+    run.run()
+    record = read_jsonl(run.metrics_path)[-1]
+    assert record["client_accuracy"] is not None, record
+    ckpt = load_checkpoint(run.ckpt_path)
+    model = build_model(method, ckpt.config)
+    model.load_state_dict(ckpt.state_dict)
+    correct = total = 0.0
+    for i in range(2):
+        test = local_data(f"npz:{npz}", "", "test", i, 2, cfg.partition_type, cfg.seed)
+        with torch.no_grad():
+            correct += evaluate_accuracy(model, test, cfg.eval_mode, seed=cfg.seed) * len(test)
+        total += len(test)
+    assert total == 120
+    assert record["client_accuracy"] == pytest.approx(correct / total, abs=1e-9)

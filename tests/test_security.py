@@ -20,10 +20,10 @@ from procs import Relay, Spawned, cleanup_all, quiet_env, script, wait_for, writ
 
 from noprop.client import launcher as client_launcher
 from noprop.io import read_jsonl
+from noprop.ops import preflight
+from noprop.ops import server_cli as server_launcher
 from noprop.ops.certs import authorized_keys, check_server_certificates, speaks_tls, tls_handshake
 from noprop.ops.network import free_port
-from noprop.server import launcher as server_launcher
-from noprop.server import preflight
 
 pytestmark = pytest.mark.e2e  # noprop-certs, noprop-server, noprop-client and Flower's SuperNode as processes
 

@@ -11,8 +11,8 @@ from noprop.checkpoint import CheckpointError, load_checkpoint
 from noprop.config import build_config
 from noprop.data import load_train_test
 from noprop.io import read_jsonl
+from noprop.ops.train_cli import main
 from noprop.settings import SettingsError
-from noprop.train_cli import main
 
 FAST = ["--T", "3", "--channels", "8,16,16", "--hidden", "64", "--batch-size", "32", "--lr", "3e-3", "--dropout", "0",
         "--threads", "1"]
@@ -96,7 +96,7 @@ def test_resume_loads_the_checkpoint_and_continues_as_if_never_stopped(tmp_path,
     out = tmp_path / "resumed"
     assert main([*base, "--epochs", "2", "--out", str(out)]) == 0
     saved = load_checkpoint(out / "checkpoint.pt")
-    from noprop import train_cli
+    from noprop.ops import train_cli
 
     first: dict = {}
     real = train_cli.BlockTrainer.train_block_epoch if method == "dt" else train_cli.train_end_to_end_epoch

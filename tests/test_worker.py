@@ -216,7 +216,7 @@ def test_query_and_evaluate_are_relayed_too(npz, folder):  # noqa: F811
     from noprop.records import arrays_to_record
 
     content = RecordDict({"arrays": arrays_to_record(initial_state()),
-                          "config": ConfigRecord({"model-config": json.dumps(MODEL.to_dict()),
+                          "config": ConfigRecord({"method": "dt", "model-config": json.dumps(MODEL.to_dict()),
                                                   "eval-mode": "deterministic"})})
     m = app(instruction(content, MessageType.EVALUATE), ctx).content["metrics"]
     in_process = app(instruction(content, MessageType.EVALUATE), context(npz)).content["metrics"]

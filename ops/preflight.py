@@ -73,7 +73,7 @@ def prepare(args: argparse.Namespace) -> Plan:
                               f"{what}")
     check_dataset(cfg)
     if cfg.resume:
-        note = check_in_subprocess("noprop.server.preflight:check_resume",
+        note = check_in_subprocess("noprop.ops.preflight:check_resume",
                                    {"out": cfg.out, "run-config": cfg.to_run_config()})["note"]
         if note:
             say(PROG, f"WARNING: {note}")
@@ -114,7 +114,7 @@ def check_dataset(cfg: FederationConfig) -> int:
     process does not keep torch and the data in memory) so that a wrong name or path fails here. Returns the
     split's size."""
     payload = {"dataset": cfg.dataset, "data-root": cfg.data_root}
-    return int(check_in_subprocess("noprop.server.preflight:check_eval_data", payload)["examples"])
+    return int(check_in_subprocess("noprop.ops.preflight:check_eval_data", payload)["examples"])
 
 
 def check_eval_data(payload: dict) -> dict:

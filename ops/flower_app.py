@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 from pathlib import Path
@@ -14,8 +15,23 @@ from noprop.federation import FederationConfig
 CONNECTION = "noprop"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 APP_PUBLISHER = "noprop"
 APP_NAME = "noprop-fl-run"
+# The ServerApp and ClientApp by reference (module:attribute), as Flower loads them: ops composes the apps by
+# these strings, never by importing noprop.server / noprop.client (ops sits below them). The deployment's
+# pyproject names the apps; noprop-sim calls the factories with the run's settings.
 SERVER_APP = "noprop.server.app:app"
 CLIENT_APP = "noprop.client.app:app"
+SERVER_APP_FACTORY = "noprop.server.app:make_server_app"
+CLIENT_APP_FACTORY = "noprop.client.app:make_client_app"
+
+
+def load_reference(ref: str):
+    """The object a "module:attribute" reference names (importing the module). Raises ImportError or
+    AttributeError."""
+    module, _, attribute = ref.partition(":")
+    obj = importlib.import_module(module)
+    for name in attribute.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 def app_pyproject(cfg: FederationConfig) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from noprop.ops.cli import LaunchError, OneLineParser, examples, fail, say
 from noprop.ops.flower import apply_flower_env, flower_env
+from noprop.ops.flower_app import CLIENT_APP_FACTORY, SERVER_APP_FACTORY, load_reference
 from noprop.ops.run_flags import PARTITIONS, add_federation_flags, federation_config_from_args, ignored_settings
 from noprop.ops.supervision import supervise
 
@@ -84,7 +85,7 @@ def run_in_child(argv: list[str]) -> int:
     and SIGTERM, which Ray and Flower do not honour mid-run, stop all of it. The exit code is the child's."""
     env = flower_env()
     env[CHILD_ENV] = "1"
-    return supervise(PROG, "noprop-sim", [sys.executable, "-m", "noprop.server.sim", *argv], env,
+    return supervise(PROG, "noprop-sim", [sys.executable, "-m", "noprop.ops.sim", *argv], env,
                      "stopping the simulation and Ray", grace=lambda: 10.0)
 
 
@@ -152,11 +153,12 @@ def simulate(cfg, args: argparse.Namespace, num_cpus: int) -> int:
 
     from flwr.simulation import run_simulation
 
-    from noprop.client.app import make_client_app
-    from noprop.server.app import make_server_app
+    # the apps by reference, as the deployment's pyproject names them: ops imports no noprop.server / noprop.client
+    make_server_app = load_reference(SERVER_APP_FACTORY)
+    make_client_app = load_reference(CLIENT_APP_FACTORY)
 
     overrides = cfg.to_run_config()
-    shape = f"T={cfg.T}, policy {cfg.policy}" if cfg.owns_blocks else f"FedAvg of one {cfg.method} network"
+    shape = cfg.round_shape()
     say(PROG, f"{args.clients} virtual clients ({cfg.partition_type} partitions of {cfg.client_data or cfg.dataset}), "
               f"{cfg.num_rounds} rounds, {shape}; Ray with {num_cpus} CPUs, "
               f"{args.client_cpus:g} per client; output in {out}")

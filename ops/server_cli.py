@@ -35,14 +35,14 @@ from noprop.io import atomic_write_text
 from noprop.ops.certs import key_fingerprint
 from noprop.ops.cli import LaunchError, OneLineParser, examples, fail, say
 from noprop.ops.flower import flower_command, flower_env
+from noprop.ops.flower_app import CONNECTION, cli_error, parse_cli_json, read_done, write_app, write_connection
 from noprop.ops.network import format_address, tcp_answers
+from noprop.ops.preflight import PROG, Plan, prepare
 from noprop.ops.processes import ProcessGroup, run_quiet, tail
+from noprop.ops.progress import LogFollower, MetricsTail
+from noprop.ops.report import round_line
 from noprop.ops.run_flags import add_federation_flags
 from noprop.ops.supervision import Interrupted, install_signal_handlers, raise_if_interrupted, shield_signals
-from noprop.server.flower_app import CONNECTION, cli_error, parse_cli_json, read_done, write_app, write_connection
-from noprop.server.preflight import PROG, Plan, prepare
-from noprop.server.progress import LogFollower, MetricsTail
-from noprop.server.report import round_line
 
 STATUS_POLL_S = 30.0  # `flwr ls` costs ~2 s of CPU; the log stream ending is the prompt signal
 CLI_TIMEOUT_S = 120.0
@@ -312,7 +312,7 @@ class Server:
         p, cfg = self.plan, self.plan.cfg
         self.start_superlink()
         run_id = self.submit()
-        shape = f"T={cfg.T}, policy {cfg.policy}" if cfg.owns_blocks else f"FedAvg of one {cfg.method} network"
+        shape = cfg.round_shape()
         self.say(f"run {run_id} submitted: {cfg.num_rounds} rounds, {shape}, evaluating on {cfg.dataset}; output in "
                  f"{p.out}; Flower's CLI sees it with FLWR_HOME={p.flwr_home} flwr ls {CONNECTION}")
         hint_host = p.host if p.host not in ("0.0.0.0", "::") else "THIS-MACHINE"
