@@ -28,6 +28,10 @@ FEDERATION_FLAGS: dict[str, Flag] = {
                    "trains whole and the server averages (FedAvg); cnn is the plain CNN peer",
                    listed=tuple(METHODS)),
     "num_rounds": Flag("federated rounds", aliases=("--rounds", "--num-server-rounds")),
+    "fraction_train": Flag("share of the connected clients that train each round (client sampling): a seeded "
+                           "rotation, so each client trains once every ceil(1/F) rounds and the same seed picks "
+                           "the same clients; dt adds the next clients until the sample can hold every block"),
+    "min_train_nodes": Flag("fewest clients that train a round, whatever --fraction-train gives"),
     "T": Flag("dt, backprop: number of NoProp blocks (diffusion steps)"),
     "policy": Flag("dt: block ownership policy: rotate (a block moves to another owner each round), replicate "
                    "(--replicas owners per block) or stay (a block keeps its owners from round to round while the "

@@ -23,6 +23,7 @@ from noprop.model_configs import NoPropConfig
 from noprop.plots import plot_chain_diagnostics, plot_federated_run
 from noprop.protocol import QueryInstructions, TrainInstructions
 from noprop.records import arrays_to_record, record_to_arrays, state_digest, to_numpy_state, to_torch_state
+from noprop.sampling import extend_until, sample_round
 from noprop.server.aggregate import Expected, Reply, aggregate, check_replies, keys_for_blocks
 from noprop.server.planner import NodeCapacity, OwnershipPlan, PlanError, plan_ownership
 from noprop.server.timing import client_timing
@@ -81,6 +82,7 @@ class BlockOwnershipStrategy(Strategy):
             live = [replace(c, classes=frozenset()) for c in live]
         if not live:
             raise FederationError("no node answered discovery: check the clients' logs")
+        live = self.sampled(live, rnd)
         try:  # mid-run (a resumed run too), nodes that left must not end it: train the blocks the rest can hold
             plan = plan_ownership(live, cfg.T, rnd - 1, cfg.seed, cfg.policy, cfg.replicas, partial=rnd > 1,
                                   by_speed=cfg.plan_by_speed)
@@ -103,11 +105,23 @@ class BlockOwnershipStrategy(Strategy):
             msgs.append((msg, node, keys))
             bytes_to[str(node)] = record.count_bytes()
         self.round_record = {"round": rnd, "model_in": state_digest(self.global_state), "nodes": nodes,
+                             "sampled": sorted(c.node_id for c in live),
                              "plan": plan.to_json()["owners"], "uncovered": list(plan.uncovered),
                              "node_names": {str(c.node_id): c.identity for c in live},
                              "bytes_to": bytes_to}
         self.pending = msgs
         return [m for m, _, _ in msgs]
+
+    def sampled(self, live: list[NodeCapacity], rnd: int) -> list[NodeCapacity]:
+        """This round's sample of the live nodes (noprop.sampling, by their names), with the cycle's next nodes
+        added until the sample can hold every block."""
+        cfg = self.cfg
+        by_name = {c.identity: c for c in live}
+        picked = sample_round(list(by_name), cfg.fraction_train, cfg.min_train_nodes, rnd - 1, cfg.seed)
+        picked = extend_until(picked, list(by_name), cfg.seed,
+                              lambda names: sum(min(by_name[n].max_blocks, cfg.T) for n in names) >= cfg.T)
+        chosen = set(picked)
+        return [c for c in live if c.identity in chosen]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -21,6 +21,7 @@ from noprop.federation import FederationConfig
 from noprop.plots import plot_federated_run
 from noprop.protocol import TrainInstructions
 from noprop.records import arrays_to_record, record_to_arrays, state_digest
+from noprop.sampling import sample_round
 from noprop.server.aggregate import Expected, check_replies
 
 
@@ -58,9 +59,17 @@ class CheckedReplies:
                         grid: Grid) -> Iterable[Message]:
         # the run's own round number, which a resumed run goes on from; each node seeds by it and its own name
         config = TrainInstructions.from_record(config).for_node(server_round).to_record()
-        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        msgs = self.sampled(list(super().configure_train(server_round, arrays, config, grid)), server_round)
         self.begin_round(server_round, arrays, msgs)
         return msgs
+
+    def sampled(self, msgs: list[Message], server_round: int) -> list[Message]:
+        """This round's sample (noprop.sampling) of Flower's message to every node. Names are learnt only from
+        replies, so the FedAvg rotation orders nodes by Flower's node id: reproducible while the ids are."""
+        by_name = {f"node-{m.metadata.dst_node_id:020d}": m for m in msgs}
+        picked = sample_round(list(by_name), self.cfg.fraction_train, self.cfg.min_train_nodes, server_round - 1,
+                              self.cfg.seed)
+        return [by_name[name] for name in picked]
 
     def begin_round(self, server_round: int, arrays: ArrayRecord, msgs: list[Message]) -> None:
         """Remember what was sent this round: the reference the replies are checked against, and the traffic."""
@@ -69,6 +78,7 @@ class CheckedReplies:
         self.round_record = {"round": server_round,
                              "model_in": state_digest(self.reference),  # the model this round trains from
                              "nodes": sorted(m.metadata.dst_node_id for m in msgs),
+                             "sampled": sorted(m.metadata.dst_node_id for m in msgs),  # every node it sent to
                              "bytes_to": {str(m.metadata.dst_node_id): m.content[self.arrayrecord_key].count_bytes()
                                           for m in msgs}}
 

@@ -33,6 +33,10 @@ class FederationConfig:
     policy: str = "rotate"
     replicas: int = 2  # owners per block under the replicate policy
     min_nodes: int = 2
+    # client sampling (noprop.sampling): the share of the connected nodes that train each round, in a seeded
+    # rotation (each node once every ceil(1 / fraction) rounds), and the fewest that do
+    fraction_train: float = 1.0
+    min_train_nodes: int = 1
     local_epochs: int = 1
     batch_size: int = 128
     lr: float = 1e-3
@@ -98,7 +102,8 @@ class FederationConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
 
-        for name in ("num_rounds", "T", "min_nodes", "local_epochs", "batch_size", "hidden", "replicas"):
+        for name in ("num_rounds", "T", "min_nodes", "local_epochs", "batch_size", "hidden", "replicas",
+                     "min_train_nodes"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         if self.method not in METHODS:  # dt: block ownership; the others: FedAvg of the one network
@@ -111,6 +116,8 @@ class FederationConfig:
         for name in ("eta", "steps", "fm_sigma"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be 0 (the method's default) or positive")
+        if not 0 < self.fraction_train <= 1:
+            raise bad("fraction_train", "must be above 0 and at most 1 (the share of the nodes that train a round)")
         if self.rejoin_timeout < 0:
             raise bad("rejoin_timeout", "must be 0 (go on at once) or positive")
         for name in ("head_steps", "min_local_steps"):

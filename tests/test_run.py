@@ -166,3 +166,41 @@ def test_client_eval_is_each_nodes_accuracy_on_its_own_test_data_weighted_by_its
         total += len(test)
     assert total == 120
     assert record["client_accuracy"] == pytest.approx(correct / total, abs=1e-9)
+
+
+# -- client sampling (--fraction-train, --min-train-nodes), for every method ---------------------------------------
+
+
+@pytest.mark.parametrize("method", ["cnn", "dt"])
+def test_a_sampled_round_trains_its_share_of_the_nodes_and_every_node_trains_over_a_cycle(tmp_path, method):
+    """--fraction-train 0.5 of 4 nodes: 2 train each round (their replies are the ones aggregated), and over the
+    2 rounds of a cycle every node trains once; the metrics line records the sample."""
+    npz = write_synthetic_npz(tmp_path / "task.npz", n_train=400, n_test=80)
+    cfg = FederationConfig(method=method, T=2, num_rounds=4, min_nodes=4, channels="4,8,8", hidden=16,
+                           dropout=0.0, batch_size=64, min_local_steps=0, eval_limit=0, join_timeout=0.01,
+                           fraction_train=0.5, dataset=f"npz:{npz}", out=str(tmp_path / "out"))
+    grid = LocalGrid(npz, 4, cfg.to_run_config())
+    run = FederatedRun(grid, cfg, log=lambda line: None)
+    run.run()
+    records = read_jsonl(run.metrics_path)
+    trained = [tuple(r["trained_by"]) for r in records]
+    assert all(len(t) == 2 for t in trained), trained
+    assert [tuple(r["sampled"]) for r in records] == trained
+    for cycle in (trained[:2], trained[2:]):
+        assert sorted(n for t in cycle for n in t) == sorted(grid.get_node_ids()), trained
+    assert trained[:2] == trained[2:]  # the same rotation, cycle after cycle
+
+
+def test_a_dt_sample_too_small_to_hold_every_block_takes_the_next_nodes_of_the_cycle(tmp_path):
+    """Nodes that hold 1 block each, T=3 and --fraction-train 0.25 of 4 nodes (1 node): the round takes 3 nodes,
+    so every block is trained (none left uncovered)."""
+    npz = write_synthetic_npz(tmp_path / "task.npz", n_train=400, n_test=80)
+    cfg = FederationConfig(T=3, num_rounds=2, min_nodes=4, channels="4,8,8", hidden=16, dropout=0.0,
+                           batch_size=64, min_local_steps=0, eval_limit=0, join_timeout=0.01, fraction_train=0.25,
+                           dataset=f"npz:{npz}", out=str(tmp_path / "out"))
+    grid = LocalGrid(npz, 4, cfg.to_run_config(), max_blocks=1)
+    run = FederatedRun(grid, cfg, log=lambda line: None)
+    run.run()
+    for record in read_jsonl(run.metrics_path):
+        assert len(record["trained_by"]) == 3 and record["uncovered"] == [], record
+        assert sorted(int(t) for t in record["plan"]) == [1, 2, 3]
