@@ -18,6 +18,7 @@ import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from flwr.app import ConfigRecord
@@ -46,6 +47,20 @@ from noprop.server.timing import PhaseClock, reply_timeline
 DIAGNOSTICS = ("chain_accuracy", "ensemble_accuracy", "nearest_accuracy", "block_accuracy", "class_accuracy")
 
 
+class RoundStrategy(Protocol):
+    """What the run asks of a method's strategy (METHODS' `strategy` factory builds one): Flower's Strategy
+    calls (configure_train, aggregate_train, configure_evaluate, aggregate_evaluate, summary), and these."""
+
+    READY: str  # what a node must have done to count towards min_nodes ("connected", "answered discovery")
+    round_record: dict  # after aggregate_train: the round's metrics.jsonl fields but evaluation and timing
+
+    def describe(self) -> str: ...  # the round's shape, for the run's first line
+
+    def ready_nodes(self, grid: Grid, nodes: list[int], rnd: int) -> list[int]: ...
+
+    def plot_run(self, records: list[dict], out: Path) -> list[Path]: ...
+
+
 class FederatedRun:
     """One run of `cfg` over `grid`, from round 1 or, with cfg.resume, after the last checkpointed round."""
 
@@ -71,8 +86,9 @@ class FederatedRun:
         self.arrays = arrays_to_record(to_numpy_state(self.model.state_dict()))
         self.clock = PhaseClock()  # the current round's; the strategy tells it where its phases end
         self.method = method_named(cfg.method)
-        self.strategy: Strategy = load(self.method.strategy)(cfg, self.model_cfg, self.model, log, self.records,
-                                                             on_phase=self.lap)
+        factory = load(self.method.strategy)
+        self.strategy: RoundStrategy | Strategy = factory(cfg, self.model_cfg, self.model, log, self.records,
+                                                          on_phase=self.lap)
         # what every node is told each round (the strategy adds the round, and NoProp-DT each node's blocks)
         self.train_config = TrainInstructions.for_run(cfg, self.model_cfg).to_record()
         self.evaluate_config = EvaluateInstructions(cfg.method, self.model_cfg, cfg.eval_mode, cfg.seed).to_record()
