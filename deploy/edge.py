@@ -579,19 +579,7 @@ def check_array(images: np.ndarray, info: ModelInfo, what: str = "input") -> np.
     return x
 
 
-def main(argv: list[str] | None = None) -> int:
-    """noprop-edge: hands over to its command line, edge_cli.py (the package's, else a copy beside this file)."""
-    try:
-        from noprop.deploy.edge_cli import main as cli
-    except ImportError:
-        try:
-            from edge_cli import main as cli
-        except ImportError:
-            print("noprop-edge: error: the command line is edge_cli.py: copy it and edge_data.py beside edge.py",
-                  file=sys.stderr)
-            return 2
-    return cli(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the runtime imports no command line (no circle): say where it is, in one line
+    print("edge.py is the runtime (import edge); its command line is edge_cli.py: copy it and edge_data.py beside "
+          "this file and run python edge_cli.py, or noprop-edge where the package is installed", file=sys.stderr)
+    sys.exit(2)

@@ -93,8 +93,7 @@ def test_predict_and_eval_in_a_process_where_torch_cannot_be_imported(models, pn
     blocked = run(["-c", "import torch"], no_torch_env)
     assert blocked.returncode != 0 and "blocked" in blocked.stderr  # the blocker works
     paths, labels = pngs
-    # -m noprop.deploy.edge hands over to its command line, noprop.deploy.edge_cli
-    r = run(["-m", "noprop.deploy.edge", "predict", str(models["deterministic"]), *map(str, paths), "--json",
+    r = run(["-m", "noprop.deploy.edge_cli", "predict", str(models["deterministic"]), *map(str, paths), "--json",
              "--threads", "1"], no_torch_env)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
@@ -124,9 +123,8 @@ def test_predict_and_eval_in_a_process_where_torch_cannot_be_imported(models, pn
     r = run([script, "predict", str(models["deterministic"]), str(paths[0])], no_torch_env, cwd=alone)
     assert r.returncode == 0 and r.stdout.split("\t")[1] == str(labels[0]), r.stderr
     # serve run as a script or with -m uses the package's modules (noprop.deploy.edge_service raises its errors):
-    # still one line, exit 2, not a traceback from an error class main does not know; `-m noprop.deploy.edge` and
-    # edge.py run as a script hand over to the command line
-    for how in ([script], [str(alone / "edge.py")], ["-m", "noprop.deploy.edge_cli"], ["-m", "noprop.deploy.edge"]):
+    # still one line, exit 2, not a traceback from an error class main does not know
+    for how in ([script], ["-m", "noprop.deploy.edge_cli"]):
         r = run([*how, "serve", str(models["deterministic"]), "--host", "0.0.0.0"], no_torch_env, cwd=alone)
         err = r.stderr.strip()
         assert r.returncode == 2 and len(err.splitlines()) == 1 and "--insecure" in err, (how, err)
@@ -342,9 +340,8 @@ def test_edge_cli_copied_alone_runs_info_predict_and_eval_without_noprop_or_torc
     alone.mkdir()
     script = copy_device_files(alone)
     model = str(models["deterministic"])
-    for how in (script, str(alone / "edge.py")):  # edge.py run as a script hands over to edge_cli.py beside it
-        r = run([how, "info", str(models["stochastic"])], env, cwd=alone)
-        assert r.returncode == 0 and "inside the graph" in r.stdout and "[4, N, 4]" in r.stdout, r.stderr
+    r = run([script, "info", str(models["stochastic"])], env, cwd=alone)
+    assert r.returncode == 0 and "inside the graph" in r.stdout and "[4, N, 4]" in r.stdout, r.stderr
     paths, labels = pngs
     r = run([script, "predict", model, *map(str, paths), "--json", "--threads", "1"], env, cwd=alone)
     assert r.returncode == 0, r.stderr
