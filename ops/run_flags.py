@@ -14,7 +14,6 @@ from noprop.settings import Flag, SettingsError, add_flags, flag_name, given_fla
 
 FLAG_DEST_PREFIX = "cfg_"  # args.cfg_<field>: the run settings apart from a launcher's own flags
 
-ONE_NETWORK = ("ct", "fm", "adjoint", "backprop", "cnn")  # FedAvg of one network; dt alone owns blocks
 PARTITIONS = "iid|dirichlet:ALPHA|classes:K"
 SOLVERS = tuple(dict.fromkeys((*FM_SOLVERS, *ADJOINT_SOLVERS)))
 

@@ -59,8 +59,9 @@ class CheckedReplies:
                         grid: Grid) -> Iterable[Message]:
         # the run's own round number, which a resumed run goes on from; each node seeds by it and its own name
         config = TrainInstructions.from_record(config).for_node(server_round).to_record()
-        msgs = self.sampled(list(super().configure_train(server_round, arrays, config, grid)), server_round)
-        self.begin_round(server_round, arrays, msgs)
+        everyone = list(super().configure_train(server_round, arrays, config, grid))
+        msgs = self.sampled(everyone, server_round)
+        self.begin_round(server_round, arrays, msgs, nodes=[m.metadata.dst_node_id for m in everyone])
         return msgs
 
     def sampled(self, msgs: list[Message], server_round: int) -> list[Message]:
@@ -71,14 +72,16 @@ class CheckedReplies:
                               self.cfg.seed)
         return [by_name[name] for name in picked]
 
-    def begin_round(self, server_round: int, arrays: ArrayRecord, msgs: list[Message]) -> None:
-        """Remember what was sent this round: the reference the replies are checked against, and the traffic."""
+    def begin_round(self, server_round: int, arrays: ArrayRecord, msgs: list[Message],
+                    nodes: list[int] | None = None) -> None:
+        """Remember what was sent this round: the reference the replies are checked against, and the traffic.
+        `nodes`: every connected node (default: those sent to), as NoProp-DT's record lists them."""
         self.reference = record_to_arrays(arrays)
         self.sent = msgs
+        sampled = sorted(m.metadata.dst_node_id for m in msgs)
         self.round_record = {"round": server_round,
                              "model_in": state_digest(self.reference),  # the model this round trains from
-                             "nodes": sorted(m.metadata.dst_node_id for m in msgs),
-                             "sampled": sorted(m.metadata.dst_node_id for m in msgs),  # every node it sent to
+                             "nodes": sampled if nodes is None else sorted(nodes), "sampled": sampled,
                              "bytes_to": {str(m.metadata.dst_node_id): m.content[self.arrayrecord_key].count_bytes()
                                           for m in msgs}}
 
